@@ -1,0 +1,120 @@
+"""Sink + window attention shared by every model family.
+
+Letters: B streams, T new tokens, S sinks, W window, N query heads, K kv heads, G = N // K query
+heads per kv head, H head dim, R rotary dims.
+
+Attention over a chunk splits into a sink block and a window block (see `streamjax.cache`), each
+with its own query and key positions, scored separately and normalised by one softmax in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamjax.cache import ChunkPlan, layer_keys
+from streamjax.config import ModelConfig
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [R // 2] of the rotary embedding, with `linear` or `llama3` scaling."""
+    rotary_dim = config.rotary_dim or config.head_dim
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim
+    inv_freq = (1.0 / (config.rope_theta**exponents)).astype(np.float32)
+    scaling = config.rope_scaling_dict
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / np.float32(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = np.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate the first R dims of `x` [B, T, heads, H] (half-split layout) by `positions` [B, T]."""
+    rotary_dim = 2 * inv_freq.shape[0]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    rotary, passthrough = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+    first, second = jnp.split(rotary, 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), passthrough], axis=-1)
+
+
+def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> np.ndarray:
+    """Per-head ALiBi slopes [N] (Press et al.), for head counts that are not powers of two too."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-max_bias / closest)
+    slopes = base ** np.arange(1, closest + 1)
+    if closest < num_heads:
+        extra_base = 2.0 ** (-max_bias / (2 * closest))
+        slopes = np.concatenate([slopes, extra_base ** np.arange(1, 2 * (num_heads - closest) + 1, 2)])
+    return slopes.astype(np.float32)
+
+
+def sink_window_attention(
+    queries: jax.Array,
+    new_keys: jax.Array,
+    new_values: jax.Array,
+    cached_keys: jax.Array,
+    cached_values: jax.Array,
+    plan: ChunkPlan,
+    config: ModelConfig,
+    num_sinks: int,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention of a chunk's queries [B, T, N, H] over sinks, window and the chunk itself.
+
+    new_keys, new_values: [B, T, K, H] the chunk's keys (before RoPE) and values.
+    cached_keys, cached_values: [B, C, K, H] this layer's cache slots before the chunk.
+    Returns [B, T, N, H] in the dtype of `new_values`.
+    """
+    sink_keys, window_keys = layer_keys(cached_keys, new_keys, plan, num_sinks)
+    sink_values, window_values = layer_keys(cached_values, new_values, plan, num_sinks)
+    sink_key_positions = jnp.broadcast_to(jnp.arange(num_sinks), sink_keys.shape[:2])
+    blocks = (
+        (plan.sink_query_positions, sink_keys, sink_key_positions, plan.sink_mask),
+        (plan.window_query_positions, window_keys, plan.window_key_positions, plan.window_mask),
+    )
+    scale = config.head_dim**-0.5 if scale is None else scale
+    scores = [_block_scores(queries, *block, config, scale) for block in blocks]
+    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    sink_weights, window_weights = jnp.split(weights, [num_sinks], axis=-1)
+    return _weighted_values(sink_weights, sink_values) + _weighted_values(window_weights, window_values)
+
+
+def _block_scores(queries, query_positions, keys, key_positions, mask, config: ModelConfig, scale: float):
+    """Masked scores [B, K, G, T, keys] in float32 of one key block."""
+    if config.position == "rope":
+        inv_freq = rope_frequencies(config)
+        queries = apply_rope(queries, query_positions, inv_freq)
+        keys = apply_rope(keys, key_positions, inv_freq)
+    batch, length, num_heads, head_dim = queries.shape
+    grouped = queries.reshape(batch, length, config.num_kv_heads, num_heads // config.num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32) * scale
+    if config.position == "alibi":
+        slopes = alibi_slopes(num_heads).reshape(config.num_kv_heads, -1)
+        distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, keys]
+        scores = scores - slopes[None, :, :, None, None] * distance[:, None, None].astype(jnp.float32)
+    return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def _weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """weights [B, K, G, T, keys] times values [B, keys, K, H] -> [B, T, N, H]."""
+    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.reshape(*out.shape[:2], -1, out.shape[-1]).astype(values.dtype)

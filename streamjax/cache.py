@@ -1,0 +1,197 @@
+"""The sink ring KV cache and the cache-relative positions of StreamingLLM.
+
+Letters: L layers, B streams, C capacity (= S + W), S sinks, W window, T new tokens, K kv heads,
+H head dim.
+
+A stream with `num_sinks=S, window=W` lets the token at stream index t attend to the first S tokens,
+the W tokens before it, and itself. The cache holds exactly those S + W keys (stored before RoPE):
+
+    slots [0, S)      the sinks, stream indices 0..S-1, written once
+    slots [S, S + W)  a ring of the W most recent tokens; `cursor` is the slot to overwrite next
+
+Positions are indices within the cache: sink s sits at position s, the window follows in stream
+order, and the query sits at `min(t, S + W)`. Hence a window key sits at its true distance t - j from
+the query and sink s at the distance `min(t, S + W) - s`. `plan_chunk` turns that into positions for
+two key blocks that share one softmax: the sink block (queries at their cache position, sinks at s)
+and the window block (the ring followed by the new tokens, queries and keys at their stream offset
+from the chunk start). All positions handed to attention are small integers, so a stream may run
+forever: stream indices are int32 that wrap modulo 2^32 and are only ever subtracted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from streamjax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class SinkCache:
+    """KV cache of B independent streams, each with its own fill state.
+
+    keys, values: [L, B, C, K, H], keys before RoPE.
+    slot_positions: [B, C] int32 stream index of the token each slot holds (wrapping).
+    length: [B] int32 number of filled slots, saturating at C; also the next query's position.
+    cursor: [B] int32 ring slot (0..W-1) that the next window token overwrites.
+    next_position: [B] int32 stream index of the next token (wrapping).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    slot_positions: jax.Array
+    length: jax.Array
+    cursor: jax.Array
+    next_position: jax.Array
+    num_sinks: int = flax.struct.field(pytree_node=False)
+    window: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.num_sinks + self.window
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+
+def check_cache_shape(num_sinks: int, window: int) -> None:
+    """Raise ValueError for a sink/window pair that does not describe a cache."""
+    for name, value in (("num_sinks", num_sinks), ("window", window)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if num_sinks < 0:
+        raise ValueError(f"num_sinks must be >= 0 (0 is plain window attention), got {num_sinks}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (the recent tokens kept besides the sinks), got {window}")
+
+
+def init_cache(
+    config: ModelConfig,
+    batch_size: int,
+    num_sinks: int,
+    window: int,
+    dtype: jnp.dtype = jnp.float32,
+    first_position: int = 0,
+) -> SinkCache:
+    """An empty cache for `batch_size` streams; `first_position` labels the first token (any int)."""
+    check_cache_shape(num_sinks, window)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    capacity = num_sinks + window
+    kv_shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+    wrapped_first = (first_position + 2**31) % 2**32 - 2**31
+    return SinkCache(
+        keys=jnp.zeros(kv_shape, dtype),
+        values=jnp.zeros(kv_shape, dtype),
+        slot_positions=jnp.zeros((batch_size, capacity), jnp.int32),
+        length=jnp.zeros((batch_size,), jnp.int32),
+        cursor=jnp.zeros((batch_size,), jnp.int32),
+        next_position=jnp.full((batch_size,), wrapped_first, jnp.int32),
+        num_sinks=num_sinks,
+        window=window,
+    )
+
+
+class ChunkPlan(NamedTuple):
+    """Where T new tokens go and what each of them sees; computed once per chunk, used by every layer.
+
+    sink_query_positions: [B, T] cache position of each query, min(t, S + W).
+    sink_mask: [B, T, S] query may see sink s (it exists and is not in the query's future).
+    sink_sources: [B, S] index of the new token that becomes sink s, or T to keep the cached sink.
+    window_query_positions: [B, T] offset of each query from the chunk start (0..T-1).
+    window_key_positions: [B, W + T] offset of each ring slot, then each new token, from the chunk start.
+    window_mask: [B, T, W + T] key is filled, not a sink, causal and at most W tokens back.
+    destinations: [B, T] cache slot each new token is written to, or C where it is not kept.
+    """
+
+    sink_query_positions: jax.Array
+    sink_mask: jax.Array
+    sink_sources: jax.Array
+    window_query_positions: jax.Array
+    window_key_positions: jax.Array
+    window_mask: jax.Array
+    destinations: jax.Array
+
+
+def plan_chunk(cache: SinkCache, num_new: int) -> ChunkPlan:
+    """Positions, masks and destinations for feeding `num_new` tokens to every stream of `cache`."""
+    return jax.vmap(lambda *state: _plan_stream(*state, cache.num_sinks, cache.window, num_new))(
+        cache.slot_positions, cache.length, cache.cursor, cache.next_position
+    )
+
+
+def _plan_stream(slot_positions, length, cursor, next_position, num_sinks, window, num_new) -> ChunkPlan:
+    capacity = num_sinks + window
+    new = jnp.arange(num_new, dtype=jnp.int32)
+    seen_before = length + new  # tokens before each new one, exact while the cache is filling
+    sinks = jnp.arange(num_sinks, dtype=jnp.int32)
+
+    ring_offsets = slot_positions[num_sinks:] - next_position  # wrapping difference, in [-W - ..., 0)
+    ring_filled = jnp.arange(num_sinks, capacity) < length
+    new_is_sink = seen_before < num_sinks
+    key_offsets = jnp.concatenate([ring_offsets, new])
+    key_usable = jnp.concatenate([ring_filled, ~new_is_sink])
+    distance = new[:, None] - key_offsets[None, :]
+    window_mask = key_usable[None, :] & (distance >= 0) & (distance <= window)
+
+    first_ring_token = jnp.minimum(jnp.maximum(num_sinks - length, 0), num_new)
+    ring_slot = num_sinks + (cursor + new - first_ring_token) % window
+    kept = new >= num_new - window
+    destinations = jnp.where(new_is_sink, seen_before, jnp.where(kept, ring_slot, capacity))
+    sink_sources = jnp.where((sinks >= length) & (sinks < length + num_new), sinks - length, num_new)
+    return ChunkPlan(
+        sink_query_positions=jnp.minimum(seen_before, capacity),
+        sink_mask=sinks[None, :] <= seen_before[:, None],
+        sink_sources=sink_sources,
+        window_query_positions=new,
+        window_key_positions=key_offsets,
+        window_mask=window_mask,
+        destinations=destinations,
+    )
+
+
+def advance(cache: SinkCache, plan: ChunkPlan, keys: jax.Array, values: jax.Array) -> SinkCache:
+    """The cache after a chunk: `keys`, `values` [L, B, C, K, H] already hold the new entries."""
+    num_new = plan.destinations.shape[1]
+    new_positions = cache.next_position[:, None] + jnp.arange(num_new, dtype=jnp.int32)
+    first_ring_token = jnp.minimum(jnp.maximum(cache.num_sinks - cache.length, 0), num_new)
+    return cache.replace(
+        keys=keys,
+        values=values,
+        slot_positions=_scatter_slots(cache.slot_positions, plan.destinations, new_positions),
+        length=jnp.minimum(cache.length + num_new, cache.capacity),
+        cursor=(cache.cursor + num_new - first_ring_token) % cache.window,
+        next_position=cache.next_position + num_new,
+    )
+
+
+def layer_keys(cached: jax.Array, new: jax.Array, plan: ChunkPlan, num_sinks: int):
+    """Sink block [B, S, K, H] and window block [B, W + T, K, H] of one layer's keys (or values).
+
+    cached: [B, C, K, H] this layer's slots before the chunk; new: [B, T, K, H] the chunk's entries.
+    """
+    padded_new = jnp.concatenate([new, jnp.zeros_like(new[:, :1])], axis=1)
+    from_new = jnp.take_along_axis(padded_new, plan.sink_sources[:, :, None, None], axis=1)
+    keep_cached = (plan.sink_sources == new.shape[1])[:, :, None, None]
+    sink_block = jnp.where(keep_cached, cached[:, :num_sinks], from_new)
+    window_block = jnp.concatenate([cached[:, num_sinks:], new], axis=1)
+    return sink_block, window_block
+
+
+def write_layer(buffer: jax.Array, layer: jax.Array, new: jax.Array, plan: ChunkPlan) -> jax.Array:
+    """Write the chunk's entries `new` [B, T, K, H] into `buffer` [L, B, C, K, H] at `layer`.
+
+    Destinations are in range and distinct; tokens that are not kept point one past the end and
+    are dropped, so no write ever wraps or clamps.
+    """
+    batch = jnp.arange(new.shape[0])[:, None]
+    return buffer.at[layer, batch, plan.destinations].set(new.astype(buffer.dtype), mode="drop", unique_indices=True)
+
+
+def _scatter_slots(slot_positions: jax.Array, destinations: jax.Array, new_positions: jax.Array) -> jax.Array:
+    batch = jnp.arange(slot_positions.shape[0])[:, None]
+    return slot_positions.at[batch, destinations].set(new_positions, mode="drop", unique_indices=True)

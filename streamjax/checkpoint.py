@@ -1,0 +1,136 @@
+"""Checkpoint loading without torch: Hugging Face directories (safetensors) and GGUF files.
+
+Tensors are converted by each family's table of `TensorRule`s, checked against the family's
+`ParamSpec` shapes, and placed as JAX arrays in the requested dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from streamjax import models
+from streamjax.config import ModelConfig
+from streamjax.models.common import ParamSpec, TensorRule
+
+# Buffers some checkpoints carry that are recomputed, not learned.
+_IGNORED_TENSORS = re.compile(r".*(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model it claims to be (missing, extra or mis-shaped tensors)."""
+
+
+def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays of a `.safetensors` file, by tensor name (no copy until used)."""
+    path = pathlib.Path(path)
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+    tensors = {}
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        tensors[name] = data[start:end].view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
+
+
+def read_hf_directory(directory: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The config dict and all tensors of a Hugging Face checkpoint directory (single or sharded)."""
+    directory = pathlib.Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a Hugging Face checkpoint: it has no config.json")
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{directory} has no *.safetensors files; save the model with save_pretrained(safe_serialization=True)"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(read_safetensors(file))
+    return json.loads(config_path.read_text()), tensors
+
+
+def convert_tensors(
+    tensors: Mapping[str, np.ndarray],
+    config: ModelConfig,
+    dtype: jnp.dtype = jnp.float32,
+    place: Callable[[np.ndarray, tuple[str, ...]], jax.Array] | None = None,
+) -> dict:
+    """Params pytree from checkpoint tensors named as in Hugging Face, by the family's rules.
+
+    `place(array, path)` puts each finished param on its devices (default: `jnp.asarray`).
+    Raises CheckpointError naming every missing, unexpected or mis-shaped tensor.
+    """
+    family = models.family(config)
+    specs, rules = family.param_specs(config), family.hf_tensor_rules(config)
+    used: set[str] = set()
+    missing = [name for rule in rules for name in _source_names(rule, config) if name not in tensors]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
+    params: dict = {}
+    for rule in rules:
+        names = _source_names(rule, config)
+        used.update(names)
+        array = _convert_rule(rule, [tensors[name] for name in names], _spec_at(specs, rule.target))
+        array = array.astype(jnp.dtype(dtype))
+        _set_at(params, rule.target, place(array, rule.target) if place else jnp.asarray(array))
+    unexpected = sorted(name for name in tensors if name not in used and not _IGNORED_TENSORS.match(name))
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) the {config.family} model does not use: "
+            f"{', '.join(unexpected[:10])}"
+        )
+    return params
+
+
+def _source_names(rule: TensorRule, config: ModelConfig) -> list[str]:
+    if rule.per_layer:
+        return [rule.source.format(i=i) for i in range(config.num_layers)]
+    return [rule.source]
+
+
+def _convert_rule(rule: TensorRule, arrays: list[np.ndarray], spec: ParamSpec) -> np.ndarray:
+    transform = rule.transform or (lambda array: array)
+    converted = [np.asarray(transform(np.asarray(array, np.float32))) for array in arrays]
+    expected = spec.shape[1:] if rule.per_layer else spec.shape
+    for name_index, array in enumerate(converted):
+        if array.shape != tuple(expected):
+            name = rule.source.format(i=name_index)
+            raise CheckpointError(
+                f"tensor {name} has shape {arrays[name_index].shape}, which does not give the expected "
+                f"{tuple(expected)} for {'/'.join(rule.target)}; check the config matches the weights"
+            )
+    return np.stack(converted) if rule.per_layer else converted[0]
+
+
+def _spec_at(specs: dict, path: tuple[str, ...]) -> ParamSpec:
+    for key in path:
+        specs = specs[key]
+    return specs
+
+
+def _set_at(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_hf_directory(directory: str | pathlib.Path, dtype: jnp.dtype = jnp.float32) -> tuple[ModelConfig, dict]:
+    """(config, params) from a Hugging Face checkpoint directory; refuses unsupported configs first."""
+    hf_config, tensors = read_hf_directory(directory)
+    config = models.config_from_hf(hf_config)
+    return config, convert_tensors(tensors, config, dtype)

@@ -1,0 +1,104 @@
+"""Model configuration: one frozen, hashable dataclass shared by every model family.
+
+A `ModelConfig` is a static argument of every jitted function, so it must be hashable: mappings are
+stored as sorted tuples of items. Each family builds it from a Hugging Face config dict and refuses
+fields it does not handle (`check_known_fields`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+# Fields every Hugging Face config carries that do not change the forward pass of a causal LM.
+HF_METADATA_FIELDS = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "attention_dropout",
+        "bos_token_id",
+        "chunk_size_feed_forward",
+        "dtype",
+        "eos_token_id",
+        "id2label",
+        "initializer_range",
+        "is_encoder_decoder",
+        "label2id",
+        "model_type",
+        "output_attentions",
+        "output_hidden_states",
+        "pad_token_id",
+        "problem_type",
+        "return_dict",
+        "tokenizer_class",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+    }
+)
+
+
+class UnsupportedConfigError(ValueError):
+    """A Hugging Face config asks for something this implementation does not compute."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only model (static, hashable).
+
+    `position` is how attention sees positions: "rope" rotates queries and keys, "alibi" adds a
+    linear distance bias. Either way positions are the cache-relative ones of `streamjax.cache`.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    tie_embeddings: bool
+    max_position_embeddings: int
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rotary_dim: int | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.position not in ("rope", "alibi"):
+            raise UnsupportedConfigError(f"unknown position scheme {self.position!r}: use 'rope' or 'alibi'")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+
+def freeze_mapping(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    """Sorted items of a mapping, so that a config holding it stays hashable."""
+    if mapping is None:
+        return None
+    return tuple(sorted((key, value) for key, value in mapping.items()))
+
+
+def check_known_fields(hf_config: Mapping[str, Any], handled: Iterable[str], family: str) -> None:
+    """Raise if `hf_config` has a field that is neither handled by `family` nor plain metadata."""
+    unknown = sorted(set(hf_config) - set(handled) - HF_METADATA_FIELDS)
+    if unknown:
+        raise UnsupportedConfigError(
+            f"{family} config has fields streamjax does not handle: {', '.join(unknown)}. "
+            "Remove them if they are metadata, or add support for them in the model file."
+        )
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `UnsupportedConfigError(message)` unless `condition` holds."""
+    if not condition:
+        raise UnsupportedConfigError(message)

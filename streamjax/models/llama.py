@@ -1,0 +1,174 @@
+"""Llama-family decoder (Llama 1/2/3, SmolLM2, Qwen2-style q/k/v biases) in functional JAX.
+
+Letters: B streams, T new tokens, V vocab, D model dim, F MLP dim, L layers, N query heads,
+K kv heads, H head dim.
+
+Params are a nested dict; per-layer weights are stacked on a leading L axis and run with `lax.scan`,
+so the model compiles once whatever its depth. The cache comes in and goes out (`SinkCache`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamjax import cache as cache_lib
+from streamjax.attention import sink_window_attention
+from streamjax.config import ModelConfig, check_known_fields, freeze_mapping, require
+from streamjax.models.common import ParamSpec, TensorRule, rms_norm
+
+FAMILY = "llama"
+
+_HANDLED_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+    "mlp_bias", "pretraining_tp",
+}  # fmt: skip
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from a Hugging Face `LlamaConfig` dict (old `rope_scaling` or new `rope_parameters`)."""
+    check_known_fields(hf, _HANDLED_FIELDS, FAMILY)
+    require(hf.get("hidden_act", "silu") == "silu", f"llama hidden_act {hf.get('hidden_act')!r} is not supported")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    require(rope["rope_type"] in _ROPE_TYPES, f"rope type {rope['rope_type']!r} is not one of {_ROPE_TYPES}")
+    require(
+        rope.get("partial_rotary_factor", 1.0) == 1.0, "llama partial_rotary_factor other than 1 is not supported"
+    )
+    num_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        family=FAMILY,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        rope_theta=float(rope_theta),
+        rope_scaling=None if rope["rope_type"] == "default" else freeze_mapping(rope),
+    )
+
+
+def param_specs(config: ModelConfig) -> dict:
+    """Shape and logical axes of every parameter (a pytree matching the params)."""
+    D, F, L, N, K, H, V = (
+        config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads,
+        config.num_kv_heads, config.head_dim, config.vocab_size,
+    )  # fmt: skip
+    layers = {
+        "attn_norm": ParamSpec((L, D), ("layers", "embed"), init="ones"),
+        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
+        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ParamSpec((L, D), ("layers", "embed"), init="ones"),
+        "gate": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        "up": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        "down": ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if config.attention_bias:
+        layers["q_bias"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), init="zeros")
+        layers["k_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
+        layers["v_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
+        layers["o_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+    if config.mlp_bias:
+        layers["gate_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
+        layers["up_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
+        layers["down_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": layers, "final_norm": ParamSpec((D,), ("embed",), init="ones")}
+    if not config.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+    return specs
+
+
+def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
+    """How each Hugging Face tensor maps onto a param (HF linear weights are [out, in])."""
+    N, K, H, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+    heads_in = lambda heads: lambda w: w.reshape(heads, H, D).transpose(2, 0, 1)  # noqa: E731
+    rules = [
+        TensorRule("model.embed_tokens.weight", ("embed",)),
+        TensorRule("model.norm.weight", ("final_norm",)),
+        TensorRule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm")),
+        TensorRule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
+        TensorRule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q"), heads_in(N)),
+        TensorRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k"), heads_in(K)),
+        TensorRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v"), heads_in(K)),
+        TensorRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o"), lambda w: w.T.reshape(N, H, D)),
+        TensorRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate"), np.transpose),
+        TensorRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "up"), np.transpose),
+        TensorRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "down"), np.transpose),
+    ]
+    if config.attention_bias:
+        rules += [
+            TensorRule("model.layers.{i}.self_attn.q_proj.bias", ("layers", "q_bias"), lambda b: b.reshape(N, H)),
+            TensorRule("model.layers.{i}.self_attn.k_proj.bias", ("layers", "k_bias"), lambda b: b.reshape(K, H)),
+            TensorRule("model.layers.{i}.self_attn.v_proj.bias", ("layers", "v_bias"), lambda b: b.reshape(K, H)),
+            TensorRule("model.layers.{i}.self_attn.o_proj.bias", ("layers", "o_bias")),
+        ]
+    if config.mlp_bias:
+        rules += [
+            TensorRule(f"model.layers.{{i}}.mlp.{name}_proj.bias", ("layers", f"{name}_bias"))
+            for name in ("gate", "up", "down")
+        ]
+    if not config.tie_embeddings:
+        rules.append(TensorRule("lm_head.weight", ("lm_head",), np.transpose))
+    return rules
+
+
+def forward(
+    params: dict, cache: cache_lib.SinkCache, tokens: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, cache_lib.SinkCache]:
+    """Feed tokens [B, T] to every stream: logits [B, T, V] (float32) and the advanced cache."""
+    plan = cache_lib.plan_chunk(cache, tokens.shape[1])
+    x = params["embed"][tokens]
+
+    def layer(carry, layer_inputs):
+        x, keys, values = carry
+        p, index = layer_inputs
+        x, keys, values = _decoder_layer(p, x, keys, values, index, plan, config, cache.num_sinks)
+        return (x, keys, values), None
+
+    layer_indices = jnp.arange(config.num_layers)
+    (x, keys, values), _ = jax.lax.scan(layer, (x, cache.keys, cache.values), (params["layers"], layer_indices))
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+    return logits, cache_lib.advance(cache, plan, keys, values)
+
+
+def _decoder_layer(p, x, keys, values, index, plan, config: ModelConfig, num_sinks: int):
+    h = rms_norm(x, p["attn_norm"], config.norm_eps)
+    q = _project(h, p["q"], p.get("q_bias"))
+    k = _project(h, p["k"], p.get("k_bias"))
+    v = _project(h, p["v"], p.get("v_bias"))
+    attended = sink_window_attention(q, k, v, keys[index], values[index], plan, config, num_sinks)
+    x = x + _add_bias(jnp.einsum("btnh,nhd->btd", attended, p["o"]), p.get("o_bias"))
+    h = rms_norm(x, p["mlp_norm"], config.norm_eps)
+    gate = _add_bias(jnp.einsum("btd,df->btf", h, p["gate"]), p.get("gate_bias"))
+    up = _add_bias(jnp.einsum("btd,df->btf", h, p["up"]), p.get("up_bias"))
+    x = x + _add_bias(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]), p.get("down_bias"))
+    keys = cache_lib.write_layer(keys, index, k, plan)
+    values = cache_lib.write_layer(values, index, v, plan)
+    return x, keys, values
+
+
+def _project(h: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """h [B, T, D] times weight [D, heads, H] -> [B, T, heads, H]."""
+    return _add_bias(jnp.einsum("btd,dnh->btnh", h, weight), bias)
+
+
+def _add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return x if bias is None else x + bias

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random Hugging Face models built in memory, converted to streamjax params."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_assets: needs the SmolLM2 GGUF and the Austen corpus (fetched once)")
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="torch is the test-only reference")
+
+
+def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
+    """A tiny `LlamaForCausalLM` with random weights (large enough std that errors would show)."""
+    torch = torch_or_skip()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, std)
+    return model
+
+
+def hf_state_dict(model) -> dict[str, np.ndarray]:
+    return {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+
+
+def to_streamjax(model):
+    """(config, params) of a Hugging Face model, through streamjax's own converter."""
+    from streamjax import models
+    from streamjax.checkpoint import convert_tensors
+
+    config = models.config_from_hf(model.config.to_dict())
+    return config, convert_tensors(hf_state_dict(model), config)
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    torch = torch_or_skip()
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens))).logits.numpy()

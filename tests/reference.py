@@ -1,0 +1,66 @@
+"""An independent token-by-token StreamingLLM reference in numpy, written from the paper's definition.
+
+It reads Hugging Face weights by their Hugging Face names (not streamjax's params) and keeps, per
+layer, a plain list of every token's key (before RoPE) and value. For the token at stream index t it
+keeps the first S and the last W tokens before t plus t itself, assigns them positions 0, 1, ... in
+that order (positions within the cache), and attends with those positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def kept_indices(t: int, num_sinks: int, window: int) -> list[int]:
+    """Stream indices the token at index t attends to: the first S, the W before t, and t."""
+    recent = range(max(0, t - window), t + 1)
+    return sorted(set(range(min(num_sinks, t + 1))) | set(recent))
+
+
+def _rms_norm(x, weight, eps):
+    return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+
+def _rope(x, position, inv_freq):
+    """x [heads, H] rotated by `position` (half-split layout)."""
+    angles = position * inv_freq
+    cos, sin = np.cos(angles), np.sin(angles)
+    first, second = np.split(x, 2, axis=-1)
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def llama_stream_logits(state_dict, hf_config, tokens, num_sinks: int, window: int, inv_freq) -> np.ndarray:
+    """Logits [T, V] of one stream of `tokens`, one token at a time (float64)."""
+    sd = {name: np.asarray(value, np.float64) for name, value in state_dict.items()}
+    num_layers, num_heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
+    num_kv_heads, head_dim = hf_config.num_key_value_heads, hf_config.head_dim
+    eps, bias = hf_config.rms_norm_eps, hf_config.attention_bias
+    keys = [[] for _ in range(num_layers)]
+    values = [[] for _ in range(num_layers)]
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    outputs = []
+    for t, token in enumerate(tokens):
+        kept = kept_indices(t, num_sinks, window)
+        x = sd["model.embed_tokens.weight"][token]
+        for layer in range(num_layers):
+            p = lambda name: sd[f"model.layers.{layer}.{name}"]  # noqa: E731
+            linear = lambda name, h: h @ p(name + ".weight").T + (p(name + ".bias") if bias else 0)  # noqa: E731
+            h = _rms_norm(x, p("input_layernorm.weight"), eps)
+            q = linear("self_attn.q_proj", h).reshape(num_heads, head_dim)
+            keys[layer].append(linear("self_attn.k_proj", h).reshape(num_kv_heads, head_dim))
+            values[layer].append(linear("self_attn.v_proj", h).reshape(num_kv_heads, head_dim))
+            q = _rope(q, len(kept) - 1, inv_freq)
+            k = np.stack([_rope(keys[layer][j], pos, inv_freq) for pos, j in enumerate(kept)])  # [S, K, H]
+            v = np.stack([values[layer][j] for j in kept])
+            group = num_heads // num_kv_heads
+            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+            scores = np.einsum("nh,snh->ns", q, k) / np.sqrt(head_dim)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            attended = np.einsum("ns,snh->nh", weights, v).reshape(-1)
+            x = x + linear("self_attn.o_proj", attended)
+            h = _rms_norm(x, p("post_attention_layernorm.weight"), eps)
+            gate, up = h @ p("mlp.gate_proj.weight").T, h @ p("mlp.up_proj.weight").T
+            x = x + (gate / (1 + np.exp(-gate)) * up) @ p("mlp.down_proj.weight").T
+        outputs.append(_rms_norm(x, sd["model.norm.weight"], eps) @ head.T)
+    return np.stack(outputs)

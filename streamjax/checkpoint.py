@@ -20,8 +20,8 @@ from streamjax import models
 from streamjax.config import ModelConfig
 from streamjax.models.common import ParamSpec, TensorRule
 
-# Buffers some checkpoints carry that are recomputed, not learned.
-_IGNORED_TENSORS = re.compile(r".*(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+# Buffers some checkpoints carry that are recomputed, not learned (GPT-NeoX's are `attention.bias`).
+_IGNORED_TENSORS = re.compile(r".*(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias|\.attention\.(masked_)?bias)$")
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -88,6 +88,7 @@ def convert_tensors(
         array = _convert_rule(rule, [tensors[name] for name in names], _spec_at(specs, rule.target))
         array = array.astype(jnp.dtype(dtype))
         _set_at(params, rule.target, place(array, rule.target) if place else jnp.asarray(array))
+    used.update(_tied_copies(tensors, config, family))
     unexpected = sorted(name for name in tensors if name not in used and not _IGNORED_TENSORS.match(name))
     if unexpected:
         raise CheckpointError(
@@ -95,6 +96,16 @@ def convert_tensors(
             f"{', '.join(unexpected[:10])}"
         )
     return params
+
+
+def _tied_copies(tensors: Mapping[str, np.ndarray], config: ModelConfig, family) -> list[str]:
+    """Output-head tensors that merely repeat the tied input embedding (torch state dicts carry them)."""
+    head, embed = getattr(family, "TIED_HEAD", (None, None))
+    if not config.tie_embeddings or head not in tensors:
+        return []
+    if not np.array_equal(np.asarray(tensors[head]), np.asarray(tensors[embed])):
+        raise CheckpointError(f"config ties embeddings but {head} differs from {embed}")
+    return [head]
 
 
 def _source_names(rule: TensorRule, config: ModelConfig) -> list[str]:

@@ -21,6 +21,7 @@ from streamjax.config import ModelConfig, check_known_fields, freeze_mapping, re
 from streamjax.models.common import ParamSpec, TensorRule, rms_norm
 
 FAMILY = "llama"
+TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")  # (head, embedding) when tie_word_embeddings
 
 _HANDLED_FIELDS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

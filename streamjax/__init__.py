@@ -1,5 +1,6 @@
 """streamjax: StreamingLLM (attention sinks + rolling window KV cache) in pure JAX."""
 
+from streamjax import models
 from streamjax.cache import SinkCache, init_cache
 from streamjax.checkpoint import load_hf_directory
 from streamjax.config import ModelConfig

@@ -116,15 +116,19 @@ def _source_names(rule: TensorRule, config: ModelConfig) -> list[str]:
 
 def _convert_rule(rule: TensorRule, arrays: list[np.ndarray], spec: ParamSpec) -> np.ndarray:
     transform = rule.transform or (lambda array: array)
-    converted = [np.asarray(transform(np.asarray(array, np.float32))) for array in arrays]
-    expected = spec.shape[1:] if rule.per_layer else spec.shape
-    for name_index, array in enumerate(converted):
-        if array.shape != tuple(expected):
-            name = rule.source.format(i=name_index)
+    expected = tuple(spec.shape[1:] if rule.per_layer else spec.shape)
+    converted = []
+    for layer, array in enumerate(arrays):
+        try:
+            result = np.asarray(transform(np.asarray(array, np.float32)))
+        except ValueError:  # a reshape that cannot work: the tensor has the wrong size
+            result = None
+        if result is None or result.shape != expected:
             raise CheckpointError(
-                f"tensor {name} has shape {arrays[name_index].shape}, which does not give the expected "
-                f"{tuple(expected)} for {'/'.join(rule.target)}; check the config matches the weights"
+                f"tensor {rule.source.format(i=layer)} has shape {tuple(array.shape)}, which does not give "
+                f"the expected {expected} for {'/'.join(rule.target)}; check that the config matches the weights"
             )
+        converted.append(result)
     return np.stack(converted) if rule.per_layer else converted[0]
 
 

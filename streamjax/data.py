@@ -1,0 +1,118 @@
+"""Evaluation text: named corpora, text files, PG19, and their token ids.
+
+A corpus spec is one of:
+- "austen" (default): Jane Austen's six novels, Pride and Prejudice first (`streamjax.assets`);
+- "mobydick": Moby Dick (`streamjax.assets`);
+- a path to a text file (read as UTF-8);
+- a PG19 directory, recognised by its `test/*.txt` books, of which those are used;
+- any other directory: its `*.txt` files (not recursive).
+Several files are read in sorted file-name order and joined with "\\n\\n".
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from streamjax import assets
+
+NAMED_CORPORA = {"austen": assets.austen_text_path, "mobydick": assets.moby_dick_text_path}
+DOCUMENT_SEPARATOR = "\n\n"
+PIECE_CHARS = 100_000
+
+# A paragraph break right after a non-space character. Text cut just before such a break splits into
+# the same GPT-2-style pre-tokens as the whole text: the left side ends inside a run of non-space
+# characters whose pre-token stops at the newline anyway, and the right side starts with the break.
+_SAFE_CUT = re.compile(r"(?<=\S)\n\n")
+
+
+def corpus_files(spec: str = "austen") -> list[pathlib.Path]:
+    """The text files a corpus spec names, in reading order."""
+    if spec in NAMED_CORPORA:
+        return [NAMED_CORPORA[spec]()]
+    path = pathlib.Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"corpus {spec!r} is neither a named corpus ({', '.join(NAMED_CORPORA)}) nor an existing file or directory"
+        )
+    pg19_books = sorted((path / "test").glob("*.txt"))
+    files = pg19_books or sorted(path.glob("*.txt"))
+    if not files:
+        raise ValueError(f"directory {path} has no .txt files (nor a PG19 test/ folder with .txt files)")
+    return files
+
+
+def load_text(spec: str = "austen") -> str:
+    """The whole text of a corpus: its files read as UTF-8 and joined with "\\n\\n"."""
+    text = DOCUMENT_SEPARATOR.join(_read_documents(spec))
+    if not text.strip():
+        raise ValueError(f"corpus {spec!r} is empty (only whitespace)")
+    return text
+
+
+def _read_documents(spec: str) -> Iterator[str]:
+    for file in corpus_files(spec):
+        yield file.read_text(encoding="utf-8")
+
+
+def text_pieces(documents: Iterator[str], piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """Pieces of about `piece_chars` characters whose concatenation is the documents joined by "\\n\\n".
+
+    Every cut falls just before a paragraph break ("\\n\\n") that follows a non-space character, so
+    a piece after the first starts with "\\n\\n". A stretch with no such break stays in one piece.
+    """
+    buffer = ""
+    for index, document in enumerate(documents):
+        buffer += (DOCUMENT_SEPARATOR if index else "") + document
+        while len(buffer) > piece_chars and (cut := _SAFE_CUT.search(buffer, piece_chars)) is not None:
+            yield buffer[: cut.start()]
+            buffer = buffer[cut.start() :]
+    if buffer:
+        yield buffer
+
+
+def load_corpus_tokens(spec: str = "austen", tokenizer: Any = None, num_tokens: int | None = None) -> np.ndarray:
+    """Token ids [num_tokens] int32 of a corpus (fewer if the corpus is shorter; all if None).
+
+    The text is tokenized in pieces (`text_pieces`) with `tokenizer(piece).input_ids`. For a
+    GPT-2-style byte-level BPE (SmolLM2) this equals tokenizing the whole text at once, because the
+    cuts fall where pre-tokenization splits anyway (tests/test_data.py checks it on Austen); a
+    tokenizer that treats the start of each call specially (a SentencePiece dummy prefix space) can
+    differ by a token at each of the ~len(text) / 100k cuts. If the tokenizer adds its own prefix tokens to
+    every call (a BOS: what `tokenizer("")` returns), only the first piece keeps them. Reading stops
+    once `num_tokens` ids are collected.
+    """
+    if tokenizer is None:
+        raise ValueError("load_corpus_tokens needs a tokenizer (e.g. streamjax.gguf.load_gguf_tokenizer(path))")
+    if num_tokens is not None and num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1 or None, got {num_tokens}")
+    chunks, count = [], 0
+    for ids in _tokenize_pieces(text_pieces(_read_documents(spec), PIECE_CHARS), tokenizer):
+        chunks.append(ids)
+        count += len(ids)
+        if num_tokens is not None and count >= num_tokens:
+            break
+    if not chunks:
+        raise ValueError(f"corpus {spec!r} is empty")
+    return np.concatenate(chunks)[:num_tokens]
+
+
+def _tokenize_pieces(pieces: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
+    """Ids [n] int32 of each piece; the tokenizer's per-call prefix (BOS) is kept on the first only.
+
+    Only the first piece can be blank: any later cut follows a non-space character in the first.
+    """
+    prefix = list(tokenizer("").input_ids)
+    for index, piece in enumerate(pieces):
+        if index == 0 and not piece.strip():
+            raise ValueError("corpus is empty (no text besides whitespace)")
+        ids = list(tokenizer(piece).input_ids)
+        if index and prefix and ids[: len(prefix)] == prefix:
+            ids = ids[len(prefix) :]
+        yield np.asarray(ids, dtype=np.int32)

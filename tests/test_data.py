@@ -1,0 +1,155 @@
+"""streamjax.data: corpus specs, paragraph-aligned chunked tokenization, errors."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+from streamjax import assets, data
+
+SAMPLE = (
+    "It is a truth universally acknowledged, that a single man in possession\n"
+    "of a good fortune, must be in want of a wife.  \n\n"
+    "However little known the feelings or views of such a man may be on his\n"
+    "first entering a neighbourhood, this truth is so well fixed.\n\n\n"
+    "“My dear Mr. Bennet,” said his lady to him one day, 1811 or 1812.\n\n"
+    "   Indented paragraph\twith a tab.\n\n\n\n"
+    "Mr. Bennet replied that he had not.\n"
+)
+
+
+class TinyTokenizer:
+    """The `tokenizer(text).input_ids` protocol over a byte-level BPE trained on SAMPLE."""
+
+    def __init__(self, bos: bool = False):
+        self.backend = Tokenizer(models.BPE())
+        self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        self.backend.train_from_iterator([SAMPLE] * 4, trainer)
+        if bos:
+            self.backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        self.calls = 0
+
+    def __call__(self, text: str):
+        self.calls += 1
+        return types.SimpleNamespace(input_ids=self.backend.encode(text).ids)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TinyTokenizer()
+
+
+def test_text_pieces_hand_example():
+    text = "aaa\n\nbb  \n\ncc\n\ndd"
+    # Cuts fall before a "\n\n" that follows a non-space character, never after "bb  ".
+    assert list(data.text_pieces(iter([text]), piece_chars=2)) == ["aaa", "\n\nbb  \n\ncc", "\n\ndd"]
+    assert list(data.text_pieces(iter(["ab", "cd\n\nef"]), piece_chars=3)) == ["ab\n\ncd", "\n\nef"]
+    assert list(data.text_pieces(iter(["no breaks at all"]), piece_chars=2)) == ["no breaks at all"]
+
+
+@pytest.mark.parametrize("piece_chars", [1, 40, 100, 10_000])
+def test_chunked_tokenization_equals_one_shot(tmp_path, tokenizer, monkeypatch, piece_chars):
+    (tmp_path / "sample.txt").write_text(SAMPLE * 3, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", piece_chars)
+    pieces = list(data.text_pieces(iter([SAMPLE * 3]), piece_chars))
+    assert "".join(pieces) == SAMPLE * 3
+    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), tokenizer)
+    assert tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens, tokenizer(SAMPLE * 3).input_ids)
+
+
+def test_bos_kept_only_at_start(tmp_path, monkeypatch):
+    bos_tokenizer = TinyTokenizer(bos=True)
+    (tmp_path / "sample.txt").write_text(SAMPLE, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", 50)
+    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), bos_tokenizer)
+    np.testing.assert_array_equal(tokens, bos_tokenizer(SAMPLE).input_ids)
+    assert tokens[0] == 0 and np.count_nonzero(tokens == 0) == 1
+
+
+def test_num_tokens_stops_early(tmp_path, monkeypatch):
+    counting = TinyTokenizer()
+    (tmp_path / "sample.txt").write_text(SAMPLE * 20, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", 100)
+    full = counting(SAMPLE * 20).input_ids
+    counting.calls = 0
+    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), counting, num_tokens=30)
+    np.testing.assert_array_equal(tokens, full[:30])
+    assert counting.calls <= 3  # the prefix probe plus the one or two pieces needed, not all ~40
+
+
+def test_directory_sorted_and_joined(tmp_path, tokenizer):
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    assert data.load_text(str(tmp_path)) == "first\n\nsecond"
+    np.testing.assert_array_equal(
+        data.load_corpus_tokens(str(tmp_path), tokenizer), tokenizer("first\n\nsecond").input_ids
+    )
+
+
+def test_pg19_directory_uses_test_books(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test" / "200.txt").write_text("book 200", encoding="utf-8")
+    (tmp_path / "test" / "10.txt").write_text("book 10", encoding="utf-8")
+    (tmp_path / "train" / "1.txt").write_text("train book", encoding="utf-8")
+    (tmp_path / "readme.txt").write_text("not a book", encoding="utf-8")
+    assert data.load_text(str(tmp_path)) == "book 10\n\nbook 200"  # file names sorted as strings
+
+
+def test_errors(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        data.load_text(str(tmp_path / "nowhere.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no .txt files"):
+        data.load_text(str(tmp_path / "empty"))
+    (tmp_path / "blank.txt").write_text(" \n\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_text(str(tmp_path / "blank.txt"))
+    with pytest.raises(ValueError, match="empty"):
+        data.load_corpus_tokens(str(tmp_path / "blank.txt"), tokenizer)
+    (tmp_path / "zero.txt").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_corpus_tokens(str(tmp_path / "zero.txt"), tokenizer)
+    (tmp_path / "ok.txt").write_text("text", encoding="utf-8")
+    with pytest.raises(ValueError, match="num_tokens"):
+        data.load_corpus_tokens(str(tmp_path / "ok.txt"), tokenizer, num_tokens=0)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        data.load_corpus_tokens(str(tmp_path / "ok.txt"))
+
+
+@pytest.mark.real_assets
+def test_austen_with_smollm2_tokenizer():
+    from streamjax import gguf
+
+    try:
+        austen, model = assets.austen_text_path(), assets.smollm2_gguf_path()
+    except assets.AssetError as error:
+        pytest.skip(f"assets not available: {error}")
+    text = data.load_text("austen")
+    assert text.startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen")
+    assert "It is a truth universally acknowledged, that a single man in possession" in text[:1000]
+    openings = ["PRIDE AND PREJUDICE", "SENSE AND SENSIBILITY", "MANSFIELD PARK", "EMMA", "NORTHANGER ABBEY"]
+    positions = [text.find(f"\n\n{title}\n") for title in openings[1:]]
+    assert all(p > 0 for p in positions) and positions == sorted(positions), positions
+    assert "\n\nPersuasion\n" in text[positions[-1] :]
+    for name in assets.AUSTEN_NOVELS:
+        novel = (austen.parent / "austen" / f"{name}.txt").read_text(encoding="utf-8")
+        assert novel in text, name
+
+    tokenizer = gguf.load_gguf_tokenizer(model)
+    tokens = data.load_corpus_tokens("austen", tokenizer)
+    assert 700_000 < len(tokens) < 1_300_000, len(tokens)
+    assert tokenizer.decode(tokens[:20]).startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen")
+    head = text[:300_000]
+    chunks = list(data.text_pieces(iter([head])))
+    assert len(chunks) == 3
+    np.testing.assert_array_equal(np.concatenate([tokenizer(c).input_ids for c in chunks]), tokenizer(head).input_ids)
+    np.testing.assert_array_equal(tokens[:1000], data.load_corpus_tokens("austen", tokenizer, num_tokens=1000))

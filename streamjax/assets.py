@@ -162,13 +162,20 @@ def _deb_file(deb_package: str, dest: pathlib.Path) -> pathlib.Path:
         return placed[-1]
     fix = (
         f"run `mkdir -p {debs} && cd {debs} && apt-get download {deb_package}` (Debian/Ubuntu, after "
-        f"`apt-get update`; needs network), or download {deb_package}_*.deb from "
-        f"https://packages.debian.org/stable/{deb_package} into {debs}/"
+        f"`apt-get update`; needs network), or put a {deb_package}_*.deb obtained elsewhere into {debs}/"
     )
     if shutil.which("apt-get") is None:
         raise AssetError(f"fetching {deb_package} needs apt-get, which is not installed. Manual fix: {fix}")
     # apt warns (and still downloads, as root) when user _apt cannot write `dest`; that is harmless.
-    _run(["apt-get", "download", deb_package], what=f"apt-get download {deb_package}", fix=fix, cwd=dest)
+    download = ["apt-get", "download", deb_package]
+    try:
+        _run(download, what=f"apt-get download {deb_package}", fix=fix, cwd=dest)
+    except AssetError:
+        if os.geteuid() != 0:
+            raise
+        # A fresh machine has no package lists yet: refresh them once (as root) and retry.
+        _run(["apt-get", "update"], what="apt-get update", fix=fix)
+        _run(download, what=f"apt-get download {deb_package}", fix=fix, cwd=dest)
     downloaded = sorted(dest.glob(f"{deb_package}_*.deb"))
     if not downloaded:
         raise AssetError(f"apt-get download {deb_package} left no .deb in {dest}. Manual fix: {fix}")

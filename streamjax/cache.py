@@ -154,15 +154,15 @@ def _plan_stream(slot_positions, length, cursor, next_position, num_sinks, windo
     )
 
 
-def advance(cache: SinkCache, plan: ChunkPlan, keys: jax.Array, values: jax.Array) -> SinkCache:
-    """The cache after a chunk: `keys`, `values` [L, B, C, K, H] already hold the new entries."""
+def advance(cache: SinkCache, plan: ChunkPlan, new_keys: jax.Array, new_values: jax.Array) -> SinkCache:
+    """The cache after a chunk whose keys (before RoPE) and values are `new_keys`, `new_values` [L, B, T, K, H]."""
     num_new = plan.destinations.shape[1]
     new_positions = cache.next_position[:, None] + jnp.arange(num_new, dtype=jnp.int32)
     first_ring_token = jnp.minimum(jnp.maximum(cache.num_sinks - cache.length, 0), num_new)
     return cache.replace(
-        keys=keys,
-        values=values,
-        slot_positions=_scatter_slots(cache.slot_positions, plan.destinations, new_positions),
+        keys=_write_slots(cache.keys, plan.destinations, new_keys),
+        values=_write_slots(cache.values, plan.destinations, new_values),
+        slot_positions=_write_slots(cache.slot_positions, plan.destinations, new_positions),
         length=jnp.minimum(cache.length + num_new, cache.capacity),
         cursor=(cache.cursor + num_new - first_ring_token) % cache.window,
         next_position=cache.next_position + num_new,
@@ -182,16 +182,12 @@ def layer_keys(cached: jax.Array, new: jax.Array, plan: ChunkPlan, num_sinks: in
     return sink_block, window_block
 
 
-def write_layer(buffer: jax.Array, layer: jax.Array, new: jax.Array, plan: ChunkPlan) -> jax.Array:
-    """Write the chunk's entries `new` [B, T, K, H] into `buffer` [L, B, C, K, H] at `layer`.
+def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array) -> jax.Array:
+    """Write `new` [(L,) B, T, ...] into `buffer` [(L,) B, C, ...] at slots `destinations` [B, T].
 
-    Destinations are in range and distinct; tokens that are not kept point one past the end and
-    are dropped, so no write ever wraps or clamps.
+    Destinations are in range and distinct; tokens that are not kept point one past the end and are
+    dropped, so no write ever wraps or clamps. With the cache donated, XLA updates it in place.
     """
-    batch = jnp.arange(new.shape[0])[:, None]
-    return buffer.at[layer, batch, plan.destinations].set(new.astype(buffer.dtype), mode="drop", unique_indices=True)
-
-
-def _scatter_slots(slot_positions: jax.Array, destinations: jax.Array, new_positions: jax.Array) -> jax.Array:
-    batch = jnp.arange(slot_positions.shape[0])[:, None]
-    return slot_positions.at[batch, destinations].set(new_positions, mode="drop", unique_indices=True)
+    batch = jnp.arange(destinations.shape[0])[:, None]
+    index = (batch, destinations) if buffer.ndim == destinations.ndim else (slice(None), batch, destinations)
+    return buffer.at[index].set(new.astype(buffer.dtype), mode="drop", unique_indices=True)

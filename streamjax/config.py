@@ -38,6 +38,9 @@ HF_METADATA_FIELDS = frozenset(
 )
 
 
+RESIDUAL_LAYOUTS = ("sequential", "parallel", "parallel_shared_norm")
+
+
 class UnsupportedConfigError(ValueError):
     """A Hugging Face config asks for something this implementation does not compute."""
 
@@ -48,6 +51,13 @@ class ModelConfig:
 
     `position` is how attention sees positions: "rope" rotates queries and keys, "alibi" adds a
     linear distance bias. Either way positions are the cache-relative ones of `streamjax.cache`.
+
+    Fields used by the LayerNorm families (MPT, GPT-NeoX, Falcon; Llama ignores them):
+    `alibi_slopes` per-head slopes [N] multiplying the query-key distance in the scaled logits
+    (None: the standard slopes of `attention.alibi_slopes`); `attention_scale` the logit scale (None:
+    1/sqrt(head_dim)); `clip_qkv` clamps queries, keys and values to [-c, c]; `hidden_act` the MLP
+    activation (`models.common.ACTIVATIONS`); `residual_layout` is "sequential" (x + attn, then + mlp),
+    "parallel" (x + attn(norm_a(x)) + mlp(norm_m(x))) or "parallel_shared_norm" (both read one norm).
     """
 
     family: str
@@ -67,6 +77,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     rotary_dim: int | None = None
+    alibi_slopes: tuple[float, ...] | None = None
+    attention_scale: float | None = None
+    clip_qkv: float | None = None
+    hidden_act: str = "silu"
+    residual_layout: str = "sequential"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -75,6 +90,12 @@ class ModelConfig:
             )
         if self.position not in ("rope", "alibi"):
             raise UnsupportedConfigError(f"unknown position scheme {self.position!r}: use 'rope' or 'alibi'")
+        if self.alibi_slopes is not None and len(self.alibi_slopes) != self.num_heads:
+            raise UnsupportedConfigError(f"{len(self.alibi_slopes)} alibi_slopes given for {self.num_heads} heads")
+        if self.residual_layout not in RESIDUAL_LAYOUTS:
+            raise UnsupportedConfigError(
+                f"unknown residual_layout {self.residual_layout!r}: use one of {RESIDUAL_LAYOUTS}"
+            )
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:

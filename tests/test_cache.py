@@ -16,7 +16,9 @@ TINY = ModelConfig(
 def fake_advance(cache, num_new):
     """Advance the bookkeeping of `cache` by `num_new` tokens (keys and values untouched)."""
     plan = cache_lib.plan_chunk(cache, num_new)
-    return cache_lib.advance(cache, plan, cache.keys, cache.values), plan
+    layers, batch, _, kv_heads, head_dim = cache.keys.shape
+    new = jnp.zeros((layers, batch, num_new, kv_heads, head_dim))
+    return cache_lib.advance(cache, plan, new, new), plan
 
 
 def test_one_token_at_a_time_fills_sinks_then_wraps_the_ring():

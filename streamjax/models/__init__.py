@@ -6,11 +6,11 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from streamjax.config import ModelConfig, UnsupportedConfigError
-from streamjax.models import llama
+from streamjax.models import falcon, gpt_neox, llama, mpt
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "mpt": mpt, "gpt_neox": gpt_neox, "falcon": falcon}
 # Hugging Face `model_type` -> family module.
-HF_MODEL_TYPES: dict[str, ModuleType] = {"llama": llama}
+HF_MODEL_TYPES: dict[str, ModuleType] = {"llama": llama, "mpt": mpt, "gpt_neox": gpt_neox, "falcon": falcon}
 
 
 def family(config: ModelConfig) -> ModuleType:

@@ -1,13 +1,33 @@
-"""Pieces every model family shares: parameter specs, checkpoint name rules, norms, random init."""
+"""Pieces every model family shares: parameter specs, checkpoint name rules, norms, random init, and
+the blocks of the LayerNorm decoders (MPT, GPT-NeoX, Falcon).
+
+Letters: B streams, T new tokens, V vocab, D model dim, F MLP dim, L layers, N query heads,
+K kv heads, H head dim.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from streamjax import cache as cache_lib
+from streamjax.attention import sink_window_attention
+from streamjax.config import ModelConfig
+
+# Hugging Face activation names -> functions ("gelu" is the exact erf form, the others its tanh form).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,3 +84,159 @@ def init_params(specs: dict, key: jax.Array, dtype=jnp.float32, scale: float = 0
         for k, spec in zip(keys, leaves)
     ]
     return jax.tree.unflatten(treedef, params)
+
+
+def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return x if bias is None else x + bias
+
+
+def attention_specs(config: ModelConfig, bias: bool) -> dict:
+    """Specs of the q, k, v [L, D, heads, H] and o [L, N, H, D] projections (and their biases)."""
+    D, L, N, K, H = config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+    specs = {
+        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
+        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
+    }
+    if bias:
+        specs["q_bias"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), init="zeros")
+        specs["k_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
+        specs["v_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
+        specs["o_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+    return specs
+
+
+def mlp_specs(config: ModelConfig, bias: bool) -> dict:
+    """Specs of the two-matrix MLP: up [L, D, F], down [L, F, D] (and their biases)."""
+    D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    specs = {
+        "up": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
+        "down": ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if bias:
+        specs["up_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
+        specs["down_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+    return specs
+
+
+def norm_specs(name: str, shape: tuple[int, ...], axes: tuple[str, ...], bias: bool) -> dict:
+    """Specs of a LayerNorm called `name`: `name` (ones) and, with `bias`, `name_bias` (zeros)."""
+    specs = {name: ParamSpec(shape, axes, init="ones")}
+    if bias:
+        specs[f"{name}_bias"] = ParamSpec(shape, axes, init="zeros")
+    return specs
+
+
+def norm(p: dict, name: str, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """The LayerNorm `name` of params `p` (with its bias if it has one) applied to x [..., D]."""
+    return layer_norm(x, p[name], p.get(f"{name}_bias"), config.norm_eps)
+
+
+def attention_block(p, h, cached_keys, cached_values, plan, config: ModelConfig, num_sinks: int):
+    """Self-attention of the normed input h [B, T, D] through one layer's cache slots [B, C, K, H].
+
+    Returns the output [B, T, D] and the chunk's keys (before RoPE) and values [B, T, K, H], which
+    `run_decoder` writes into the cache once every layer has read it.
+    """
+    q, k, v = (add_bias(jnp.einsum("btd,dnh->btnh", h, p[name]), p.get(f"{name}_bias")) for name in "qkv")
+    if config.clip_qkv is not None:
+        q, k, v = (jnp.clip(x, -config.clip_qkv, config.clip_qkv) for x in (q, k, v))
+    attended = sink_window_attention(q, k, v, cached_keys, cached_values, plan, config, num_sinks)
+    return add_bias(jnp.einsum("btnh,nhd->btd", attended, p["o"]), p.get("o_bias")), k, v
+
+
+def mlp_block(p: dict, h: jax.Array, config: ModelConfig) -> jax.Array:
+    """down(act(up(h))) of h [B, T, D], with biases where the params have them."""
+    up = add_bias(jnp.einsum("btd,df->btf", h, p["up"]), p.get("up_bias"))
+    return add_bias(jnp.einsum("btf,fd->btd", ACTIVATIONS[config.hidden_act](up), p["down"]), p.get("down_bias"))
+
+
+def layer_norm_decoder_layer(p, x, cached_keys, cached_values, plan, config: ModelConfig, num_sinks: int):
+    """One pre-norm block in `config.residual_layout`; norms are `attn_norm` and (unless shared) `mlp_norm`.
+
+    sequential: x + attn(attn_norm(x)), then + mlp(mlp_norm(.)); parallel: x + attn(attn_norm(x)) +
+    mlp(mlp_norm(x)); parallel_shared_norm: x + attn(h) + mlp(h) with h = attn_norm(x).
+    Returns x and the chunk's keys and values (see `attention_block`).
+    """
+    h = norm(p, "attn_norm", x, config)
+    attended, keys, values = attention_block(p, h, cached_keys, cached_values, plan, config, num_sinks)
+    if config.residual_layout == "sequential":
+        x = x + attended
+        return x + mlp_block(p, norm(p, "mlp_norm", x, config), config), keys, values
+    if config.residual_layout == "parallel":
+        h = norm(p, "mlp_norm", x, config)
+    return x + attended + mlp_block(p, h, config), keys, values
+
+
+def run_decoder(
+    params: dict, cache: cache_lib.SinkCache, tokens: jax.Array, config: ModelConfig, decoder_layer, final_norm=None
+):
+    """Embed tokens [B, T], scan `decoder_layer` over the stacked layers, final norm and head.
+
+    `decoder_layer(p, x, cached_keys, cached_values, plan, config, num_sinks) -> (x, keys, values)`
+    reads one layer's cache slots [B, C, K, H] and returns the chunk's keys and values [B, T, K, H].
+    The cache is only read inside the scan and written once after it (a buffer both read and written
+    in a loop makes XLA copy it every layer). `final_norm(params, x)` defaults to the LayerNorm
+    `final_norm` (+ `final_norm_bias`). Params hold `embed` [V, D], `layers` and, untied, `lm_head` [D, V].
+    Returns logits [B, T, V] (float32) and the advanced cache.
+    """
+    plan = cache_lib.plan_chunk(cache, tokens.shape[1])
+
+    def layer(x, layer_inputs):
+        p, cached_keys, cached_values = layer_inputs
+        x, keys, values = decoder_layer(p, x, cached_keys, cached_values, plan, config, cache.num_sinks)
+        return x, (keys, values)
+
+    x, (new_keys, new_values) = jax.lax.scan(layer, params["embed"][tokens], (params["layers"], cache.keys, cache.values))
+    x = final_norm(params, x) if final_norm else norm(params, "final_norm", x, config)
+    if config.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
+    return logits, cache_lib.advance(cache, plan, new_keys, new_values)
+
+
+def fused_part(array: np.ndarray, layout: tuple[int, ...], index) -> np.ndarray:
+    """One part of a fused projection: `array` [rows, ...] viewed as [*layout, ...] (layout ends in H),
+    indexed by `index`, as [heads, H, ...]."""
+    if array.shape[0] != np.prod(layout):
+        raise ValueError(f"fused projection has {array.shape[0]} rows, expected {np.prod(layout)} = {layout}")
+    part = array.reshape(*layout, *array.shape[1:])[index]
+    return part.reshape(-1, layout[-1], *array.shape[1:])
+
+
+def fused_qkv_rules(source: str, layout: tuple[int, ...], parts: dict, bias: bool) -> list[TensorRule]:
+    """Rules splitting the fused `source`.weight [rows, D] (and .bias [rows]) into q, k, v params.
+
+    `parts` maps "q", "k", "v" to their index into the rows viewed as `layout` (see `fused_part`).
+    """
+    rules = [
+        TensorRule(f"{source}.weight", ("layers", name), lambda w, i=index: fused_part(w, layout, i).transpose(2, 0, 1))
+        for name, index in parts.items()
+    ]
+    if bias:
+        rules += [
+            TensorRule(f"{source}.bias", ("layers", f"{name}_bias"), lambda b, i=index: fused_part(b, layout, i))
+            for name, index in parts.items()
+        ]
+    return rules
+
+
+def output_rules(source: str, config: ModelConfig, bias: bool) -> list[TensorRule]:
+    """Rules for the attention output projection `source`.weight [D, N * H] (and .bias [D])."""
+    N, H, D = config.num_heads, config.head_dim, config.hidden_size
+    rules = [TensorRule(f"{source}.weight", ("layers", "o"), lambda w: w.T.reshape(N, H, D))]
+    return rules + ([TensorRule(f"{source}.bias", ("layers", "o_bias"))] if bias else [])
+
+
+def linear_rules(source: str, target: str, bias: bool) -> list[TensorRule]:
+    """Rules for a per-layer linear `source`.weight [out, in] -> `target` [in, out] (and .bias)."""
+    rules = [TensorRule(f"{source}.weight", ("layers", target), np.transpose)]
+    return rules + ([TensorRule(f"{source}.bias", ("layers", f"{target}_bias"))] if bias else [])
+
+
+def norm_rules(source: str, target: tuple[str, ...], bias: bool) -> list[TensorRule]:
+    """Rules for a LayerNorm `source`.weight (and .bias) -> `target` (and `target`_bias)."""
+    rules = [TensorRule(f"{source}.weight", target)]
+    return rules + ([TensorRule(f"{source}.bias", (*target[:-1], f"{target[-1]}_bias"))] if bias else [])

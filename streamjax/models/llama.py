@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamjax import cache as cache_lib
-from streamjax.attention import sink_window_attention
 from streamjax.config import ModelConfig, check_known_fields, freeze_mapping, require
-from streamjax.models.common import ParamSpec, TensorRule, rms_norm
+from streamjax.models.common import ParamSpec, TensorRule, add_bias, attention_block, rms_norm, run_decoder
 
 FAMILY = "llama"
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")  # (head, embedding) when tie_word_embeddings
@@ -133,43 +132,16 @@ def forward(
     params: dict, cache: cache_lib.SinkCache, tokens: jax.Array, config: ModelConfig
 ) -> tuple[jax.Array, cache_lib.SinkCache]:
     """Feed tokens [B, T] to every stream: logits [B, T, V] (float32) and the advanced cache."""
-    plan = cache_lib.plan_chunk(cache, tokens.shape[1])
-    x = params["embed"][tokens]
-
-    def layer(carry, layer_inputs):
-        x, keys, values = carry
-        p, index = layer_inputs
-        x, keys, values = _decoder_layer(p, x, keys, values, index, plan, config, cache.num_sinks)
-        return (x, keys, values), None
-
-    layer_indices = jnp.arange(config.num_layers)
-    (x, keys, values), _ = jax.lax.scan(layer, (x, cache.keys, cache.values), (params["layers"], layer_indices))
-    x = rms_norm(x, params["final_norm"], config.norm_eps)
-    head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-    return logits, cache_lib.advance(cache, plan, keys, values)
+    final_norm = lambda params, x: rms_norm(x, params["final_norm"], config.norm_eps)  # noqa: E731
+    return run_decoder(params, cache, tokens, config, _decoder_layer, final_norm)
 
 
-def _decoder_layer(p, x, keys, values, index, plan, config: ModelConfig, num_sinks: int):
+def _decoder_layer(p, x, cached_keys, cached_values, plan, config: ModelConfig, num_sinks: int):
     h = rms_norm(x, p["attn_norm"], config.norm_eps)
-    q = _project(h, p["q"], p.get("q_bias"))
-    k = _project(h, p["k"], p.get("k_bias"))
-    v = _project(h, p["v"], p.get("v_bias"))
-    attended = sink_window_attention(q, k, v, keys[index], values[index], plan, config, num_sinks)
-    x = x + _add_bias(jnp.einsum("btnh,nhd->btd", attended, p["o"]), p.get("o_bias"))
+    attended, keys, values = attention_block(p, h, cached_keys, cached_values, plan, config, num_sinks)
+    x = x + attended
     h = rms_norm(x, p["mlp_norm"], config.norm_eps)
-    gate = _add_bias(jnp.einsum("btd,df->btf", h, p["gate"]), p.get("gate_bias"))
-    up = _add_bias(jnp.einsum("btd,df->btf", h, p["up"]), p.get("up_bias"))
-    x = x + _add_bias(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]), p.get("down_bias"))
-    keys = cache_lib.write_layer(keys, index, k, plan)
-    values = cache_lib.write_layer(values, index, v, plan)
+    gate = add_bias(jnp.einsum("btd,df->btf", h, p["gate"]), p.get("gate_bias"))
+    up = add_bias(jnp.einsum("btd,df->btf", h, p["up"]), p.get("up_bias"))
+    x = x + add_bias(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]), p.get("down_bias"))
     return x, keys, values
-
-
-def _project(h: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """h [B, T, D] times weight [D, heads, H] -> [B, T, heads, H]."""
-    return _add_bias(jnp.einsum("btd,dnh->btnh", h, weight), bias)
-
-
-def _add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
-    return x if bias is None else x + bias

@@ -1,0 +1,295 @@
+"""MPT, GPT-NeoX and Falcon: logits against transformers, streaming against numpy references, loading.
+
+Tiny random models (2 layers, hidden 48-64, every weight ~ N(0, 0.2), LayerNorm weights 1 + N(0, 0.2))
+in float32, one per layout option each family has.
+"""
+
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import hf_logits, hf_state_dict, torch_or_skip
+from reference_families import falcon_stream_logits, gpt_neox_stream_logits, mpt_stream_logits
+
+import streamjax
+from streamjax import models
+from streamjax.checkpoint import convert_tensors
+from streamjax.config import UnsupportedConfigError
+
+VOCAB = 97
+TOKENS = np.random.RandomState(0).randint(0, VOCAB, size=(2, 40))
+STREAM_TOKENS = np.random.RandomState(1).randint(0, VOCAB, size=(1, 150))
+
+HF_CLASSES = {  # family -> (config class, model class, tiny base settings)
+    "mpt": ("MptConfig", "MptForCausalLM", {"d_model": 48, "n_heads": 6, "n_layers": 2, "max_seq_len": 256}),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 96},
+    ),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 96},
+    ),
+}
+VARIANTS = {  # name -> (family, settings); together they cover every layout option of the three families
+    "mpt_clip_qkv": ("mpt", {"attn_config": {"clip_qkv": 0.6}}),
+    "mpt_biases_untied_softmax_scale": (
+        "mpt",
+        {"no_bias": False, "tie_word_embeddings": False, "attn_config": {"softmax_scale": 0.2}},
+    ),
+    "neox_quarter_rotary_parallel": ("gpt_neox", {"rotary_pct": 0.25, "use_parallel_residual": True}),
+    "neox_full_rotary_sequential_tied": (
+        "gpt_neox",
+        {
+            "rotary_pct": 1.0,
+            "use_parallel_residual": False,
+            "attention_bias": False,
+            "tie_word_embeddings": True,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        },
+    ),
+    "falcon_new_arch_gqa_rope": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "falcon_new_arch_one_norm_alibi_bias": (
+        "falcon",
+        {
+            "new_decoder_architecture": True,
+            "num_kv_heads": 4,
+            "num_ln_in_parallel_attn": 1,
+            "alibi": True,
+            "bias": True,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "falcon_multi_query_parallel_rope": (
+        "falcon",
+        {"multi_query": True, "parallel_attn": True, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+    ),
+    "falcon_rw_alibi_sequential_bias": (
+        "falcon",
+        {"multi_query": False, "parallel_attn": False, "alibi": True, "bias": True},
+    ),
+}
+
+
+def _randomize(model, std: float):
+    torch = torch_or_skip()
+    with torch.no_grad():
+        for module in model.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                parameter.normal_(0.0, std)
+                if isinstance(module, torch.nn.LayerNorm) and name == "weight":
+                    parameter.add_(1.0)
+    return model.eval()
+
+
+def _graft_mpt_biases(model):
+    """MPT with no_bias=False has a bias on every linear and LayerNorm (llm-foundry); transformers'
+    MptForCausalLM drops them, so they are added here to its own modules, which then use them."""
+    torch = torch_or_skip()
+    for module in model.transformer.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+            module.bias = torch.nn.Parameter(torch.zeros(module.weight.shape[0]))
+
+
+@functools.cache
+def hf_model(variant: str, std: float = 0.2):
+    """The variant's tiny transformers model with random weights (built once per test session)."""
+    torch = torch_or_skip()
+    import transformers
+
+    family, settings = VARIANTS[variant]
+    config_class, model_class, base = HF_CLASSES[family]
+    torch.manual_seed(sum(map(ord, variant)))
+    model = getattr(transformers, model_class)(
+        getattr(transformers, config_class)(vocab_size=VOCAB, **base, **settings)
+    )
+    if family == "mpt" and not model.config.no_bias:
+        _graft_mpt_biases(model)
+    return _randomize(model, std)
+
+
+def checkpoint_tensors(model) -> dict[str, np.ndarray]:
+    """State dict under the names checkpoints use (transformers 5 calls GPT-NeoX's `embed_out` `lm_head`)."""
+    tensors = hf_state_dict(model)
+    if model.config.model_type == "gpt_neox" and not model.config.tie_word_embeddings:
+        tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
+    return tensors
+
+
+@functools.cache
+def converted(variant: str):
+    model = hf_model(variant)
+    config = models.config_from_hf(model.config.to_dict())
+    return config, convert_tensors(checkpoint_tensors(model), config)
+
+
+@functools.cache
+def expected_logits(variant: str) -> np.ndarray:
+    return hf_logits(hf_model(variant), TOKENS)
+
+
+def _prefill_logits(config, params, tokens=TOKENS, num_sinks=4, window=60, chunk_size=20):
+    cache = streamjax.init_cache(config, tokens.shape[0], num_sinks, window)
+    return np.asarray(streamjax.prefill(params, cache, tokens, config, chunk_size=chunk_size)[0])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant):
+    config, params = converted(variant)
+    expected = expected_logits(variant)
+    assert np.abs(expected).max() > 1.0  # large enough that a wrong layout would show
+
+    np.testing.assert_allclose(_prefill_logits(config, params), expected, atol=1e-4, rtol=0)
+    cache = streamjax.init_cache(config, 2, num_sinks=4, window=60)
+    one_by_one, _ = streamjax.feed_tokens(params, cache, TOKENS, config)
+    np.testing.assert_allclose(one_by_one, expected, atol=1e-4, rtol=0)
+
+
+def _stream_reference(variant: str, tokens, num_sinks: int, window: int) -> np.ndarray:
+    """The family's numpy reference, with slopes / frequencies taken from transformers itself."""
+    model = hf_model(variant)
+    torch = torch_or_skip()
+    family, state_dict, hf_config = VARIANTS[variant][0], hf_state_dict(model), model.config
+    if family == "mpt":
+        alibi = model.transformer.build_mpt_alibi_tensor(hf_config.n_heads, 2)[:, 0].numpy()
+        return mpt_stream_logits(state_dict, hf_config, tokens, num_sinks, window, slopes=alibi[:, 1] - alibi[:, 0])
+    if family == "gpt_neox":
+        inv_freq = model.gpt_neox.rotary_emb.inv_freq.numpy().astype(np.float64)
+        return gpt_neox_stream_logits(state_dict, hf_config, tokens, num_sinks, window, inv_freq)
+    if hf_config.alibi:
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+        ones = torch.ones((1, 2), dtype=torch.long)
+        slopes = build_alibi_tensor(ones, hf_config.num_attention_heads, torch.float32)[:, 0, 1].numpy()
+        return falcon_stream_logits(state_dict, hf_config, tokens, num_sinks, window, slopes=slopes.astype(np.float64))
+    inv_freq = model.transformer.rotary_emb.inv_freq.numpy().astype(np.float64)
+    return falcon_stream_logits(state_dict, hf_config, tokens, num_sinks, window, inv_freq=inv_freq)
+
+
+STREAM_VARIANTS = [
+    "mpt_clip_qkv", "neox_quarter_rotary_parallel", "falcon_new_arch_gqa_rope", "falcon_rw_alibi_sequential_bias",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", STREAM_VARIANTS)
+def test_reference_is_transformers_while_nothing_is_evicted(variant):
+    reference = _stream_reference(variant, TOKENS[0], num_sinks=4, window=60)
+    np.testing.assert_allclose(reference, expected_logits(variant)[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_sinks", [0, 1, 4])
+@pytest.mark.parametrize("variant", STREAM_VARIANTS)
+def test_streaming_past_the_cache_matches_reference(variant, num_sinks):
+    config, params = converted(variant)
+    window = 7
+    reference = _stream_reference(variant, STREAM_TOKENS[0], num_sinks, window)
+    chunked = _prefill_logits(config, params, STREAM_TOKENS, num_sinks, window, chunk_size=15)
+    np.testing.assert_allclose(chunked[0], reference, atol=1e-4, rtol=0)
+    if num_sinks == 1:
+        cache = streamjax.init_cache(config, 1, num_sinks, window)
+        one_by_one, _ = streamjax.feed_tokens(params, cache, STREAM_TOKENS, config)
+        np.testing.assert_allclose(one_by_one[0], reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_save_pretrained_then_load_hf_directory(variant, tmp_path):
+    hf_model(variant).save_pretrained(tmp_path, safe_serialization=True)
+    config, params = streamjax.load_hf_directory(tmp_path)
+    expected_config, expected_params = converted(variant)
+    assert config == expected_config
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        expected = functools.reduce(lambda tree, key: tree[key.key], path, expected_params)
+        np.testing.assert_array_equal(leaf, expected, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(_prefill_logits(config, params), expected_logits(variant), atol=1e-4, rtol=0)
+
+
+def test_gpt_neox_checkpoint_buffers_are_ignored():
+    config, params = converted("neox_quarter_rotary_parallel")
+    tensors = checkpoint_tensors(hf_model("neox_quarter_rotary_parallel"))
+    tensors["gpt_neox.layers.0.attention.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))  # old Pythia files
+    tensors["gpt_neox.layers.0.attention.masked_bias"] = np.array(-1e9, np.float32)
+    tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = np.ones(2, np.float32)
+    reloaded = convert_tensors(tensors, config)
+    np.testing.assert_array_equal(reloaded["layers"]["q"], params["layers"]["q"])
+
+
+def test_mpt_slopes_match_transformers():
+    from transformers import MptConfig
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    for num_heads in range(1, 21):
+        for bias_max in (8, 16):
+            hf = MptConfig(d_model=4 * num_heads, n_heads=num_heads, attn_config={"alibi_bias_max": bias_max})
+            alibi = build_mpt_alibi_tensor(num_heads, 2, alibi_bias_max=bias_max)[:, 0].numpy()
+            slopes = models.config_from_hf(hf.to_dict()).alibi_slopes
+            np.testing.assert_allclose(slopes, alibi[:, 1] - alibi[:, 0], rtol=1e-6, atol=0)
+
+
+def test_falcon_slopes_are_transformers_bf16_slopes_over_sqrt_head_dim():
+    torch = torch_or_skip()
+    from transformers import FalconConfig
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    for num_heads in range(1, 41):
+        hf = FalconConfig(hidden_size=16 * num_heads, num_attention_heads=num_heads, alibi=True)
+        hf_slopes = build_alibi_tensor(torch.ones((1, 2), dtype=torch.long), num_heads, torch.float32)[:, 0, 1]
+        slopes = np.asarray(models.config_from_hf(hf.to_dict()).alibi_slopes)
+        np.testing.assert_allclose(slopes * math.sqrt(16), hf_slopes.numpy(), rtol=1e-6, atol=0)
+
+
+def _hf_config_dict(family: str, **settings) -> dict:
+    import transformers
+
+    config_class, _, base = HF_CLASSES[family]
+    return getattr(transformers, config_class)(vocab_size=VOCAB, **base, **settings).to_dict()
+
+
+def _with(config: dict, **changes) -> dict:
+    return {**config, **changes}
+
+
+def _with_attn(config: dict, **changes) -> dict:
+    return {**config, "attn_config": {**config["attn_config"], **changes}}
+
+
+UNSUPPORTED = {  # name -> (family, edit of a valid config dict, message fragment)
+    "mpt_qk_ln": ("mpt", lambda c: _with_attn(c, qk_ln=True), "qk_ln"),
+    "mpt_prefix_lm": ("mpt", lambda c: _with_attn(c, prefix_lm=True), "prefix_lm"),
+    "mpt_learned_positions": ("mpt", lambda c: _with_attn(c, alibi=False), "ALiBi"),
+    "mpt_multiquery": ("mpt", lambda c: _with_attn(c, attn_type="multiquery_attention"), "multihead"),
+    "mpt_logit_scale": ("mpt", lambda c: _with(c, logit_scale=2.0), "logit_scale"),
+    "mpt_rms_norm": ("mpt", lambda c: _with(c, norm_type="rmsnorm"), "norm_type"),
+    "mpt_unknown_attn_field": ("mpt", lambda c: _with_attn(c, rope=True), "rope"),
+    "mpt_unknown_field": ("mpt", lambda c: _with(c, ffn_config={"ffn_type": "te_ln_mlp"}), "ffn_config"),
+    "neox_activation": ("gpt_neox", lambda c: _with(c, hidden_act="gelu_10"), "gelu_10"),
+    "neox_dynamic_rope": (
+        "gpt_neox", lambda c: _with(c, rope_parameters={**c["rope_parameters"], "rope_type": "dynamic"}), "dynamic",
+    ),
+    "neox_odd_rotary_dims": (
+        "gpt_neox", lambda c: _with(c, rope_parameters={**c["rope_parameters"], "partial_rotary_factor": 0.1875}), "even",
+    ),
+    "neox_unknown_field": ("gpt_neox", lambda c: _with(c, sliding_window=16), "sliding_window"),
+    "falcon_new_arch_sequential": (
+        "falcon", lambda c: _with(c, new_decoder_architecture=True, parallel_attn=False), "parallel_attn",
+    ),
+    "falcon_two_norms_old_arch": ("falcon", lambda c: _with(c, num_ln_in_parallel_attn=2), "num_ln_in_parallel_attn"),
+    "falcon_legacy_head_count": ("falcon", lambda c: _with(c, n_head=8), "n_head"),
+    "falcon_mha_grouped": ("falcon", lambda c: _with(c, multi_query=False, num_kv_heads=2), "num_kv_heads"),
+    "falcon_post_norm_residual": (
+        "falcon", lambda c: _with(c, apply_residual_connection_post_layernorm=True), "post-layernorm",
+    ),
+    "falcon_activation": ("falcon", lambda c: _with(c, activation="gelu_10"), "gelu_10"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_config_raises(case):
+    family, edit, fragment = UNSUPPORTED[case]
+    valid = _hf_config_dict(family)
+    models.config_from_hf(valid)  # the unedited config is accepted
+    with pytest.raises(UnsupportedConfigError, match=fragment):
+        models.config_from_hf(edit(valid))

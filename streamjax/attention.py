@@ -9,7 +9,10 @@ with its own query and key positions, scored separately and normalised by one so
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +70,13 @@ def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
+def config_alibi_slopes(config: ModelConfig) -> np.ndarray:
+    """The slopes [N] a config asks for: its own `alibi_slopes`, else the standard ones."""
+    if config.alibi_slopes is None:
+        return alibi_slopes(config.num_heads)
+    return np.asarray(config.alibi_slopes, np.float32)
+
+
 def sink_window_attention(
     queries: jax.Array,
     new_keys: jax.Array,
@@ -82,6 +92,7 @@ def sink_window_attention(
 
     new_keys, new_values: [B, T, K, H] the chunk's keys (before RoPE) and values.
     cached_keys, cached_values: [B, C, K, H] this layer's cache slots before the chunk.
+    scale: logit scale; None takes `config.attention_scale`, else 1/sqrt(H).
     Returns [B, T, N, H] in the dtype of `new_values`.
     """
     sink_keys, window_keys = layer_keys(cached_keys, new_keys, plan, num_sinks)
@@ -91,11 +102,39 @@ def sink_window_attention(
         (plan.sink_query_positions, sink_keys, sink_key_positions, plan.sink_mask),
         (plan.window_query_positions, window_keys, plan.window_key_positions, plan.window_mask),
     )
-    scale = config.head_dim**-0.5 if scale is None else scale
+    if scale is None:
+        scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
     scores = [_block_scores(queries, *block, config, scale) for block in blocks]
     weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    _record_weights(weights)
     sink_weights, window_weights = jnp.split(weights, [num_sinks], axis=-1)
-    return _weighted_values(sink_weights, sink_values) + _weighted_values(window_weights, window_values)
+    attended = _weighted_values(sink_weights, sink_values) + _weighted_values(window_weights, window_values)
+    return attended.astype(new_values.dtype)  # a cache in another dtype than the params must not leak into x
+
+
+_WEIGHTS_SINK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("weights_sink", default=None)
+
+
+@contextlib.contextmanager
+def recording_weights(sink: Callable[[np.ndarray], None]) -> Iterator[None]:
+    """While active, each traced `sink_window_attention` hands its softmax weights to `sink` on the host.
+
+    `sink` receives, per call (so per layer, in order), weights [B, K, G, T, S + W + T] over the sink
+    block then the window block (ring slots, then the chunk's own tokens), through an ordered
+    `jax.debug.callback`, hence on a single device. Enter it inside the function being jitted, around
+    the model call, so that only that trace records. Outside it attention costs nothing more.
+    """
+    token = _WEIGHTS_SINK.set(sink)
+    try:
+        yield
+    finally:
+        _WEIGHTS_SINK.reset(token)
+
+
+def _record_weights(weights: jax.Array) -> None:
+    sink = _WEIGHTS_SINK.get()
+    if sink is not None:
+        jax.debug.callback(sink, weights, ordered=True)
 
 
 def _block_scores(queries, query_positions, keys, key_positions, mask, config: ModelConfig, scale: float):
@@ -108,7 +147,7 @@ def _block_scores(queries, query_positions, keys, key_positions, mask, config: M
     grouped = queries.reshape(batch, length, config.num_kv_heads, num_heads // config.num_kv_heads, head_dim)
     scores = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32) * scale
     if config.position == "alibi":
-        slopes = alibi_slopes(num_heads).reshape(config.num_kv_heads, -1)
+        slopes = config_alibi_slopes(config).reshape(config.num_kv_heads, -1)
         distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, keys]
         scores = scores - slopes[None, :, :, None, None] * distance[:, None, None].astype(jnp.float32)
     return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)

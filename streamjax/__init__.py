@@ -6,4 +6,4 @@ from streamjax.checkpoint import load_hf_directory
 from streamjax.config import ModelConfig
 from streamjax.decoding import feed_tokens, prefill, step
 
-__all__ = ["ModelConfig", "SinkCache", "feed_tokens", "init_cache", "load_hf_directory", "prefill", "step"]
+__all__ = ["models", "ModelConfig", "SinkCache", "feed_tokens", "init_cache", "load_hf_directory", "prefill", "step"]

@@ -13,12 +13,13 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamjax.cache import ChunkPlan, layer_keys
+from streamjax.cache import ChunkPlan, SinkCache, layer_keys, plan_chunk
 from streamjax.config import ModelConfig
 
 
@@ -47,16 +48,47 @@ def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate the first R dims of `x` [B, T, heads, H] (half-split layout) by `positions` [B, T]."""
-    rotary_dim = 2 * inv_freq.shape[0]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rope_rotation(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, P, 1, R/2] of the rotary angles at `positions` [B, P]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rotation: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate the first R dims of `x` [B, P, heads, H] (half-split layout) by `rope_rotation` output."""
+    cos, sin = rotation
+    rotary_dim = 2 * cos.shape[-1]
     rotary, passthrough = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
     first, second = jnp.split(rotary, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return jnp.concatenate([rotated.astype(x.dtype), passthrough], axis=-1)
+
+
+class AttentionPlan(NamedTuple):
+    """A chunk's `ChunkPlan` and what attention derives from its positions, once for every layer.
+
+    sink_key_positions: [B, S] the sinks' cache positions 0..S-1.
+    rotations: for RoPE, (cos, sin) of (sink queries, sink keys, window queries, window keys);
+        None for ALiBi, whose bias is computed from the positions in each layer.
+    """
+
+    chunk: ChunkPlan
+    sink_key_positions: jax.Array
+    rotations: tuple | None
+
+
+def plan_attention(cache: SinkCache, num_new: int, config: ModelConfig) -> AttentionPlan:
+    """Plan feeding `num_new` tokens to every stream of `cache` (see `streamjax.cache.plan_chunk`)."""
+    chunk = plan_chunk(cache, num_new)
+    sink_key_positions = jnp.broadcast_to(jnp.arange(cache.num_sinks), (cache.batch_size, cache.num_sinks))
+    rotations = None
+    if config.position == "rope":
+        inv_freq = rope_frequencies(config)
+        positions = (
+            chunk.sink_query_positions, sink_key_positions, chunk.window_query_positions, chunk.window_key_positions
+        )
+        rotations = tuple(rope_rotation(p, inv_freq) for p in positions)
+    return AttentionPlan(chunk, sink_key_positions, rotations)
 
 
 def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> np.ndarray:
@@ -83,7 +115,7 @@ def sink_window_attention(
     new_values: jax.Array,
     cached_keys: jax.Array,
     cached_values: jax.Array,
-    plan: ChunkPlan,
+    plan: AttentionPlan,
     config: ModelConfig,
     num_sinks: int,
     scale: float | None = None,
@@ -95,12 +127,13 @@ def sink_window_attention(
     scale: logit scale; None takes `config.attention_scale`, else 1/sqrt(H).
     Returns [B, T, N, H] in the dtype of `new_values`.
     """
-    sink_keys, window_keys = layer_keys(cached_keys, new_keys, plan, num_sinks)
-    sink_values, window_values = layer_keys(cached_values, new_values, plan, num_sinks)
-    sink_key_positions = jnp.broadcast_to(jnp.arange(num_sinks), sink_keys.shape[:2])
+    chunk = plan.chunk
+    sink_keys, window_keys = layer_keys(cached_keys, new_keys, chunk, num_sinks)
+    sink_values, window_values = layer_keys(cached_values, new_values, chunk, num_sinks)
+    rotations = plan.rotations or (None,) * 4
     blocks = (
-        (plan.sink_query_positions, sink_keys, sink_key_positions, plan.sink_mask),
-        (plan.window_query_positions, window_keys, plan.window_key_positions, plan.window_mask),
+        (chunk.sink_query_positions, sink_keys, plan.sink_key_positions, chunk.sink_mask, rotations[:2]),
+        (chunk.window_query_positions, window_keys, chunk.window_key_positions, chunk.window_mask, rotations[2:]),
     )
     if scale is None:
         scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
@@ -137,12 +170,10 @@ def _record_weights(weights: jax.Array) -> None:
         jax.debug.callback(sink, weights, ordered=True)
 
 
-def _block_scores(queries, query_positions, keys, key_positions, mask, config: ModelConfig, scale: float):
+def _block_scores(queries, query_positions, keys, key_positions, mask, rotations, config: ModelConfig, scale: float):
     """Masked scores [B, K, G, T, keys] in float32 of one key block."""
     if config.position == "rope":
-        inv_freq = rope_frequencies(config)
-        queries = apply_rope(queries, query_positions, inv_freq)
-        keys = apply_rope(keys, key_positions, inv_freq)
+        queries, keys = apply_rope(queries, rotations[0]), apply_rope(keys, rotations[1])
     batch, length, num_heads, head_dim = queries.shape
     grouped = queries.reshape(batch, length, config.num_kv_heads, num_heads // config.num_kv_heads, head_dim)
     scores = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32) * scale

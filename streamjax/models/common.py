@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from streamjax import cache as cache_lib
-from streamjax.attention import sink_window_attention
+from streamjax.attention import plan_attention, sink_window_attention
 from streamjax.config import ModelConfig
 
 # Hugging Face activation names -> functions ("gelu" is the exact erf form, the others its tanh form).
@@ -181,7 +181,7 @@ def run_decoder(
     `final_norm` (+ `final_norm_bias`). Params hold `embed` [V, D], `layers` and, untied, `lm_head` [D, V].
     Returns logits [B, T, V] (float32) and the advanced cache.
     """
-    plan = cache_lib.plan_chunk(cache, tokens.shape[1])
+    plan = plan_attention(cache, tokens.shape[1], config)
 
     def layer(x, layer_inputs):
         p, cached_keys, cached_values = layer_inputs
@@ -194,7 +194,7 @@ def run_decoder(
         logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
-    return logits, cache_lib.advance(cache, plan, new_keys, new_values)
+    return logits, cache_lib.advance(cache, plan.chunk, new_keys, new_values)
 
 
 def fused_part(array: np.ndarray, layout: tuple[int, ...], index) -> np.ndarray:

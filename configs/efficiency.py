@@ -1,0 +1,79 @@
+r"""Efficiency benchmark (the paper's Figure 10, route throughput, long streams, machine limits).
+
+Command (from the repository root), SmolLM2-135M from its GGUF in float32, sized for a small CPU:
+
+    python -m experiments.efficiency --config=configs/efficiency.py --workdir=/tmp/streamjax/efficiency
+
+A tiny random model and small sizes, for a quick end-to-end check (seconds, any backend):
+
+    python -m experiments.efficiency --config=configs/efficiency.py:small=True --workdir=/tmp/streamjax/eff_small
+
+Any field can be overridden, e.g. `--config.repeats=9 --config.cache_sizes='(512,1024)'`. Outputs are
+described in `streamjax/benchmark.py`. This file lists every field; `configs/efficiency_llama2_7b.py`
+starts from it.
+"""
+
+import ml_collections
+
+from configs.common import parse_arg
+
+
+def get_config(arg=None):
+    """The default: SmolLM2-135M (float32), caches 256..4096, StreamingLLM at 4 + 1020 for routes and streams."""
+    options = parse_arg(arg, small=False)
+    config = ml_collections.ConfigDict()
+    # Model: "smollm2" (the GGUF of `streamjax.assets`), a .gguf file, a checkpoint directory, or
+    # "random": weights drawn at random for the ModelConfig fields in `random_model` (nothing loaded).
+    config.model = "smollm2"
+    config.random_model = ml_collections.ConfigDict()
+    config.dtype = "float32"  # params and cache: float32, bfloat16 or float16
+    config.seed = 0
+    # Decode latency and memory against cache size: a comma-separated subset of
+    # streaming, recompute (sliding window with re-computation) and dense.
+    config.methods = "streaming,recompute,dense"
+    config.cache_sizes = (256, 512, 1024, 2048, 4096)
+    config.num_sinks = 4  # of every StreamingLLM cache; its window is the rest of the cache size
+    config.warmup = 2  # untimed calls before timing (compilation)
+    config.repeats = 7  # timed calls (decode steps, bandwidth and matmul kernels); the median is reported
+    config.recompute_repeats = 3  # timed dense forwards over the window (seconds each on a CPU)
+    config.target_cache_size = 1024  # the decode whose fraction of the bandwidth limit is a target
+    # Evaluation routes, StreamingLLM at num_sinks + route_window, over random token ids.
+    config.route_window = 1020
+    config.route_chunk_size = 512
+    config.chunk_route_tokens = 2048  # predictions timed on the chunk route (a multiple of route_chunk_size)
+    config.token_route_tokens = 128  # predictions timed on the token route (each is one forward pass)
+    config.route_repeats = 2
+    # Long streams (cache num_sinks + route_window): decode cost at the early vs the late position,
+    # peak memory after the two memory positions (in increasing order).
+    config.early_position = 1_000
+    config.late_position = 100_000
+    config.memory_positions = (10_000, 100_000)
+    # False: set the cache to the exact state after that many tokens (random keys and values);
+    # True: stream random tokens there with the chunk route (100k tokens: minutes on a GPU, an hour on a CPU).
+    config.long_stream_streamed = False
+    config.stream_chunk_size = 512
+    # Machine limits: bytes of the bandwidth kernels, size of the square matmul.
+    config.bandwidth_bytes = 1 << 30
+    config.matmul_size = 2048
+    if options.small:
+        _make_small(config)
+    return config
+
+
+def _make_small(config: ml_collections.ConfigDict) -> None:
+    """A 2-layer random Llama and sizes that run end to end in well under a minute on a CPU."""
+    config.model = "random"
+    config.random_model = ml_collections.ConfigDict(
+        dict(
+            family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16, intermediate_size=128, norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=4096,
+        )
+    )  # fmt: skip
+    config.cache_sizes = (16, 32, 64)
+    config.target_cache_size = 32
+    config.warmup, config.repeats, config.recompute_repeats, config.route_repeats = 1, 3, 2, 1
+    config.route_window, config.route_chunk_size = 28, 16
+    config.chunk_route_tokens, config.token_route_tokens = 64, 32
+    config.early_position, config.late_position, config.memory_positions = 100, 5_000, (1_000, 5_000)
+    config.long_stream_streamed, config.stream_chunk_size = True, 256
+    config.bandwidth_bytes, config.matmul_size = 1 << 24, 256

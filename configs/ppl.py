@@ -1,0 +1,54 @@
+r"""Streaming perplexity: per-token NLL of one text under one or more methods, resumable.
+
+Command (from the repository root):
+
+    python -m experiments.ppl --config=configs/ppl.py --workdir=/tmp/streamjax/ppl
+
+Several methods in one run (one plot line and one table row each):
+
+    python -m experiments.ppl --config=configs/ppl.py --workdir=/tmp/streamjax/ppl_methods \
+        --config.method=dense,window,recompute,streaming --config.num_tokens=2048
+
+A killed run resumes from its last checkpoint when started again with the same --workdir; a
+finished one is only reported. The workdir layout is described in `streamjax/experiment.py`.
+This file lists every field; the other `configs/ppl_*.py` start from it.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    """The default: SmolLM2-135M, Pride and Prejudice, StreamingLLM with 4 sinks + 1020 recent tokens."""
+    del arg
+    config = ml_collections.ConfigDict()
+    # Model: "smollm2" (the SmolLM2-135M-Instruct GGUF of `streamjax.assets`), a .gguf file, a Hugging
+    # Face checkpoint directory (with tokenizer files), or a hub id already in the local HF cache.
+    config.model = "smollm2"
+    # Text: "austen" (six novels, Pride and Prejudice first), "mobydick", a .txt file or a directory.
+    config.data = "austen"
+    # Comma-separated methods, each one run: dense, window, streaming, recompute.
+    config.method = "streaming"
+    # Cache budget: S sinks + W recent tokens. `window` attention keeps the last S + W tokens and no
+    # sinks; `recompute` re-reads the last S + W tokens for every prediction; `dense` keeps everything.
+    config.num_sinks = 4
+    config.window = 1020
+    # The first num_tokens tokens of the text are read; num_tokens - 1 of them are predicted.
+    config.num_tokens = 4096
+    # "chunk": chunk_size tokens per forward pass (exact); "token": one token per step in a lax.scan.
+    # Runs advance (and report progress) in segments of chunk_size predictions.
+    config.route = "chunk"
+    config.chunk_size = 512
+    config.dtype = "float32"  # params and cache: float32, bfloat16 or float16
+    # Save a checkpoint every this many predictions (a multiple of chunk_size); 0: never.
+    config.checkpoint_every = 2048
+    # Text put before the data (its tokenization, without BOS, repeated sink_prefix_repeat times), so
+    # that it fills the sinks; its own predictions and that of the first text token are not scored.
+    config.sink_prefix = ""
+    config.sink_prefix_repeat = 1
+    # Optional list of dicts, each a variant of the fields (name, num_sinks, window, sink_prefix,
+    # sink_prefix_repeat); every method is run for every variant, as run "<method>-<name>". Empty:
+    # one variant made of the fields above, runs named by the method alone.
+    config.variants = []
+    # Plot: log PPL as the mean NLL of the last plot_window predictions, or cumulative (0).
+    config.plot_window = 0
+    return config

@@ -1,0 +1,365 @@
+"""Streaming perplexity runs: one text, several methods, resumable, with a plot and a table.
+
+`run(config, workdir)` evaluates every run of a config (`plan_runs`: each method of `config.method`
+for each entry of `config.variants`) over the first `config.num_tokens` tokens of `config.data`,
+and is what `python -m experiments.ppl` calls. The config fields are documented in `configs/ppl.py`.
+
+Workdir layout:
+    config.json          the config the workdir belongs to (checked on every restart)
+    <run>/               one per run: the method name, or "<method>-<variant name>" with variants
+        checkpoints/     orbax steps named by predictions done, while the run is in progress
+        nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
+        summary.json     the run's numbers; written last, so its presence means the run is done
+    summary.json         config and every run's summary
+    results.md           the comparison table (also printed)
+    log_ppl.png          log perplexity vs tokens, one line per run
+
+Resuming: every run advances in segments of `chunk_size` predictions on a grid anchored at the
+first token, and checkpoints only at segment ends (`checkpoint_every` is a multiple of
+`chunk_size`), so a restarted run feeds the model exactly the same chunks and batches as an
+uninterrupted one and ends with a bitwise equal `nll.npy`. Checkpoints are saved synchronously
+(the cache is donated to the next step) with orbax's default local-filesystem atomicity: each
+step is written to a `*.orbax-checkpoint-tmp*` directory and renamed once complete, so a kill
+during a save leaves the previous step intact and the temporary directory is removed on restart.
+
+Sink prefix: with `sink_prefix` set, the tokens of `sink_prefix` (without the tokenizer's BOS),
+repeated `sink_prefix_repeat` times, are put before the text, so they are the first tokens the
+cache keeps as sinks. NLL is kept only for predictions of text tokens 1, 2, ..., exactly the
+targets of a run without prefix; the predictions of the prefix tokens and of text token 0 are
+dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from streamjax import data, evaluation, loading, plotting
+from streamjax.config import ModelConfig
+
+CONFIG_FIELDS = (
+    "model", "data", "method", "num_sinks", "window", "num_tokens", "route", "chunk_size", "dtype",
+    "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window",
+)  # fmt: skip
+# Fields that do not change any number a run computes; a restart may change them.
+UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window")
+VARIANT_FIELDS = ("name", "num_sinks", "window", "sink_prefix", "sink_prefix_repeat")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One line of the comparison: a method, its cache budget and the sink prefix."""
+
+    name: str
+    spec: evaluation.EvalSpec
+    sink_prefix: str = ""
+    sink_prefix_repeat: int = 1
+
+
+def parse_methods(method: str) -> list[str]:
+    """Methods of a comma-separated list such as "dense,window,recompute,streaming"."""
+    methods = [name.strip() for name in str(method).split(",") if name.strip()]
+    if not methods:
+        raise ValueError(f"method {method!r} names no method; choose from {', '.join(evaluation.METHODS)}")
+    unknown = [name for name in methods if name not in evaluation.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(evaluation.METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"method {method!r} lists a method twice")
+    return methods
+
+
+def plan_runs(config) -> list[Run]:
+    """The runs of a config, validated (methods, cache shapes, variant fields) before any work."""
+    variants = list(config.variants) or [{}]
+    runs = []
+    for variant in variants:
+        unknown = sorted(set(variant) - set(VARIANT_FIELDS))
+        if unknown:
+            raise ValueError(f"variant {dict(variant)} has unknown field(s) {unknown}; allowed: {VARIANT_FIELDS}")
+        fields = {key: variant.get(key, config.get(key)) for key in VARIANT_FIELDS[1:]}
+        if fields["sink_prefix_repeat"] < 1:
+            raise ValueError(f"sink_prefix_repeat must be >= 1, got {fields['sink_prefix_repeat']}")
+        variant_name = variant.get("name") or f"{fields['num_sinks']}+{fields['window']}"
+        for method in parse_methods(config.method):
+            spec = evaluation.EvalSpec(method, fields["num_sinks"], fields["window"], config.route, config.chunk_size)
+            name = f"{method}-{variant_name}" if config.variants else method
+            runs.append(Run(name, spec, fields["sink_prefix"], fields["sink_prefix_repeat"]))
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs {names} are not uniquely named; give each variant a distinct `name`")
+    return runs
+
+
+def check_config(config) -> list[Run]:
+    """Raise ValueError for a config that cannot run; returns its runs."""
+    missing = [field for field in CONFIG_FIELDS if field not in config]
+    unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
+    if missing or unknown:
+        raise ValueError(f"config fields missing: {missing}, unknown: {unknown} (see configs/ppl.py)")
+    for field in ("model", "data"):
+        if not isinstance(config[field], str) or not config[field]:
+            raise ValueError(f"config.{field} must be a non-empty string, got {config[field]!r}")
+    if config.num_tokens < 2:
+        raise ValueError(f"num_tokens must be >= 2 (one prediction needs two tokens), got {config.num_tokens}")
+    if config.checkpoint_every < 0 or (config.chunk_size >= 1 and config.checkpoint_every % config.chunk_size):
+        raise ValueError(
+            f"checkpoint_every ({config.checkpoint_every}) must be 0 (never) or a positive multiple of chunk_size "
+            f"({config.chunk_size}), so a resumed run computes exactly the chunks of an uninterrupted one"
+        )
+    if config.plot_window < 0:
+        raise ValueError(f"plot_window must be >= 0 (0: cumulative mean), got {config.plot_window}")
+    loading.parse_dtype(config.dtype)
+    return plan_runs(config)
+
+
+def fingerprint(config) -> dict[str, Any]:
+    """The config fields that decide the numbers, as plain JSON values."""
+    values = json.loads(json.dumps(_plain(config)))
+    return {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
+
+
+def check_workdir(workdir: pathlib.Path, config) -> bool:
+    """Raise if `workdir` is a file or holds a run of another config; True if it holds this config's run."""
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"workdir {workdir} is a file, not a directory; pass a directory path")
+    saved_path = workdir / "config.json"
+    if not saved_path.is_file():
+        return False
+    saved, current = json.loads(saved_path.read_text())["fingerprint"], fingerprint(config)
+    differences = [
+        f"{key}: {saved.get(key)!r} in the workdir, {current.get(key)!r} now"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"workdir {workdir} holds a run of a different config ({'; '.join(differences)}); "
+            "use another --workdir or delete this one"
+        )
+    return True
+
+
+def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every run of `config`, resuming what `workdir` holds; returns the summary dict.
+
+    All checks (config, workdir, data, model, text length) come before anything is written.
+    """
+    runs = check_config(config)
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    started = check_workdir(workdir, config)
+    if started and all((workdir / item.name / "summary.json").is_file() for item in runs):
+        _note(f"{workdir} holds a finished run of this config; reporting it")
+        return report(config, workdir, runs)
+    data.corpus_files(config.data)
+    source = loading.resolve_model(config.model)
+    tokenizer = loading.load_tokenizer(source)
+    if tokenizer is None:
+        raise ValueError(f"model {config.model!r} has no tokenizer files, so the text cannot be tokenized")
+    text = data.load_corpus_tokens(config.data, tokenizer, config.num_tokens)
+    if text.shape[0] < 2:
+        raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
+    prefixes = {item.name: _sink_prefix_tokens(item, tokenizer) for item in runs}
+    model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype))
+    for prefix in prefixes.values():
+        evaluation.check_text_tokens(np.concatenate([prefix, text]), model_config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not started:
+        _write_json(workdir / "config.json", {"fingerprint": fingerprint(config), "config": _plain(config)})
+    for item in runs:
+        tokens = np.concatenate([prefixes[item.name], text]).astype(np.int32)
+        run_one(item, tokens, len(prefixes[item.name]), workdir / item.name, config, model_config, params, progress)
+    return report(config, workdir, runs)
+
+
+def _sink_prefix_tokens(item: Run, tokenizer) -> np.ndarray:
+    """Token ids of the run's sink prefix, the tokenizer's per-call prefix (BOS) removed."""
+    if not item.sink_prefix:
+        return np.zeros((0,), np.int32)
+    bos = list(tokenizer("").input_ids)
+    ids = list(tokenizer(item.sink_prefix).input_ids)
+    ids = ids[len(bos) :] if bos and ids[: len(bos)] == bos else ids
+    if not ids:
+        raise ValueError(f"sink_prefix {item.sink_prefix!r} of run {item.name} tokenizes to no tokens")
+    return np.asarray(ids * item.sink_prefix_repeat, np.int32)
+
+
+def run_one(
+    item: Run,
+    tokens: np.ndarray,
+    num_prefix: int,
+    run_dir: pathlib.Path,
+    config,
+    model_config: ModelConfig,
+    params: dict,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one run over `tokens` [P + T] (P prefix tokens), resuming from `run_dir`; its summary."""
+    if (run_dir / "summary.json").is_file():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # left by a kill right after finishing
+        return json.loads((run_dir / "summary.json").read_text())
+    meta = {"fingerprint": fingerprint(config), "run": item.name, "tokens_sha256": _sha256(tokens)}
+    dtype = loading.parse_dtype(config.dtype)
+    total = tokens.shape[0] - 1
+    manager = _checkpoint_manager(run_dir / "checkpoints")
+    state, nll, seconds = _restore_or_init(manager, meta, model_config, item.spec, tokens, dtype)
+    bar = tqdm(total=total, initial=state.position, unit="tok", desc=item.name, disable=not progress)
+    while state.position < total:
+        start, clock = state.position, time.perf_counter()
+        state, segment = evaluation.advance(params, model_config, tokens, item.spec, state, item.spec.chunk_size)
+        nll[start : state.position] = segment
+        seconds += time.perf_counter() - clock
+        bar.set_postfix(ppl=f"{math.exp(float(np.mean(nll[: state.position], dtype=np.float64))):.3f}")
+        bar.update(state.position - start)
+        if config.checkpoint_every and state.position % config.checkpoint_every == 0 and state.position < total:
+            _save(manager, state, nll, dict(meta, position=state.position, seconds=seconds))
+    bar.close()
+    manager.close()
+    text_nll = nll[num_prefix:]
+    summary = _run_summary(item, config, model_config, tokens, num_prefix, text_nll, seconds)
+    _write_bytes(run_dir / "nll.npy", _npy_bytes(text_nll))
+    _write_json(run_dir / "summary.json", summary)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def _run_summary(item: Run, config, model_config, tokens, num_prefix, text_nll, seconds) -> dict[str, Any]:
+    num_sinks, window = item.spec.cache_shape(tokens.shape[0])
+    mean_nll = float(np.mean(text_nll, dtype=np.float64))
+    return {
+        "run": item.name, "method": item.spec.method, "num_sinks": item.spec.num_sinks, "window": item.spec.window,
+        "cache": "all" if item.spec.method == "dense" else f"{num_sinks}+{window}",
+        "sink_prefix": item.sink_prefix, "sink_prefix_repeat": item.sink_prefix_repeat,
+        "sink_prefix_tokens": tokens[:num_prefix].tolist(),
+        "num_tokens": int(tokens.shape[0] - num_prefix), "num_predictions": int(text_nll.shape[0]),
+        "mean_nll": mean_nll, "ppl": math.exp(mean_nll), "seconds": seconds,
+        "tokens_per_second": (tokens.shape[0] - 1) / seconds if seconds > 0 else None,
+        "model": config.model, "data": config.data, "route": item.spec.route, "chunk_size": item.spec.chunk_size,
+        "dtype": config.dtype, "model_family": model_config.family,
+    }  # fmt: skip
+
+
+def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+    # Synchronous saves: the cache arrays are donated to the next jitted step right after a save.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _state_tree(state: evaluation.EvalState, nll: np.ndarray) -> dict:
+    tree = {"nll": nll}
+    if state.cache is not None:
+        tree["cache"] = {field: getattr(state.cache, field) for field in _CACHE_ARRAYS}
+    return tree
+
+
+_CACHE_ARRAYS = ("keys", "values", "slot_positions", "length", "cursor", "next_position")
+
+
+def _save(manager: ocp.CheckpointManager, state, nll: np.ndarray, meta: dict) -> None:
+    items = {"state": ocp.args.StandardSave(_state_tree(state, nll)), "meta": ocp.args.JsonSave(meta)}
+    manager.save(state.position, args=ocp.args.Composite(**items))
+
+
+def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray, dtype):
+    """(state, nll buffer [N], seconds so far) from the latest checkpoint, or the start of the text."""
+    state = evaluation.init_state(model_config, spec, tokens.shape[0], dtype)
+    nll = np.full((tokens.shape[0] - 1,), np.nan, np.float32)
+    step = manager.latest_step()
+    if step is None:
+        return state, nll, 0.0
+    _note(f"resuming {meta['run']} from its checkpoint after {step} of {nll.shape[0]} predictions")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state, nll))
+    abstract["nll"] = nll
+    items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    saved = restored.meta
+    for key in ("fingerprint", "run", "tokens_sha256"):
+        if saved[key] != meta[key]:
+            raise ValueError(
+                f"checkpoint {manager.directory}/{step} was saved with a different {key} "
+                f"({saved[key]!r} != {meta[key]!r}); delete the workdir or use another"
+            )
+    cache = state.cache.replace(**restored.state["cache"]) if state.cache is not None else None
+    return evaluation.EvalState(saved["position"], cache), np.asarray(restored.state["nll"]), saved["seconds"]
+
+
+def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
+    """Write the summary, table and plot of finished runs, print the table; the summary dict."""
+    summaries = [json.loads((workdir / item.name / "summary.json").read_text()) for item in runs]
+    nll = {item.name: np.load(workdir / item.name / "nll.npy") for item in runs}
+    table = markdown_table(summaries)
+    plotting.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=_plot_title(config))
+    summary = {"workdir": str(workdir), "config": _plain(config), "runs": summaries, "table": table}
+    _write_json(workdir / "summary.json", summary)
+    _write_bytes(workdir / "results.md", (table + "\n").encode())
+    print(table, flush=True)
+    return summary
+
+
+def markdown_table(summaries: list[Mapping[str, Any]]) -> str:
+    """The comparison table of run summaries, in markdown."""
+    lines = [
+        "| run | method | cache (sinks+window) | sink prefix | tokens | ppl | log ppl | seconds | tokens/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        prefix = f"{s['sink_prefix']!r} x {s['sink_prefix_repeat']}" if s["sink_prefix"] else ""
+        rate = f"{s['tokens_per_second']:.1f}" if s["tokens_per_second"] else "-"
+        lines.append(
+            f"| {s['run']} | {s['method']} | {s['cache']} | {prefix} | {s['num_tokens']} | {s['ppl']:.3f} "
+            f"| {s['mean_nll']:.4f} | {s['seconds']:.1f} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot_title(config) -> str:
+    how = f"mean NLL of the last {config.plot_window} tokens" if config.plot_window else "cumulative mean NLL"
+    return f"{config.model} on {config.data}: log PPL ({how})"
+
+
+def _note(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def _plain(config) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _sha256(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, np.float32))
+    return buffer.getvalue()
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    _write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _write_bytes(path: pathlib.Path, content: bytes) -> None:
+    """Write a file atomically (temporary file, then rename), so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(content)
+    partial.replace(path)

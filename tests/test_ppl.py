@@ -1,0 +1,264 @@
+"""Streaming perplexity runs (`streamjax.experiment`, `experiments/ppl.py`) on a tiny random Llama.
+
+The tiny model is saved with `save_pretrained` next to a word-level tokenizer whose words "w1".."w96"
+are token ids 1..96, so a text of such words is its own token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_hf_llama
+
+from configs import ppl as ppl_config
+from streamjax import evaluation, experiment, loading
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_TOKENS = 97  # 96 predictions: six chunks of 16, one compilation per cache shape
+
+
+def _save_word_tokenizer(directory: pathlib.Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model directory, text file, token ids of the text) for a tiny random Llama."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = random_hf_llama(max_position_embeddings=1024)
+    model.save_pretrained(root / "model")
+    _save_word_tokenizer(root / "model", model.config.vocab_size)
+    ids = np.random.default_rng(0).integers(1, model.config.vocab_size, 400)
+    (root / "text.txt").write_text(" ".join(f"w{i}" for i in ids))
+    return root / "model", root / "text.txt", ids.astype(np.int32)
+
+
+def tiny_config(tiny, **overrides):
+    model_dir, text, _ = tiny
+    config = ppl_config.get_config()
+    config.model, config.data, config.num_tokens = str(model_dir), str(text), NUM_TOKENS
+    config.num_sinks, config.window, config.chunk_size, config.checkpoint_every = 2, 30, 16, 32
+    config.update(overrides)
+    return config
+
+
+def tiny_flags(tiny, **overrides) -> list[str]:
+    config = tiny_config(tiny, **overrides)
+    fields = ("model", "data", "method", "num_tokens", "num_sinks", "window", "chunk_size", "checkpoint_every")
+    return ["--config=configs/ppl.py", *(f"--config.{field}={config[field]}" for field in fields)]
+
+
+def run_entry_point(flags: list[str], workdir) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "experiments.ppl", *flags, f"--workdir={workdir}"]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A workdir with every method run to the end, and the run's summary."""
+    workdir = tmp_path_factory.mktemp("all_methods")
+    config = tiny_config(tiny, method="dense,window,recompute,streaming")
+    return config, workdir, experiment.run(config, workdir, progress=False)
+
+
+def test_every_method_writes_sane_outputs(tiny, finished):
+    _config, workdir, summary = finished
+    assert [s["run"] for s in summary["runs"]] == ["dense", "window", "recompute", "streaming"]
+    for run in summary["runs"]:
+        nll = np.load(workdir / run["run"] / "nll.npy")
+        assert nll.dtype == np.float32 and nll.shape == (NUM_TOKENS - 1,)
+        assert np.all(np.isfinite(nll)) and np.all(nll > 0)
+        assert run["ppl"] == pytest.approx(np.exp(np.mean(nll, dtype=np.float64)), rel=1e-9)
+        assert run["num_sinks"] == 2 and run["window"] == 30 and run["num_tokens"] == NUM_TOKENS
+        assert run["seconds"] > 0 and run["tokens_per_second"] > 0
+        assert not (workdir / run["run"] / "checkpoints").exists()
+    dense, window = np.load(workdir / "dense" / "nll.npy"), np.load(workdir / "window" / "nll.npy")
+    assert np.abs(dense - window)[32:].max() > 1e-3  # the 32-token cache does evict
+    caches = {run["run"]: run["cache"] for run in summary["runs"]}
+    assert caches == {"dense": "all", "window": "0+32", "recompute": "2+30", "streaming": "2+30"}
+    assert (workdir / "log_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (workdir / "results.md").read_text().count("\n") == 2 + 4
+    assert json.loads((workdir / "summary.json").read_text())["runs"] == summary["runs"]
+
+
+def test_runs_equal_evaluate_in_one_go(tiny, finished):
+    """Segments of chunk_size predictions feed the model the same chunks as one `evaluate` call."""
+    _, workdir, _ = finished
+    model_config, params, _ = loading.load_model(str(tiny[0]))
+    tokens = tiny[2][:NUM_TOKENS]
+    for method in evaluation.METHODS:
+        expected = evaluation.evaluate(params, model_config, tokens, evaluation.EvalSpec(method, 2, 30, "chunk", 16))
+        nll = np.load(workdir / method / "nll.npy")
+        if method == "recompute":  # batches of windows differ from those of one call
+            np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(nll, expected)
+
+
+def test_streaming_equals_dense_while_nothing_is_evicted(tiny, tmp_path):
+    config = tiny_config(tiny, method="dense,streaming", num_sinks=4, window=NUM_TOKENS)
+    runs = experiment.run(config, tmp_path, progress=False)["runs"]
+    dense, streaming = (np.load(tmp_path / run["run"] / "nll.npy") for run in runs)
+    np.testing.assert_allclose(streaming, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_token_route_equals_chunk_route(tiny, finished, tmp_path):
+    _, workdir, _ = finished
+    experiment.run(tiny_config(tiny, route="token"), tmp_path, progress=False)
+    chunk = np.load(workdir / "streaming" / "nll.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "streaming" / "nll.npy"), chunk, rtol=1e-5, atol=1e-5)
+
+
+def test_sink_prefix_is_fed_first_and_not_scored(tiny, tmp_path):
+    config = tiny_config(tiny, sink_prefix="w7", sink_prefix_repeat=3)
+    summary = experiment.run(config, tmp_path, progress=False)["runs"][0]
+    assert summary["sink_prefix_tokens"] == [7, 7, 7] and summary["num_predictions"] == NUM_TOKENS - 1
+    model_config, params, _ = loading.load_model(str(tiny[0]))
+    tokens = np.concatenate([[7, 7, 7], tiny[2][:NUM_TOKENS]])
+    expected = evaluation.evaluate(params, model_config, tokens, evaluation.EvalSpec("streaming", 2, 30, "chunk", 16))
+    np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), expected[3:])
+
+
+def test_variants_run_every_method_under_their_names(tiny, finished, tmp_path):
+    variants = [{"num_sinks": 0, "window": 32}, {"name": "two", "num_sinks": 2, "window": 30}]
+    summary = experiment.run(tiny_config(tiny, method="streaming", variants=variants), tmp_path, progress=False)
+    assert [run["run"] for run in summary["runs"]] == ["streaming-0+32", "streaming-two"]
+    assert [run["cache"] for run in summary["runs"]] == ["0+32", "2+30"]
+    _, workdir, _ = finished  # 0 sinks + 32 is window attention over the last 32 tokens
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "streaming-0+32" / "nll.npy"), np.load(workdir / "window" / "nll.npy")
+    )
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "streaming-two" / "nll.npy"), np.load(workdir / "streaming" / "nll.npy")
+    )
+
+
+def test_finished_workdir_is_reported_without_loading_the_model(finished, monkeypatch, capsys):
+    config, workdir, summary = finished
+    monkeypatch.setattr(loading, "load_weights", lambda *args: pytest.fail("a finished run loaded the model"))
+    assert experiment.run(config, workdir, progress=False)["runs"] == summary["runs"]
+    assert "holds a finished run" in capsys.readouterr().err
+
+
+def test_workdir_of_another_config_is_refused(tiny, finished):
+    _, workdir, _ = finished
+    changed = tiny_config(tiny, method="dense,window,recompute,streaming", window=31)
+    with pytest.raises(ValueError, match=r"different config \(window: 30 in the workdir, 31 now\)"):
+        experiment.run(changed, workdir, progress=False)
+
+
+def _nll_files(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+    return {path.parent.name: np.load(path) for path in sorted(workdir.glob("*/nll.npy"))}
+
+
+def _first_checkpoint(checkpoints: pathlib.Path) -> bool:
+    return checkpoints.is_dir() and any(path.name.isdigit() for path in checkpoints.iterdir())
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_nll(tiny, finished, tmp_path):
+    """Kill `python -m experiments.ppl` once the second run has checkpointed, restart, compare."""
+    flags = tiny_flags(tiny, method="dense,streaming", checkpoint_every=16)
+    process = run_entry_point(flags, tmp_path)
+    deadline = time.monotonic() + 120
+    while not _first_checkpoint(tmp_path / "streaming" / "checkpoints"):
+        assert process.poll() is None, f"the run ended before it could be killed:\n{process.communicate()[1]}"
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "streaming" / "summary.json").exists(), "killed too late to test resuming"
+
+    restarted = run_entry_point(flags, tmp_path)
+    _, stderr = restarted.communicate(timeout=120)
+    assert restarted.returncode == 0, stderr
+    assert "resuming streaming from its checkpoint" in stderr
+    _, uninterrupted, _ = finished  # same model, text, chunks and cache; only checkpoint_every differs
+    for name, nll in _nll_files(tmp_path).items():
+        np.testing.assert_array_equal(nll, np.load(uninterrupted / name / "nll.npy"))
+    assert set(_nll_files(tmp_path)) == {"dense", "streaming"}
+
+
+def test_entry_point_reports_bad_input_and_exits_nonzero(tiny, tmp_path):
+    process = run_entry_point(tiny_flags(tiny, method="streaming,sliding"), tmp_path / "out")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "unknown method 'sliding'" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "case, overrides, message",
+    [
+        ("missing data", {"data": "/nonexistent/book.txt"}, "neither a named corpus"),
+        ("empty text", {"data": "{tmp}/empty.txt"}, "empty"),
+        ("one token", {"data": "{tmp}/one.txt"}, "has 1 token"),
+        ("unknown method", {"method": "dense,sliding"}, "unknown method 'sliding'"),
+        ("window < 1", {"window": 0}, "window must be >= 1"),
+        ("workdir is a file", {}, "is a file"),
+        ("checkpoint off grid", {"checkpoint_every": 40}, "multiple of chunk_size"),
+        ("no model", {"model": "/nonexistent/model"}, "does not exist"),
+    ],
+)
+def test_bad_input_raises_before_writing(tiny, tmp_path, case, overrides, message):
+    (tmp_path / "empty.txt").write_text("  \n\n ")
+    (tmp_path / "one.txt").write_text("w5")
+    overrides = {key: str(value).format(tmp=tmp_path) if key == "data" else value for key, value in overrides.items()}
+    workdir = tmp_path / "out"
+    if case == "workdir is a file":
+        workdir.write_text("not a directory")
+    with pytest.raises((ValueError, OSError), match=message):
+        experiment.run(tiny_config(tiny, **overrides), workdir, progress=False)
+    assert workdir.is_file() if case == "workdir is a file" else not workdir.exists()
+
+
+def test_checkpoint_directory_without_tokenizer_is_refused(tiny, tmp_path):
+    model_dir = tmp_path / "no_tokenizer"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).symlink_to(tiny[0] / name)
+    config, _params, tokenizer = loading.load_model(str(model_dir))
+    assert tokenizer is None and config.vocab_size == 97
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        experiment.run(tiny_config(tiny, model=str(model_dir)), tmp_path / "out", progress=False)
+
+
+def test_uncached_hub_id_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        loading.resolve_model("nobody-here/no-such-model")
+
+
+def test_tiny_model_loads_with_its_tokenizer(tiny):
+    config, params, tokenizer = loading.load_model(str(tiny[0]), "bfloat16")
+    assert tokenizer("w3 w96").input_ids == [3, 96]
+    assert config.num_layers == 2 and {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+
+
+@pytest.mark.real_assets
+def test_smollm2_streaming_beats_window_attention_on_pride_and_prejudice(tmp_path):
+    """1,200 tokens of Pride and Prejudice, SmolLM2-135M, 4 + 124 cache (measured: 20.06 vs 42.26)."""
+    config = ppl_config.get_config()
+    config.update(
+        {"method": "streaming,window", "num_sinks": 4, "window": 124, "num_tokens": 1200, "checkpoint_every": 0}
+    )
+    runs = {run["method"]: run for run in experiment.run(config, tmp_path)["runs"]}
+    streaming, window = runs["streaming"]["ppl"], runs["window"]["ppl"]
+    assert streaming < 30 and window > 35 and streaming < 0.7 * window

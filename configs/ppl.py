@@ -9,6 +9,12 @@ Several methods in one run (one plot line and one table row each):
     python -m experiments.ppl --config=configs/ppl.py --workdir=/tmp/streamjax/ppl_methods \
         --config.method=dense,window,recompute,streaming --config.num_tokens=2048
 
+On 8 devices (a TPU v2-8, or CPUs forced with XLA_FLAGS=--xla_force_host_platform_device_count=8),
+one model split 8 ways, loaded straight onto its shards:
+
+    python -m experiments.ppl --config=configs/ppl.py --workdir=/tmp/streamjax/ppl_mesh \
+        --config.mesh=data=1,model=8 --config.dtype=bfloat16
+
 A killed run resumes from its last checkpoint when started again with the same --workdir; a
 finished one is only reported. The workdir layout is described in `streamjax/experiment.py`.
 This file lists every field; the other `configs/ppl_*.py` start from it.
@@ -39,6 +45,10 @@ def get_config(arg=None):
     config.route = "chunk"
     config.chunk_size = 512
     config.dtype = "float32"  # params and cache: float32, bfloat16 or float16
+    # Devices: "" is the default device, nothing to set up. "data=1,model=8" (or "model=8") splits heads,
+    # MLP and vocabulary over 8 devices (`streamjax.sharding`); data * model must be the device count.
+    # A run resumes only on the mesh it started on: a split changes float rounding in the last bits.
+    config.mesh = ""
     # Save a checkpoint every this many predictions (a multiple of chunk_size); 0: never.
     config.checkpoint_every = 2048
     # Text put before the data (its tokenization, without BOS, repeated sink_prefix_repeat times), so

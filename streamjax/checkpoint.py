@@ -1,7 +1,8 @@
 """Checkpoint loading without torch: Hugging Face directories (safetensors) and GGUF files.
 
 Tensors are converted by each family's table of `TensorRule`s, checked against the family's
-`ParamSpec` shapes, and placed as JAX arrays in the requested dtype.
+`ParamSpec` shapes, and placed as JAX arrays in the requested dtype: on the default device, or,
+given a mesh, each tensor straight onto its shards (so a model larger than one device loads).
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh
 
-from streamjax import models
+from streamjax import models, sharding
 from streamjax.config import ModelConfig
 from streamjax.models.common import ParamSpec, TensorRule
 
@@ -144,8 +147,18 @@ def _set_at(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def load_hf_directory(directory: str | pathlib.Path, dtype: jnp.dtype = jnp.float32) -> tuple[ModelConfig, dict]:
-    """(config, params) from a Hugging Face checkpoint directory; refuses unsupported configs first."""
+def mesh_placer(config: ModelConfig, mesh: Mesh | None) -> Callable[[np.ndarray, tuple[str, ...]], jax.Array] | None:
+    """The `place` of `convert_tensors` that loads onto the shards of `mesh`; None (one device) without a mesh."""
+    return None if mesh is None else sharding.placer(models.family(config).param_specs(config), mesh)
+
+
+def load_hf_directory(
+    directory: str | pathlib.Path, dtype: jnp.dtype = jnp.float32, mesh: Mesh | None = None
+) -> tuple[ModelConfig, dict]:
+    """(config, params) from a Hugging Face checkpoint directory; refuses unsupported configs first.
+
+    With a `mesh`, each param goes straight onto its shards (`streamjax.sharding`); else onto the default device.
+    """
     hf_config, tensors = read_hf_directory(directory)
     config = models.config_from_hf(hf_config)
-    return config, convert_tensors(tensors, config, dtype)
+    return config, convert_tensors(tensors, config, dtype, place=mesh_placer(config, mesh))

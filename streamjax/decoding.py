@@ -21,20 +21,26 @@ from streamjax.config import ModelConfig
 
 
 def check_tokens(tokens, config: ModelConfig, cache: SinkCache | None = None) -> None:
-    """Raise ValueError for tokens that are not a [B, T] batch of ids inside the vocabulary."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    array = np.asarray(tokens)
+    """Raise ValueError for tokens that are not a [B, T] batch of integer ids inside the vocabulary.
+
+    Ids are range-checked only for host input (numpy arrays, lists: the user boundary). A `jax.Array`
+    (or tracer) gets the shape, dtype and batch checks alone, from its metadata: reading its values would
+    copy it to the host, so an on-device decode loop would wait on every token.
+    """
+    on_device = isinstance(tokens, jax.Array)
+    array = tokens if on_device else np.asarray(tokens)
     if array.ndim != 2 or array.shape[1] == 0:
         raise ValueError(f"tokens must have shape [batch, length] with length >= 1, got {array.shape}")
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"tokens must be integer ids, got dtype {array.dtype}")
+    if cache is not None and array.shape[0] != cache.batch_size:
+        raise ValueError(f"tokens have batch {array.shape[0]} but the cache holds {cache.batch_size} streams")
+    if on_device:
+        return
     low, high = int(array.min()), int(array.max())
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
-    if cache is not None and array.shape[0] != cache.batch_size:
-        raise ValueError(f"tokens have batch {array.shape[0]} but the cache holds {cache.batch_size} streams")
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")

@@ -66,8 +66,17 @@ class EvalState:
     cache: SinkCache | None
 
 
-def init_state(config: ModelConfig, spec: EvalSpec, num_tokens: int, dtype=jnp.float32) -> EvalState:
-    """The state before the first token of a text of `num_tokens` tokens."""
+def params_dtype(params: dict) -> jnp.dtype:
+    """The dtype params were loaded in (all leaves share it), which caches default to."""
+    return jax.tree.leaves(params)[0].dtype
+
+
+def init_state(config: ModelConfig, spec: EvalSpec, num_tokens: int, dtype) -> EvalState:
+    """The state before the first token of a text of `num_tokens` tokens, its cache in `dtype`.
+
+    Pass the params' dtype (`params_dtype(params)`) unless the cache is meant to differ. The cache is
+    on the default device; `sharding.shard_cache` moves it onto a mesh.
+    """
     if spec.method == "recompute":
         return EvalState(position=0, cache=None)
     num_sinks, window = spec.cache_shape(num_tokens)
@@ -107,10 +116,13 @@ def advance(
     return EvalState(stop, cache), np.asarray(jnp.concatenate(pieces), np.float32)
 
 
-def evaluate(params: dict, config: ModelConfig, tokens, spec: EvalSpec, dtype=jnp.float32) -> np.ndarray:
-    """Float32 NLL [T - 1] of every next-token prediction over `tokens` [T], in one go."""
+def evaluate(params: dict, config: ModelConfig, tokens, spec: EvalSpec, dtype=None) -> np.ndarray:
+    """Float32 NLL [T - 1] of every next-token prediction over `tokens` [T], in one go.
+
+    The cache is in `dtype`, by default the params' dtype (bfloat16 params: a bfloat16 cache).
+    """
     tokens = check_text_tokens(tokens, config)
-    state = init_state(config, spec, tokens.shape[0], dtype)
+    state = init_state(config, spec, tokens.shape[0], params_dtype(params) if dtype is None else dtype)
     _, nll = advance(params, config, tokens, spec, state, tokens.shape[0])
     return nll
 
@@ -145,7 +157,7 @@ def _recompute_nll(params, config: ModelConfig, tokens: np.ndarray, spec: EvalSp
     span = min(context + 1, tokens.shape[0])
     windows_per_pass = max(1, spec.chunk_size // span)  # about chunk_size tokens per forward pass
     positions = np.arange(start, stop)
-    dtype = jax.tree.leaves(params)[0].dtype
+    dtype = params_dtype(params)
     nll = []
     for batch_start in range(0, positions.shape[0], windows_per_pass):
         batch = positions[batch_start : batch_start + windows_per_pass]

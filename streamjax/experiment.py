@@ -27,6 +27,11 @@ repeated `sink_prefix_repeat` times, are put before the text, so they are the fi
 cache keeps as sinks. NLL is kept only for predictions of text tokens 1, 2, ..., exactly the
 targets of a run without prefix; the predictions of the prefix tokens and of text token 0 are
 dropped.
+
+Devices: `config.mesh` "" runs on the default device; a mesh such as "data=1,model=8" loads every
+param straight onto its shards and shards each run's cache (`streamjax.sharding`), and checkpoints
+restore onto the same shards. The mesh is part of the fingerprint: splitting a sum over devices
+changes its float rounding, so a run resumes only on the mesh it started on, to stay bitwise equal.
 """
 
 from __future__ import annotations
@@ -46,16 +51,18 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from streamjax import data, evaluation, loading, plotting
+from streamjax import data, evaluation, loading, plotting, sharding
 from streamjax.config import ModelConfig
 
 CONFIG_FIELDS = (
     "model", "data", "method", "num_sinks", "window", "num_tokens", "route", "chunk_size", "dtype",
-    "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window",
+    "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window", "mesh",
 )  # fmt: skip
-# Fields that do not change any number a run computes; a restart may change them.
+# Fields that do not change any number a run computes; a restart may change them. Not `mesh`: a sharded
+# matmul adds its partial sums in another order, which can change the last bit of the NLL.
 UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window")
 VARIANT_FIELDS = ("name", "num_sinks", "window", "sink_prefix", "sink_prefix_repeat")
 
@@ -124,13 +131,29 @@ def check_config(config) -> list[Run]:
     if config.plot_window < 0:
         raise ValueError(f"plot_window must be >= 0 (0: cumulative mean), got {config.plot_window}")
     loading.parse_dtype(config.dtype)
+    if config.mesh:
+        sharding.parse_mesh(config.mesh)
     return plan_runs(config)
+
+
+def build_mesh(config) -> Mesh | None:
+    """The mesh of `config.mesh` over all devices, or None for "" (the default device)."""
+    if not config.mesh:
+        return None
+    try:
+        return sharding.make_mesh(config.mesh)
+    except ValueError as error:
+        raise ValueError(f"config.mesh={config.mesh!r} does not fit this machine: {error}") from None
 
 
 def fingerprint(config) -> dict[str, Any]:
     """The config fields that decide the numbers, as plain JSON values."""
     values = json.loads(json.dumps(_plain(config)))
-    return {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
+    fields = {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
+    mesh = fields.pop("mesh")
+    if mesh:  # one spelling per mesh ("model=8" is "data=1,model=8"); absent on one device, as before meshes
+        fields["mesh"] = ",".join(f"{axis}={size}" for axis, size in sharding.parse_mesh(mesh).items())
+    return fields
 
 
 def check_workdir(workdir: pathlib.Path, config) -> bool:
@@ -157,7 +180,8 @@ def check_workdir(workdir: pathlib.Path, config) -> bool:
 def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     """Evaluate every run of `config`, resuming what `workdir` holds; returns the summary dict.
 
-    All checks (config, workdir, data, model, text length) come before anything is written.
+    All checks (config, workdir, mesh, data, model, text length) come before anything is written, and
+    the mesh is checked against the devices before anything is loaded.
     """
     runs = check_config(config)
     workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -165,6 +189,7 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     if started and all((workdir / item.name / "summary.json").is_file() for item in runs):
         _note(f"{workdir} holds a finished run of this config; reporting it")
         return report(config, workdir, runs)
+    mesh = build_mesh(config)
     data.corpus_files(config.data)
     source = loading.resolve_model(config.model)
     tokenizer = loading.load_tokenizer(source)
@@ -174,7 +199,7 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     if text.shape[0] < 2:
         raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
     prefixes = {item.name: _sink_prefix_tokens(item, tokenizer) for item in runs}
-    model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype))
+    model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype), mesh)
     for prefix in prefixes.values():
         evaluation.check_text_tokens(np.concatenate([prefix, text]), model_config)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +207,8 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
         _write_json(workdir / "config.json", {"fingerprint": fingerprint(config), "config": _plain(config)})
     for item in runs:
         tokens = np.concatenate([prefixes[item.name], text]).astype(np.int32)
-        run_one(item, tokens, len(prefixes[item.name]), workdir / item.name, config, model_config, params, progress)
+        run_dir = workdir / item.name
+        run_one(item, tokens, len(prefixes[item.name]), run_dir, config, model_config, params, progress, mesh)
     return report(config, workdir, runs)
 
 
@@ -207,8 +233,12 @@ def run_one(
     model_config: ModelConfig,
     params: dict,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one run over `tokens` [P + T] (P prefix tokens), resuming from `run_dir`; its summary."""
+    """Evaluate one run over `tokens` [P + T] (P prefix tokens), resuming from `run_dir`; its summary.
+
+    With a `mesh`, `params` must be on its shards (`loading.load_weights(..., mesh)`); the cache is put there too.
+    """
     if (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # left by a kill right after finishing
         return json.loads((run_dir / "summary.json").read_text())
@@ -216,7 +246,7 @@ def run_one(
     dtype = loading.parse_dtype(config.dtype)
     total = tokens.shape[0] - 1
     manager = _checkpoint_manager(run_dir / "checkpoints")
-    state, nll, seconds = _restore_or_init(manager, meta, model_config, item.spec, tokens, dtype)
+    state, nll, seconds = _restore_or_init(manager, meta, model_config, item.spec, tokens, dtype, mesh)
     bar = tqdm(total=total, initial=state.position, unit="tok", desc=item.name, disable=not progress)
     while state.position < total:
         start, clock = state.position, time.perf_counter()
@@ -249,7 +279,7 @@ def _run_summary(item: Run, config, model_config, tokens, num_prefix, text_nll, 
         "mean_nll": mean_nll, "ppl": math.exp(mean_nll), "seconds": seconds,
         "tokens_per_second": (tokens.shape[0] - 1) / seconds if seconds > 0 else None,
         "model": config.model, "data": config.data, "route": item.spec.route, "chunk_size": item.spec.chunk_size,
-        "dtype": config.dtype, "model_family": model_config.family,
+        "dtype": config.dtype, "mesh": config.mesh, "model_family": model_config.family,
     }  # fmt: skip
 
 
@@ -276,9 +306,15 @@ def _save(manager: ocp.CheckpointManager, state, nll: np.ndarray, meta: dict) ->
     manager.save(state.position, args=ocp.args.Composite(**items))
 
 
-def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray, dtype):
-    """(state, nll buffer [N], seconds so far) from the latest checkpoint, or the start of the text."""
+def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray, dtype, mesh: Mesh | None = None):
+    """(state, nll buffer [N], seconds so far) from the latest checkpoint, or the start of the text.
+
+    The cache starts on its shards of `mesh`; a checkpoint is restored onto the same shards, since the
+    abstract arrays given to orbax carry the shardings of the fresh cache.
+    """
     state = evaluation.init_state(model_config, spec, tokens.shape[0], dtype)
+    if mesh is not None and state.cache is not None:
+        state.cache = sharding.shard_cache(state.cache, mesh)
     nll = np.full((tokens.shape[0] - 1,), np.nan, np.float32)
     step = manager.latest_step()
     if step is None:

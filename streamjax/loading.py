@@ -12,9 +12,10 @@ import pathlib
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from streamjax import assets, gguf, models
-from streamjax.checkpoint import convert_tensors, load_hf_directory
+from streamjax.checkpoint import convert_tensors, load_hf_directory, mesh_placer
 from streamjax.config import ModelConfig
 
 DEFAULT_MODEL = "smollm2"
@@ -82,21 +83,24 @@ def load_tokenizer(source: ModelSource) -> Any | None:
     return None
 
 
-def load_weights(source: ModelSource, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
-    """(config, params) of a resolved source, params in `dtype`."""
+def load_weights(source: ModelSource, dtype=jnp.float32, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params) of a resolved source, params in `dtype`, each on its shards of `mesh` if given."""
     if source.kind == "gguf":
         checkpoint = gguf.load_gguf(source.path)
         config = models.config_from_hf(checkpoint.hf_config)
-        return config, convert_tensors(checkpoint.state_dict, config, dtype)
-    return load_hf_directory(source.path, dtype)
+        return config, convert_tensors(checkpoint.state_dict, config, dtype, place=mesh_placer(config, mesh))
+    return load_hf_directory(source.path, dtype, mesh)
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype=jnp.float32) -> tuple[ModelConfig, dict, Any | None]:
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype=jnp.float32, mesh: Mesh | None = None
+) -> tuple[ModelConfig, dict, Any | None]:
     """(config, params, tokenizer) of a model spec: "smollm2" (default), a .gguf file, a Hugging Face
     checkpoint directory, or a hub id already in the local cache. The tokenizer is None when a
-    checkpoint directory has no tokenizer files."""
+    checkpoint directory has no tokenizer files. With a `mesh` (`sharding.make_mesh`), each param is
+    loaded straight onto its shards, so the model never sits whole on one device."""
     source = resolve_model(spec)
-    config, params = load_weights(source, parse_dtype(dtype))
+    config, params = load_weights(source, parse_dtype(dtype), mesh)
     return config, params, load_tokenizer(source)
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_assets: needs the SmolLM2 GGUF and the Austen corpus (fetched once)")
+
+
+def cpu_devices_env(count: int = 8) -> dict[str, str]:
+    """Environment of a child process whose JAX has `count` CPU devices (XLA fixes the count at start)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
 def torch_or_skip():
@@ -19,10 +27,11 @@ def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
     torch = torch_or_skip()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = dict(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-    )  # fmt: skip
+    settings = {
+        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }  # fmt: skip
     settings.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**settings)).eval()

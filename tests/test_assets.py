@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 
@@ -44,14 +45,20 @@ def test_apt_get_failure_is_an_asset_error(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMJAX_CACHE", str(tmp_path))
     monkeypatch.setattr(assets.shutil, "which", lambda name: "/usr/bin/apt-get")
     real_run = subprocess.run
+    commands = []
 
     def fake_run(command, **kwargs):
-        assert command[:2] == ["apt-get", "download"]
+        commands.append(command[:2])
+        if command[:2] == ["apt-get", "update"]:  # refreshing the package lists works, the package is absent
+            return real_run([sys.executable, "-c", "pass"], **kwargs)
         return real_run([sys.executable, "-c", "import sys; sys.exit('E: Unable to locate package')"], **kwargs)
 
     monkeypatch.setattr(assets.subprocess, "run", fake_run)
     with pytest.raises(assets.AssetError, match=r"(?s)apt-get download r-cran-tokenizers failed.*Unable to locate"):
         assets.moby_dick_text_path()
+    # As root, a failed download refreshes the package lists once and tries again.
+    retry = [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+    assert commands == (retry if os.geteuid() == 0 else retry[:1])
 
 
 def test_strip_gutenberg_boilerplate():

@@ -2,14 +2,15 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hf_logits, hf_state_dict, random_hf_llama
 from safetensors.numpy import save_file
 
 import streamjax
-from conftest import hf_logits, hf_state_dict, random_hf_llama
-from streamjax import decoding
+from streamjax import decoding, sharding
 from streamjax.checkpoint import CheckpointError, read_hf_directory
 from streamjax.config import UnsupportedConfigError
 
@@ -34,6 +35,18 @@ def test_sharded_save_really_has_several_files(model, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     assert len(read_hf_directory(tmp_path)[1]) == len(model.state_dict())
+
+
+def test_load_onto_a_mesh_places_every_param_by_the_rules(model, tmp_path):
+    """The one-device case of loading onto shards (8 devices: tests/test_ppl.py); same values as without."""
+    model.save_pretrained(tmp_path)
+    mesh = sharding.make_mesh("data=1,model=1", devices=jax.devices()[:1])
+    config, params = streamjax.load_hf_directory(tmp_path, jnp.bfloat16, mesh=mesh)
+    _, plain = streamjax.load_hf_directory(tmp_path, jnp.bfloat16)
+    wanted = sharding.param_shardings(streamjax.models.family(config).param_specs(config), mesh)
+    for param, expected, sharded in zip(*map(jax.tree.leaves, (plain, params, wanted))):
+        assert expected.sharding == sharded and expected.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(expected, param)
 
 
 def test_bfloat16_load(model, tmp_path):
@@ -105,6 +118,18 @@ def test_token_outside_the_vocabulary_is_refused_before_compiling(model, bad):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             feed(params, cache, np.array(bad), config)
     assert decoding._forward._cache_size() == compiled
+
+
+def test_tokens_on_device_are_checked_by_shape_and_dtype_alone(model):
+    """A jax.Array's ids are never read (that would copy it to the host every decode step); its metadata is."""
+    config = streamjax.models.config_from_hf(model.config.to_dict())
+    cache = streamjax.init_cache(config, 1, 2, 4)
+    outside = jnp.array([[5, config.vocab_size]])
+    outside.delete()  # only its shape and dtype are left to read
+    decoding.check_tokens(outside, config, cache)
+    for tokens, message in [([1, 2], "shape"), ([[1], [2]], "batch"), ([[1.0]], "integer ids")]:
+        with pytest.raises(ValueError, match=message):
+            decoding.check_tokens(jnp.array(tokens), config, cache)
 
 
 def test_tokens_of_the_wrong_shape_are_refused(model):

@@ -2,6 +2,9 @@
 
 The tiny model is saved with `save_pretrained` next to a word-level tokenizer whose words "w1".."w96"
 are token ids 1..96, so a text of such words is its own token ids.
+
+Runs on a mesh need 8 devices, which XLA fixes when jax starts: they happen in child processes with
+8 forced CPU devices, the entry point itself and this file run as a script (`measure_on_meshes`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_hf_llama
+from conftest import cpu_devices_env, random_hf_llama
 
 from configs import ppl as ppl_config
-from streamjax import evaluation, experiment, loading
+from streamjax import evaluation, experiment, loading, models, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_TOKENS = 97  # 96 predictions: six chunks of 16, one compilation per cache shape
@@ -64,8 +67,8 @@ def tiny_flags(tiny, **overrides) -> list[str]:
     return ["--config=configs/ppl.py", *(f"--config.{field}={config[field]}" for field in fields)]
 
 
-def run_entry_point(flags: list[str], workdir) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_entry_point(flags: list[str], workdir, env: dict | None = None) -> subprocess.Popen:
+    env = env or dict(os.environ, JAX_PLATFORMS="cpu")
     command = [sys.executable, "-m", "experiments.ppl", *flags, f"--workdir={workdir}"]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -262,3 +265,134 @@ def test_smollm2_streaming_beats_window_attention_on_pride_and_prejudice(tmp_pat
     runs = {run["method"]: run for run in experiment.run(config, tmp_path)["runs"]}
     streaming, window = runs["streaming"]["ppl"], runs["window"]["ppl"]
     assert streaming < 30 and window > 35 and streaming < 0.7 * window
+
+
+# ---------------------------------------------------------------- on a mesh of 8 CPU devices
+
+MESHES = ("data=1,model=8", "data=4,model=2")
+# Shard shapes written out by hand from LOGICAL_RULES for the tiny Llama (2 layers, D 48, 6 heads of 8,
+# 2 kv heads, MLP 80, vocab 97): a dimension is split only when its mesh axis divides it.
+EXPECTED_PARAM_SHARDS = {
+    "data=1,model=8": {"q": [2, 48, 6, 8], "k": [2, 48, 2, 8], "gate": [2, 48, 10], "down": [2, 10, 48], "embed": [97, 48]},
+    "data=4,model=2": {"q": [2, 48, 3, 8], "k": [2, 48, 1, 8], "gate": [2, 48, 40], "down": [2, 40, 48], "embed": [97, 48]},
+}  # fmt: skip
+# Cache keys [L, B, C, K, H] of the streaming run (batch 1 is never split; kv heads only in two).
+EXPECTED_CACHE_SHARDS = {"data=1,model=8": [2, 1, 32, 2, 8], "data=4,model=2": [2, 1, 32, 1, 8]}
+
+
+def _shard_shape(array: jax.Array) -> list[int]:
+    return list(array.addressable_shards[0].data.shape)
+
+
+def _placed_as(tree, shardings) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, jax.tree.leaves(shardings)))
+
+
+def _checkpoint_round_trip(model_config, params, tokens, mesh, directory: pathlib.Path) -> dict:
+    """Advance a sharded streaming run 48 predictions, checkpoint it, restore it as a restart would."""
+    spec = evaluation.EvalSpec("streaming", 2, 30, "chunk", 16)
+    meta = {"fingerprint": {}, "run": "streaming", "tokens_sha256": ""}
+    restore = lambda: experiment._restore_or_init(
+        experiment._checkpoint_manager(directory), meta, model_config, spec, tokens, jnp.float32, mesh
+    )
+    state, nll, _ = restore()
+    state, nll[:48] = evaluation.advance(params, model_config, tokens, spec, state, 48)
+    experiment._save(experiment._checkpoint_manager(directory), state, nll, dict(meta, position=48, seconds=1.0))
+    restored, restored_nll, _ = restore()
+    same_nll = np.array_equal(restored_nll, nll, equal_nan=True)  # NaN: predictions not made yet
+    return {
+        "position": restored.position,
+        "equal": bool(np.array_equal(restored.cache.keys, state.cache.keys) and same_nll),
+        "placed": _placed_as(restored.cache, sharding.cache_shardings(restored.cache, mesh)),
+        "keys": _shard_shape(restored.cache.keys),
+        "devices": len(restored.cache.keys.sharding.device_set),
+    }
+
+
+def measure_on_meshes(model_dir: pathlib.Path, text: pathlib.Path, root: pathlib.Path) -> dict:
+    """What the mesh tests assert on (needs 8 devices): placement at load, checkpoints, a mesh that does not fit."""
+    tokens = np.array([int(word[1:]) for word in text.read_text().split()[:NUM_TOKENS]], np.int32)
+    out = {}
+    for spec in MESHES:
+        mesh = sharding.make_mesh(spec)
+        model_config, params, _ = loading.load_model(str(model_dir), mesh=mesh)
+        wanted = sharding.param_shardings(models.family(model_config).param_specs(model_config), mesh)
+        shown = {**{name: params["layers"][name] for name in ("q", "k", "gate", "down")}, "embed": params["embed"]}
+        out[spec] = {
+            "by_rules": _placed_as(params, wanted),
+            "shards": {name: _shard_shape(param) for name, param in shown.items()},
+            "restore": _checkpoint_round_trip(model_config, params, tokens, mesh, root / spec),
+        }
+    try:
+        experiment.run(tiny_config((model_dir, text, tokens), mesh="model=3"), root / "bad_mesh", progress=False)
+    except ValueError as error:
+        out["bad_mesh"] = {"error": str(error), "wrote": (root / "bad_mesh").exists()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def on_meshes(tiny, tmp_path_factory) -> dict:
+    """The 8-device measurements, from this file run as a script in a child process."""
+    root = tmp_path_factory.mktemp("meshes")
+    env = {**cpu_devices_env(8), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, __file__, str(tiny[0]), str(tiny[1]), str(root)]
+    child = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if child.returncode:
+        pytest.fail(f"the 8-device run failed:\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}")
+    return json.loads((root / "measured.json").read_text())
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_params_are_loaded_onto_their_shards(on_meshes, mesh):
+    assert on_meshes[mesh]["shards"] == EXPECTED_PARAM_SHARDS[mesh]
+    assert on_meshes[mesh]["by_rules"]  # every param, by `sharding.param_shardings`
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_checkpoints_restore_onto_the_same_shards(on_meshes, mesh):
+    restore = on_meshes[mesh]["restore"]
+    assert restore["position"] == 48 and restore["equal"] and restore["placed"]
+    assert restore["keys"] == EXPECTED_CACHE_SHARDS[mesh] and restore["devices"] == 8
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_refused_before_writing(on_meshes):
+    assert "config.mesh='model=3' does not fit" in on_meshes["bad_mesh"]["error"]
+    assert "needs 3 devices but there are 8" in on_meshes["bad_mesh"]["error"]
+    assert not on_meshes["bad_mesh"]["wrote"]
+
+
+def test_entry_point_on_a_mesh_equals_the_single_device_run(tiny, finished, tmp_path):
+    """`--config.mesh=data=1,model=8` on 8 CPU devices: every method's NLL as on one device."""
+    methods = "dense,recompute,streaming"
+    flags = [*tiny_flags(tiny, method=methods, checkpoint_every=16), "--config.mesh=data=1,model=8"]
+    process = run_entry_point(flags, tmp_path, env=cpu_devices_env(8))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    _, single, _ = finished
+    for method in methods.split(","):
+        nll = np.load(tmp_path / method / "nll.npy")
+        np.testing.assert_allclose(nll, np.load(single / method / "nll.npy"), rtol=1e-5, atol=1e-5)
+        assert json.loads((tmp_path / method / "summary.json").read_text())["mesh"] == "data=1,model=8"
+    assert json.loads((tmp_path / "config.json").read_text())["fingerprint"]["mesh"] == "data=1,model=8"
+
+
+@pytest.mark.parametrize("mesh, message", [("model=3", "needs 3 devices"), ("tensor=8", "unknown mesh axis 'tensor'")])
+def test_bad_mesh_is_refused_before_loading_anything(tiny, tmp_path, monkeypatch, mesh, message):
+    for name in ("resolve_model", "load_tokenizer", "load_weights"):
+        monkeypatch.setattr(loading, name, lambda *args, **kwargs: pytest.fail("loaded before checking the mesh"))
+    with pytest.raises(ValueError, match=message):
+        experiment.run(tiny_config(tiny, mesh=mesh), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_mesh_is_fingerprinted_in_one_spelling(tiny):
+    single, short, long = (experiment.fingerprint(tiny_config(tiny, mesh=m)) for m in ("", "model=8", "data=1,model=8"))
+    assert "mesh" not in single  # as in workdirs written before meshes, which stay resumable
+    assert short == long and short["mesh"] == "data=1,model=8"
+
+
+if __name__ == "__main__":
+    root = pathlib.Path(sys.argv[3])
+    measured = measure_on_meshes(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), root)
+    (root / "measured.json").write_text(json.dumps(measured, indent=1))

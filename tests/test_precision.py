@@ -32,6 +32,15 @@ def test_bfloat16_evaluation_is_float32_nll_close_to_float32(converted, route):
     np.testing.assert_allclose(nll, expected, atol=0.03)  # measured 0.005; tokens' NLL spread is 0.3
 
 
+def test_evaluate_keeps_the_cache_in_the_params_dtype_unless_told(converted):
+    config, _, half = converted
+    text = np.random.default_rng(2).integers(0, config.vocab_size, 24)
+    spec = evaluation.EvalSpec("streaming", num_sinks=2, window=8, chunk_size=8)
+    default = evaluation.evaluate(half, config, text, spec)
+    np.testing.assert_array_equal(default, evaluation.evaluate(half, config, text, spec, jnp.bfloat16))
+    assert not np.array_equal(default, evaluation.evaluate(half, config, text, spec, jnp.float32))
+
+
 def test_bfloat16_params_stream_through_a_cache_of_another_dtype(converted):
     config, _, half = converted
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12))

@@ -100,7 +100,7 @@ def _measure(ref: dict, mesh_name: str) -> dict:
             x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(jax.tree.leaves(cache), wanted)
         )
         spec = ref["eval_specs"][route]
-        state = evaluation.init_state(config, spec, ref["text"].shape[0])
+        state = evaluation.init_state(config, spec, ref["text"].shape[0], jnp.float32)
         state.cache = sharding.shard_cache(state.cache, mesh)
         _, nll = evaluation.advance(sharded, config, ref["text"], spec, state, ref["text"].shape[0])
         out[f"nll/{route}"] = _relative(nll, ref["nll"][route])
@@ -124,9 +124,10 @@ def measured(tmp_path_factory) -> dict:
     pytest.importorskip("torch", reason="torch is the test-only reference")
     if jax.device_count() >= 8:
         return measure()
+    from conftest import cpu_devices_env
+
     path = tmp_path_factory.mktemp("sharding") / "measured.json"
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(8)
     child = subprocess.run(
         [sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=1800, check=False
     )

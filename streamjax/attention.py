@@ -48,10 +48,20 @@ def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_rotation(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, P, 1, R/2] of the rotary angles at `positions` [B, P]."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+def rope_rotation(positions: jax.Array, first: int, last: int, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, P, 1, R/2] of the rotary angles at integer `positions` [B, P] in [first, last].
+
+    The angles of every position in the range are computed on the host in float64 and rounded once,
+    so cos and sin are exact to float32 however far positions sit from 0; a float32 product
+    `position * inv_freq` would be off by up to |angle| * 2^-24 radians. Positions outside the range
+    (only those of masked, unfilled slots) are clipped into it.
+    """
+    angles = np.arange(first, last + 1, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)
+    index = jnp.clip(positions - first, 0, last - first)
+    cos, sin = (
+        jnp.asarray(table.astype(np.float32))[index][:, :, None, :] for table in (np.cos(angles), np.sin(angles))
+    )
+    return cos, sin
 
 
 def apply_rope(x: jax.Array, rotation: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -83,11 +93,15 @@ def plan_attention(cache: SinkCache, num_new: int, config: ModelConfig) -> Atten
     sink_key_positions = jnp.broadcast_to(jnp.arange(cache.num_sinks), (cache.batch_size, cache.num_sinks))
     rotations = None
     if config.position == "rope":
-        inv_freq = rope_frequencies(config)
+        # Sink-block positions lie in [0, S + W]; window-block offsets from the chunk start in [-W, T).
+        inv_freq, last = rope_frequencies(config), max(cache.capacity, num_new)
         positions = (
-            chunk.sink_query_positions, sink_key_positions, chunk.window_query_positions, chunk.window_key_positions
+            chunk.sink_query_positions,
+            sink_key_positions,
+            chunk.window_query_positions,
+            chunk.window_key_positions,
         )
-        rotations = tuple(rope_rotation(p, inv_freq) for p in positions)
+        rotations = tuple(rope_rotation(p, -cache.window, last, inv_freq) for p in positions)
     return AttentionPlan(chunk, sink_key_positions, rotations)
 
 

@@ -4,7 +4,8 @@ Command (from the repository root):
 
     python -m experiments.ppl --config=configs/ppl.py --workdir=/tmp/streamjax/ppl
 
-Several methods in one run (one plot line and one table row each):
+By default it compares dense, window and StreamingLLM attention (one plot line and one table row
+each) on the first 4096 tokens; other methods or lengths on the command line:
 
     python -m experiments.ppl --config=configs/ppl.py --workdir=/tmp/streamjax/ppl_methods \
         --config.method=dense,window,recompute,streaming --config.num_tokens=2048
@@ -32,8 +33,9 @@ def get_config(arg=None):
     config.model = "smollm2"
     # Text: "austen" (six novels, Pride and Prejudice first), "mobydick", a .txt file or a directory.
     config.data = "austen"
-    # Comma-separated methods, each one run: dense, window, streaming, recompute.
-    config.method = "streaming"
+    # Comma-separated methods, each one run: dense, window, streaming, recompute (recompute costs a
+    # forward pass over S + W tokens per prediction: leave it to accelerators).
+    config.method = "dense,window,streaming"
     # Cache budget: S sinks + W recent tokens. `window` attention keeps the last S + W tokens and no
     # sinks; `recompute` re-reads the last S + W tokens for every prediction; `dense` keeps everything.
     config.num_sinks = 4

@@ -35,7 +35,8 @@ def get_config(arg=None):
     config.num_sinks = 4  # of every StreamingLLM cache; its window is the rest of the cache size
     config.warmup = 2  # untimed calls before timing (compilation)
     config.repeats = 7  # timed calls (decode steps, bandwidth and matmul kernels); the median is reported
-    config.recompute_repeats = 3  # timed dense forwards over the window (seconds each on a CPU)
+    config.recompute_repeats = 2  # timed dense forwards over the window (minutes each at 4096 on a small CPU)
+    config.recompute_warmup = 1  # compilation happens before timing; one call warms the allocator
     config.target_cache_size = 1024  # the decode whose fraction of the bandwidth limit is a target
     # Evaluation routes, StreamingLLM at num_sinks + route_window, over random token ids.
     config.route_window = 1020
@@ -52,8 +53,10 @@ def get_config(arg=None):
     # True: stream random tokens there with the chunk route (100k tokens: minutes on a GPU, an hour on a CPU).
     config.long_stream_streamed = False
     config.stream_chunk_size = 512
+    config.long_stream_rounds = 3  # the early and late decode costs are timed alternately, this many times
     # Machine limits: bytes of the bandwidth kernels, size of the square matmul.
-    config.bandwidth_bytes = 1 << 30
+    config.bandwidth_bytes = 1 << 30  # well above the last-level cache
+    config.bandwidth_repeats = 3  # of the read-bandwidth sum timed just before each decode row
     config.matmul_size = 2048
     if options.small:
         _make_small(config)
@@ -64,16 +67,17 @@ def _make_small(config: ml_collections.ConfigDict) -> None:
     """A 2-layer random Llama and sizes that run end to end in well under a minute on a CPU."""
     config.model = "random"
     config.random_model = ml_collections.ConfigDict(
-        dict(
-            family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-            head_dim=16, intermediate_size=128, norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=4096,
-        )
+        {
+            "family": "llama", "vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+            "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128, "norm_eps": 1e-5, "tie_embeddings": True,
+            "max_position_embeddings": 4096,
+        }
     )  # fmt: skip
     config.cache_sizes = (16, 32, 64)
     config.target_cache_size = 32
     config.warmup, config.repeats, config.recompute_repeats, config.route_repeats = 1, 3, 2, 1
     config.route_window, config.route_chunk_size = 28, 16
     config.chunk_route_tokens, config.token_route_tokens = 64, 32
-    config.early_position, config.late_position, config.memory_positions = 100, 5_000, (1_000, 5_000)
+    config.early_position, config.late_position, config.memory_positions = 100, 3_000, (1_000, 3_000)
     config.long_stream_streamed, config.stream_chunk_size = True, 256
     config.bandwidth_bytes, config.matmul_size = 1 << 24, 256

@@ -19,11 +19,11 @@ def get_config(arg=None):
     config = efficiency.get_config(arg)
     config.model = "random"
     config.random_model = ml_collections.ConfigDict(
-        dict(
-            family="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-            head_dim=128, intermediate_size=11008, norm_eps=1e-5, tie_embeddings=False,
-            max_position_embeddings=4096, rope_theta=10000.0,
-        )
+        {
+            "family": "llama", "vocab_size": 32000, "hidden_size": 4096, "num_layers": 32, "num_heads": 32,
+            "num_kv_heads": 32, "head_dim": 128, "intermediate_size": 11008, "norm_eps": 1e-5, "tie_embeddings": False,
+            "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        }
     )  # fmt: skip
     config.dtype = "bfloat16"
     config.repeats, config.recompute_repeats, config.route_repeats = 20, 5, 3

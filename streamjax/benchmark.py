@@ -1,0 +1,670 @@
+"""Efficiency of streaming (the paper's Figure 10), of the two evaluation routes, and the machine's limits.
+
+`run(config, workdir)` is what `python -m experiments.efficiency` calls; the config fields are
+documented in `configs/efficiency.py`. It measures, on the default JAX backend:
+
+- decode: per-token latency and memory against cache size n for
+    streaming  the jitted `streamjax.step` (T = 1, cache donated) on a full S + (n - S) sink cache;
+    recompute  sliding window with re-computation: a fresh dense forward over the last n tokens
+               (the new one included) for every token, keeping only its logits;
+    dense      the step on a cache holding every token so far: the cost of token n + 1 with n cached.
+- routes: evaluation throughput (predictions per second) of `evaluation.evaluate` on the token route
+  (one token per forward pass in a `lax.scan`) and the chunk route, at S + W = num_sinks + route_window.
+- long_stream: the per-token decode cost early in a stream against far into it, and the memory after
+  many tokens against after fewer. The cache is either set to the exact state streaming leaves after
+  that many tokens (`filled_cache`: the same bookkeeping, random keys and values, which do not change
+  the cost) or really streamed there with the chunk route (`config.long_stream_streamed`).
+- machine: memory bandwidth (a sum, a donated in-place +1 and a matrix-vector product over
+  `bandwidth_bytes`) and matmul throughput (float32 and bfloat16). Each decode row is set against
+  the best of those (`bandwidth_fraction`) and against a read-only sum timed just before the row
+  (`adjacent_bandwidth_fraction`: the same machine state, which matters on a shared machine); each
+  route and recompute row against the matmul throughput of the model's dtype (`matmul_fraction`).
+
+Timings: `warmup` untimed calls, then `repeats` calls each ended by `block_until_ready`; the median
+is the figure, min and all times are kept. Figures that are compared (the two routes, the early and
+late positions) are timed alternately, so that drift of a shared machine affects both alike.
+
+Memory, two measures, in bytes:
+- compiled: XLA's buffer assignment of the compiled function (`Compiled.memory_analysis()`):
+  arguments + outputs - donated aliases + temporaries. Deterministic, the same on every backend;
+  the memory plot shows it.
+- runtime (`sampled_memory`): the most in use during the measurement, sampled in a thread: the
+  device's `bytes_in_use` where the backend reports memory stats (GPU, TPU), else the process's
+  resident set (CPU); with the use after it and the process-lifetime high for reference.
+
+Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_cache.png`,
+`route_throughput.png`):
+    meta         model, dtype, backend, device, versions, config, load averages, wall time
+    machine      bandwidth {reduce, copy, matvec: {bytes, timing, bytes_per_s}, best_bytes_per_s}
+                 matmul {float32, bfloat16: {size, flops, timing, flops_per_s}}
+    decode       {cache_sizes, num_sinks, methods: {method: [{cache_size, timing, memory {compiled,
+                 runtime}, flops_per_token, matmul_fraction; streaming and dense also bytes_per_token,
+                 ideal_s, bandwidth_fraction, adjacent_read_bytes_per_s, adjacent_bandwidth_fraction}]}}
+    routes       {num_sinks, window, chunk_size, token and chunk: {num_predictions, first_call_s,
+                 timing, tokens_per_s, flops_per_token, flops_per_s, matmul_fraction}, speedup,
+                 max_abs_nll_difference}
+    long_stream  {num_sinks, window, state, "<position>": {position, timing, memory}, late_over_early,
+                 memory_peak_ratio}
+    targets      [{name, value, target, met}]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import streamjax
+from streamjax import evaluation, loading, models
+from streamjax.cache import SinkCache, check_cache_shape, init_cache
+from streamjax.config import ModelConfig
+from streamjax.models.common import init_params
+
+METHODS = ("streaming", "recompute", "dense")
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
+    """Median, min and all wall times (s) of `repeats` calls of `call`, after `warmup` untimed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """Bytes of a compiled function's buffers (XLA's buffer assignment); None where unavailable."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    aliased, temporaries = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+    return {
+        "argument_bytes": arguments,
+        "output_bytes": outputs,
+        "alias_bytes": aliased,
+        "temp_bytes": temporaries,
+        "peak_bytes": arguments + outputs - aliased + temporaries,
+    }
+
+
+@contextlib.contextmanager
+def sampled_memory(interval: float = 0.002) -> Iterator[dict[str, Any]]:
+    """Yields a dict that, once the context exits, holds the most memory in use during it.
+
+    In use: the device's `bytes_in_use` where the backend reports memory stats (GPU, TPU), else the
+    process's resident set (CPU), sampled every `interval` seconds in a thread. The dict also holds
+    the use after the context and the high since the process started (`peak_bytes_in_use`, or
+    ru_maxrss), which earlier phases may have set.
+    """
+    samples, stop = [_in_use_bytes()], threading.Event()
+
+    def sample():
+        while not stop.wait(interval):
+            samples.append(_in_use_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    result: dict[str, Any] = {}
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        samples.append(_in_use_bytes())
+        known = [value for value in samples if value is not None]
+        stats = jax.devices()[0].memory_stats()
+        on_device = bool(stats and "bytes_in_use" in stats)
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        result.update(
+            source="device.memory_stats() bytes_in_use" if on_device else "process resident set (/proc/self/statm)",
+            phase_peak_bytes=max(known) if known else None,
+            bytes_after=samples[-1],
+            lifetime_peak_bytes=stats.get("peak_bytes_in_use") if on_device else _max_rss() * scale,
+        )
+
+
+def _in_use_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_in_use" in stats:
+        return stats["bytes_in_use"]
+    try:
+        resident_pages = int(pathlib.Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, cache states and byte / FLOP accounting
+
+
+def build_model(config) -> tuple[ModelConfig, dict]:
+    """(model config, params): `config.model` loaded, or random weights of `config.random_model`."""
+    dtype = loading.parse_dtype(config.dtype)
+    if config.model != "random":
+        model_config, params, _ = loading.load_model(config.model, dtype)
+        return model_config, params
+    model_config = ModelConfig(**config.random_model.to_dict())
+    specs = models.family(model_config).param_specs(model_config)
+    return model_config, init_params(specs, jax.random.key(config.seed), dtype)
+
+
+def filled_cache(
+    config: ModelConfig,
+    num_sinks: int,
+    window: int,
+    num_seen: int,
+    dtype=jnp.float32,
+    batch_size: int = 1,
+    seed: int = 0,
+) -> SinkCache:
+    """The cache of `batch_size` streams after `num_seen` tokens (stream indices 0..num_seen-1).
+
+    The bookkeeping (`slot_positions`, `length`, `cursor`, `next_position`) is exactly what feeding
+    `num_seen` tokens leaves (tests check it against `streamjax.prefill`); keys and values are random
+    (in empty slots too, which attention masks), which changes no cost.
+    """
+    check_cache_shape(num_sinks, window)
+    cache = init_cache(config, batch_size, num_sinks, window, dtype, first_position=num_seen)
+    sinks = np.arange(num_sinks)
+    ring_written = max(num_seen - num_sinks, 0)  # tokens that ever went into the ring
+    ring = np.arange(window)
+    last_lap = ring + window * ((ring_written - 1 - ring) // window)  # latest ring token in each slot
+    slots = np.concatenate(
+        [np.where(sinks < num_seen, sinks, 0), np.where(ring < ring_written, num_sinks + last_lap, 0)]
+    )
+    length = min(num_seen, num_sinks + window)
+    keys, values = jax.random.split(jax.random.key(seed))
+    return cache.replace(
+        keys=jax.random.normal(keys, cache.keys.shape, dtype),
+        values=jax.random.normal(values, cache.values.shape, dtype),
+        slot_positions=jnp.asarray(np.broadcast_to(_wrap_int32(slots), (batch_size, cache.capacity))),
+        length=jnp.full((batch_size,), length, jnp.int32),
+        cursor=jnp.full((batch_size,), ring_written % window, jnp.int32),
+    )
+
+
+def _wrap_int32(values: np.ndarray) -> np.ndarray:
+    return ((np.asarray(values, np.int64) + 2**31) % 2**32 - 2**31).astype(np.int32)
+
+
+def param_bytes_per_token(params: dict, config: ModelConfig) -> int:
+    """Bytes of params one decoded token reads: all of them, but a single row of an untied embedding."""
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    embed = params["embed"]
+    return total if config.tie_embeddings else total - embed.nbytes + embed.nbytes // embed.shape[0]
+
+
+def cache_bytes(config: ModelConfig, capacity: int, dtype) -> int:
+    """Bytes of the keys and values of a cache of `capacity` slots (what a decode step reads)."""
+    return 2 * config.num_layers * capacity * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+
+
+def matmul_params(params: dict, config: ModelConfig) -> int:
+    """Weights used in matrix products per token: every stacked layer matrix and the head [D, V]."""
+    layer_matrices = [
+        leaf.size for name, leaf in params["layers"].items() if leaf.ndim >= 3 and not name.endswith("_bias")
+    ]
+    return sum(layer_matrices) + config.hidden_size * config.vocab_size
+
+
+def flops_per_token(params: dict, config: ModelConfig, keys_per_query: int) -> int:
+    """FLOPs of one token: 2 per matrix weight, and 4 N H per attended key per layer (scores and values).
+
+    `keys_per_query` is the width attention computes (masked keys included): S + W + T for a chunk of T.
+    """
+    attention = 4 * config.num_layers * config.num_heads * config.head_dim * keys_per_query
+    return 2 * matmul_params(params, config) + attention
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine limits
+
+
+def machine_limits(config) -> dict[str, Any]:
+    """Measured memory bandwidth (bytes/s) and matmul throughput (FLOP/s) of the default device."""
+    return {
+        "bandwidth": measure_bandwidth(config.bandwidth_bytes, loading.parse_dtype(config.dtype), config.repeats),
+        "matmul": {
+            name: measure_matmul(config.matmul_size, jnp.dtype(name), config.repeats)
+            for name in ("float32", "bfloat16")
+        },
+    }
+
+
+def measure_bandwidth(num_bytes: int, dtype, repeats: int) -> dict[str, Any]:
+    """Bytes/s of three memory-bound kernels over `num_bytes`: a sum, an in-place +1 and a matvec."""
+    state = {"array": jnp.ones((num_bytes // 4,), jnp.float32)}
+    add_one = jax.jit(lambda x: x + 1, donate_argnums=0)
+
+    def update_in_place():
+        state["array"] = add_one(state["array"])
+        return state["array"]
+
+    columns = 4096
+    matrix = jnp.ones((num_bytes // (columns * jnp.dtype(dtype).itemsize), columns), dtype)
+    vector = jnp.ones((columns,), dtype)
+    kernels = {
+        "copy": (2 * num_bytes, update_in_place),  # reads and writes every byte
+        "matvec": (matrix.nbytes, functools.partial(jax.jit(jnp.matmul), matrix, vector)),
+    }
+    results = {"reduce": _reduce_bandwidth(num_bytes, repeats)}
+    for name, (moved, call) in kernels.items():
+        timing = time_calls(call, repeats, warmup=1)
+        results[name] = {"bytes": moved, "timing": timing, "bytes_per_s": moved / timing["median_s"]}
+    results["best_bytes_per_s"] = max(results[name]["bytes_per_s"] for name in ("reduce", *kernels))
+    return results
+
+
+def measure_read_bandwidth(num_bytes: int, repeats: int) -> float:
+    """Bytes/s of a sum over `num_bytes` of float32 (a read-only stream, like a decode step)."""
+    return _reduce_bandwidth(num_bytes, repeats)["bytes_per_s"]
+
+
+def _reduce_bandwidth(num_bytes: int, repeats: int) -> dict[str, Any]:
+    array = jnp.ones((num_bytes // 4,), jnp.float32)
+    timing = time_calls(functools.partial(_sum, array), repeats, warmup=1)
+    return {"bytes": array.nbytes, "timing": timing, "bytes_per_s": array.nbytes / timing["median_s"]}
+
+
+_sum = jax.jit(jnp.sum)
+
+
+def measure_matmul(size: int, dtype, repeats: int) -> dict[str, Any]:
+    """FLOP/s of a [size, size] @ [size, size] product in `dtype`."""
+    keys = jax.random.split(jax.random.key(0))
+    left, right = (jax.random.normal(key, (size, size), dtype) for key in keys)
+    timing = time_calls(functools.partial(jax.jit(jnp.matmul), left, right), repeats, warmup=1)
+    flops = 2 * size**3
+    return {"size": size, "flops": flops, "timing": timing, "flops_per_s": flops / timing["median_s"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode latency and memory against cache size
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _recompute_logits(params: dict, window_tokens: jax.Array, config: ModelConfig) -> jax.Array:
+    """Logits [B, V] of the last of `window_tokens` [B, n] from a fresh dense forward over all n."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = init_cache(config, window_tokens.shape[0], 0, window_tokens.shape[1], dtype)
+    logits, _ = models.family(config).forward(params, cache, window_tokens, config)
+    return logits[:, -1]
+
+
+_jitted_step = jax.jit(streamjax.step, static_argnames="config", donate_argnames="cache")
+
+
+def time_decode(
+    params: dict, config: ModelConfig, cache: SinkCache, repeats: int, warmup: int
+) -> tuple[dict[str, Any], SinkCache]:
+    """Per-token latency and memory of the jitted step (T = 1, cache donated) from `cache`.
+
+    Returns the measurements and the cache after the `warmup + repeats` decoded tokens.
+    """
+    tokens = np.ones((cache.batch_size, 1), np.int32)
+    compiled = _jitted_step.lower(params, cache, tokens, config).compile()  # cached after the first
+    state = {"cache": cache}
+
+    def one_token():
+        logits, state["cache"] = compiled(params, state["cache"], tokens)
+        return logits
+
+    with sampled_memory() as runtime:
+        timing = time_calls(one_token, repeats, warmup)
+    measured = {"timing": timing, "memory": {"compiled": compiled_memory(compiled), "runtime": runtime}}
+    return measured, state["cache"]
+
+
+def time_recompute(params: dict, config: ModelConfig, window: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """Per-token latency of a fresh dense forward over the last `window` tokens, and its memory."""
+    tokens = jnp.ones((1, window), jnp.int32)
+    compiled = _recompute_logits.lower(params, tokens, config).compile()
+    with sampled_memory() as runtime:
+        timing = time_calls(lambda: compiled(params, tokens), repeats, warmup)
+    return {"timing": timing, "memory": {"compiled": compiled_memory(compiled), "runtime": runtime}}
+
+
+def decode_vs_cache_size(params: dict, config: ModelConfig, bench, bandwidth: float, matmul: float) -> dict[str, Any]:
+    """Latency and memory of every method in `bench.methods` at every size of `bench.cache_sizes`.
+
+    `bandwidth` (bytes/s) and `matmul` (FLOP/s) are the machine's limits each row is compared with.
+    """
+    dtype = jax.tree.leaves(params)[0].dtype
+    methods = {}
+    for method in _parse_methods(bench.methods):
+        rows = []
+        for size in bench.cache_sizes:
+            _log(f"decode: {method} at cache size {size}")
+            row = _decode_row(params, config, bench, method, size, dtype, bandwidth)
+            row["matmul_fraction"] = row["flops_per_token"] / row["timing"]["median_s"] / matmul
+            rows.append({"cache_size": size, **row})
+        methods[method] = rows
+    return {"cache_sizes": list(bench.cache_sizes), "num_sinks": bench.num_sinks, "methods": methods}
+
+
+def _decode_row(params, config: ModelConfig, bench, method: str, size: int, dtype, bandwidth: float) -> dict:
+    if method == "recompute":
+        row = time_recompute(params, config, size, bench.recompute_repeats, bench.recompute_warmup)
+        # A chunk of T tokens computes T x (S + W + T) scores: here n x 2n, the n slots of the empty
+        # cache masked, twice the n x n of a plain dense causal forward.
+        row["flops_per_token"] = size * flops_per_token(params, config, keys_per_query=2 * size)
+        return row
+    num_sinks = 0 if method == "dense" else bench.num_sinks
+    cache = filled_cache(config, num_sinks, size - num_sinks, size, dtype, seed=size)
+    read_bandwidth = measure_read_bandwidth(bench.bandwidth_bytes, bench.bandwidth_repeats)  # same conditions
+    row, _ = time_decode(params, config, cache, bench.repeats, bench.warmup)
+    latency, moved = row["timing"]["median_s"], param_bytes_per_token(params, config) + cache_bytes(config, size, dtype)
+    row.update(
+        bytes_per_token=moved,
+        ideal_s=moved / bandwidth,
+        bandwidth_fraction=moved / bandwidth / latency,
+        adjacent_read_bytes_per_s=read_bandwidth,
+        adjacent_bandwidth_fraction=moved / read_bandwidth / latency,
+        flops_per_token=flops_per_token(params, config, keys_per_query=size + 1),
+    )
+    return row
+
+
+def _parse_methods(methods: str) -> list[str]:
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise ValueError(f"decode methods {unknown or methods!r} are not among {', '.join(METHODS)}")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation routes
+
+
+def route_throughput(params: dict, config: ModelConfig, bench, matmul_flops: float) -> dict[str, Any]:
+    """Predictions per second of `evaluation.evaluate` on the token and the chunk route.
+
+    After one untimed call each (compilation), the routes are timed alternately, `route_repeats`
+    times each, so that a machine whose speed drifts affects both alike.
+    """
+    window, chunk_size, dtype = bench.route_window, bench.route_chunk_size, jax.tree.leaves(params)[0].dtype
+    tokens = np.random.RandomState(bench.seed).randint(0, config.vocab_size, size=bench.chunk_route_tokens + 1)
+    counts = {"token": bench.token_route_tokens, "chunk": bench.chunk_route_tokens}
+    widths = {"token": bench.num_sinks + window + 1, "chunk": bench.num_sinks + window + chunk_size}
+    specs = {r: evaluation.EvalSpec("streaming", bench.num_sinks, window, r, chunk_size) for r in counts}
+    calls = {
+        r: functools.partial(evaluation.evaluate, params, config, tokens[: counts[r] + 1], specs[r], dtype)
+        for r in counts
+    }
+    results, nll, times = {}, {}, {route: [] for route in counts}
+    for route, call in calls.items():
+        _log(f"routes: {route} route over {counts[route]} predictions (first call)")
+        start = time.perf_counter()
+        nll[route] = call()
+        results[route] = {"num_predictions": counts[route], "first_call_s": time.perf_counter() - start}
+    for _ in range(bench.route_repeats):
+        for route, call in calls.items():
+            times[route].append(time_calls(call, repeats=1, warmup=0)["median_s"])
+    for route, result in results.items():
+        median = statistics.median(times[route])
+        flops = flops_per_token(params, config, keys_per_query=widths[route])
+        result.update(
+            timing={"median_s": median, "min_s": min(times[route]), "times_s": times[route]},
+            tokens_per_s=counts[route] / median,
+            flops_per_token=flops,
+            flops_per_s=flops * counts[route] / median,
+            matmul_fraction=flops * counts[route] / median / matmul_flops,
+        )
+    common = min(counts.values())
+    return {
+        "num_sinks": bench.num_sinks,
+        "window": window,
+        "chunk_size": chunk_size,
+        **results,
+        "speedup": results["chunk"]["tokens_per_s"] / results["token"]["tokens_per_s"],
+        "max_abs_nll_difference": float(np.abs(nll["token"][:common] - nll["chunk"][:common]).max()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Long streams
+
+
+def long_stream(params: dict, config: ModelConfig, bench) -> dict[str, Any]:
+    """Decode cost at `early_position` vs `late_position`, memory after `memory_positions` tokens.
+
+    One stream goes through the positions in increasing order; the memory of a position is the most
+    in use while the stream got there from the previous one and decoded there. The decode costs of
+    the early and the late position are then timed alternately for `long_stream_rounds` rounds (a
+    copy of the cache at the early position is kept for that) and each is the median of all rounds.
+    """
+    num_sinks, window = bench.num_sinks, bench.route_window
+    dtype = jax.tree.leaves(params)[0].dtype
+    result = {"num_sinks": num_sinks, "window": window, "state": _state_note(bench.long_stream_streamed)}
+    cache, seen, kept = init_cache(config, 1, num_sinks, window, dtype), 0, {}
+    for position in sorted({bench.early_position, bench.late_position, *bench.memory_positions}):
+        _log(f"long stream: token {position}")
+        with sampled_memory() as runtime:
+            if bench.long_stream_streamed:
+                cache = _stream(params, config, cache, position - seen, bench.stream_chunk_size, seed=position)
+            else:
+                cache = filled_cache(config, num_sinks, window, position, dtype, seed=position)
+            measured, cache = time_decode(params, config, cache, bench.repeats, bench.warmup)
+        seen = position + bench.warmup + bench.repeats
+        measured["memory"]["runtime"] = runtime
+        result[str(position)] = {"position": position, **measured}
+        if position == bench.early_position:
+            kept[position] = jax.tree.map(jnp.copy, cache)
+    kept[bench.late_position] = cache
+    for _ in range(bench.long_stream_rounds - 1):
+        for position in (bench.early_position, bench.late_position):
+            measured, kept[position] = time_decode(params, config, kept[position], bench.repeats, warmup=1)
+            result[str(position)]["timing"]["times_s"] += measured["timing"]["times_s"]
+    for position in (bench.early_position, bench.late_position):
+        times = result[str(position)]["timing"]["times_s"]
+        result[str(position)]["timing"].update(median_s=statistics.median(times), min_s=min(times))
+    early, late = (
+        result[str(position)]["timing"]["median_s"] for position in (bench.early_position, bench.late_position)
+    )
+    low, high = (
+        result[str(position)]["memory"]["runtime"]["phase_peak_bytes"] for position in sorted(bench.memory_positions)
+    )
+    result.update(late_over_early=late / early, memory_peak_ratio=high / low)
+    return result
+
+
+def _state_note(streamed: bool) -> str:
+    if streamed:
+        return (
+            "streamed: random tokens fed with the chunk route (jitted step, T = stream_chunk_size) up to each position"
+        )
+    return (
+        "set: a cache in exactly the state streaming leaves after that many tokens (slot_positions, length, "
+        "cursor, next_position as after feeding them; tests/test_efficiency.py checks this against "
+        "streamjax.prefill), keys and values random"
+    )
+
+
+def _stream(params, config: ModelConfig, cache: SinkCache, count: int, chunk_size: int, seed: int) -> SinkCache:
+    """Feed `count` random tokens through the jitted step in chunks of `chunk_size` (the chunk route)."""
+    rng = np.random.RandomState(seed)
+    for start in range(0, max(count, 0), chunk_size):
+        tokens = rng.randint(0, config.vocab_size, size=(1, min(chunk_size, count - start)))
+        _, cache = streamjax.step(params, cache, tokens, config)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets, report, plots
+
+
+def targets(results: dict[str, Any], bench) -> list[dict[str, Any]]:
+    """The efficiency claims, each with its measured value and whether it holds."""
+    decode, sizes = results["decode"]["methods"], results["decode"]["cache_sizes"]
+    largest = max(sizes)
+    claims = [("chunk route tokens/s over token route tokens/s", results["routes"]["speedup"], ">=", 10.0)]
+    if "streaming" in decode and "recompute" in decode:
+        ratio = _at(decode["recompute"], largest) / _at(decode["streaming"], largest)
+        claims.append((f"re-computation over StreamingLLM per-token latency at cache {largest}", ratio, ">=", 20.0))
+    claims.append(("|late / early per-token cost - 1|", abs(results["long_stream"]["late_over_early"] - 1), "<=", 0.10))
+    claims.append(("|peak memory late / early - 1|", abs(results["long_stream"]["memory_peak_ratio"] - 1), "<=", 0.05))
+    if "streaming" in decode and bench.target_cache_size in sizes:
+        row = next(row for row in decode["streaming"] if row["cache_size"] == bench.target_cache_size)
+        name = f"StreamingLLM decode at cache {bench.target_cache_size}: bytes / adjacent read bandwidth / latency"
+        claims.append((name, row["adjacent_bandwidth_fraction"], ">=", 0.5))
+    return [
+        {
+            "name": name,
+            "value": value,
+            "target": f"{op} {bound}",
+            "met": bool(value >= bound if op == ">=" else value <= bound),
+        }
+        for name, value, op, bound in claims
+    ]
+
+
+def _at(rows: list[dict], cache_size: int) -> float:
+    return next(row["timing"]["median_s"] for row in rows if row["cache_size"] == cache_size)
+
+
+def describe(config, model_config: ModelConfig, params: dict) -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "model": config.model,
+        "model_config": {key: value for key, value in vars(model_config).items()},
+        "dtype": config.dtype,
+        "num_params": int(sum(leaf.size for leaf in jax.tree.leaves(params))),
+        "param_bytes": int(sum(leaf.nbytes for leaf in jax.tree.leaves(params))),
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "num_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "config": config.to_dict(),
+    }
+
+
+def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Run every measurement of `config`, write `efficiency.json` and the plots to `workdir`."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.perf_counter(), _load_average()
+    model_config, params = build_model(config)
+    results = {"meta": describe(config, model_config, params)}
+    _log("machine limits")
+    results["machine"] = machine_limits(config)
+    bandwidth = results["machine"]["bandwidth"]["best_bytes_per_s"]
+    matmul = results["machine"]["matmul"][jnp.dtype(loading.parse_dtype(config.dtype)).name]["flops_per_s"]
+    results["decode"] = decode_vs_cache_size(params, model_config, config, bandwidth, matmul)
+    results["routes"] = route_throughput(params, model_config, config, matmul)
+    results["long_stream"] = long_stream(params, model_config, config)
+    results["targets"] = targets(results, config)
+    results["meta"].update(load_average_before=load_before, load_average_after=_load_average())
+    results["meta"]["wall_s"] = time.perf_counter() - started
+    (workdir / "efficiency.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    plot_all(results, workdir)
+    return results
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, jnp.dtype)):
+        return value.item() if isinstance(value, np.generic) else str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _log(message: str) -> None:
+    print(f"[efficiency] {message}", file=sys.stderr, flush=True)
+
+
+def plot_all(results: dict[str, Any], workdir: pathlib.Path) -> None:
+    """latency_vs_cache.png, memory_vs_cache.png and route_throughput.png in `workdir`."""
+    methods = results["decode"]["methods"]
+    latency = {method: [row["timing"]["median_s"] * 1e3 for row in rows] for method, rows in methods.items()}
+    memory = {method: [_peak_gb(row) for row in rows] for method, rows in methods.items()}
+    sizes = results["decode"]["cache_sizes"]
+    title = f"{results['meta']['model']} ({results['meta']['dtype']}, {results['meta']['device']})"
+    _line_plot(workdir / "latency_vs_cache.png", sizes, latency, "per-token latency (ms)", title, log_y=True)
+    _line_plot(workdir / "memory_vs_cache.png", sizes, memory, "memory (GB, XLA buffer assignment)", title)
+    routes = results["routes"]
+    bars = {
+        "token route": routes["token"]["tokens_per_s"],
+        f"chunk route ({routes['chunk_size']})": routes["chunk"]["tokens_per_s"],
+    }
+    _bar_plot(workdir / "route_throughput.png", bars, f"{title}, S + W = {routes['num_sinks']} + {routes['window']}")
+
+
+def _peak_gb(row: dict) -> float:
+    compiled = row["memory"]["compiled"]
+    return np.nan if compiled is None else compiled["peak_bytes"] / 1e9
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _line_plot(path, sizes, series: dict[str, list[float]], ylabel: str, title: str, log_y: bool = False) -> None:
+    figure, axes = _figure()
+    for name, values in series.items():
+        axes.plot(sizes, values, marker="o", label=name)
+    from matplotlib.ticker import ScalarFormatter
+
+    axes.set_xscale("log", base=2)
+    if log_y:
+        axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(ScalarFormatter())
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.set_xlabel("cache size (tokens)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(os.fspath(path))
+
+
+def _bar_plot(path, bars: dict[str, float], title: str) -> None:
+    figure, axes = _figure()
+    positions = np.arange(len(bars))
+    axes.bar(positions, list(bars.values()), color=["tab:gray", "tab:blue"][: len(bars)])
+    axes.set_xticks(positions, list(bars))
+    axes.set_ylabel("evaluated tokens per second")
+    axes.set_title(title, fontsize=9)
+    for position, value in zip(positions, bars.values()):
+        axes.annotate(f"{value:.1f}", (position, value), ha="center", va="bottom", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(os.fspath(path))

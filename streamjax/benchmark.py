@@ -359,15 +359,13 @@ def decode_vs_cache_size(params: dict, config: ModelConfig, bench, bandwidth: fl
     `bandwidth` (bytes/s) and `matmul` (FLOP/s) are the machine's limits each row is compared with.
     """
     dtype = jax.tree.leaves(params)[0].dtype
-    methods = {}
-    for method in _parse_methods(bench.methods):
-        rows = []
-        for size in bench.cache_sizes:
+    methods = {method: [] for method in _parse_methods(bench.methods)}
+    for size in bench.cache_sizes:  # methods side by side at each size, so drift hits them alike
+        for method, rows in methods.items():
             _log(f"decode: {method} at cache size {size}")
             row = _decode_row(params, config, bench, method, size, dtype, bandwidth)
             row["matmul_fraction"] = row["flops_per_token"] / row["timing"]["median_s"] / matmul
             rows.append({"cache_size": size, **row})
-        methods[method] = rows
     return {"cache_sizes": list(bench.cache_sizes), "num_sinks": bench.num_sinks, "methods": methods}
 
 
@@ -639,8 +637,8 @@ def _figure():
 
 def _line_plot(path, sizes, series: dict[str, list[float]], ylabel: str, title: str, log_y: bool = False) -> None:
     figure, axes = _figure()
-    for name, values in series.items():
-        axes.plot(sizes, values, marker="o", label=name)
+    for (name, values), marker in zip(series.items(), "osD^v"):
+        axes.plot(sizes, values, marker=marker, markerfacecolor="none", label=name)
     from matplotlib.ticker import ScalarFormatter
 
     axes.set_xscale("log", base=2)

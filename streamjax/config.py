@@ -8,7 +8,8 @@ fields it does not handle (`check_known_fields`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 # Fields every Hugging Face config carries that do not change the forward pass of a causal LM.
 HF_METADATA_FIELDS = frozenset(

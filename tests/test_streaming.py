@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import streamjax
 from conftest import hf_logits, hf_state_dict, random_hf_llama, to_streamjax
 from reference import llama_stream_logits
+
+import streamjax
 from streamjax import decoding
 
 NUM_TOKENS = 300

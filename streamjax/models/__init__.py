@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 from streamjax.config import ModelConfig, UnsupportedConfigError
 from streamjax.models import falcon, gpt_neox, llama, mpt

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -188,7 +188,9 @@ def run_decoder(
         x, keys, values = decoder_layer(p, x, cached_keys, cached_values, plan, config, cache.num_sinks)
         return x, (keys, values)
 
-    x, (new_keys, new_values) = jax.lax.scan(layer, params["embed"][tokens], (params["layers"], cache.keys, cache.values))
+    x, (new_keys, new_values) = jax.lax.scan(
+        layer, params["embed"][tokens], (params["layers"], cache.keys, cache.values)
+    )
     x = final_norm(params, x) if final_norm else norm(params, "final_norm", x, config)
     if config.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)

@@ -9,7 +9,8 @@ so the model compiles once whatever its depth. The cache comes in and goes out (
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +40,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope.setdefault("rope_type", rope.pop("type", "default"))
     require(rope["rope_type"] in _ROPE_TYPES, f"rope type {rope['rope_type']!r} is not one of {_ROPE_TYPES}")
-    require(
-        rope.get("partial_rotary_factor", 1.0) == 1.0, "llama partial_rotary_factor other than 1 is not supported"
-    )
+    require(rope.get("partial_rotary_factor", 1.0) == 1.0, "llama partial_rotary_factor other than 1 is not supported")
     num_heads = hf["num_attention_heads"]
     return ModelConfig(
         family=FAMILY,
@@ -88,7 +87,11 @@ def param_specs(config: ModelConfig) -> dict:
         layers["gate_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
         layers["up_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
         layers["down_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
-    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": layers, "final_norm": ParamSpec((D,), ("embed",), init="ones")}
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed")),
+        "layers": layers,
+        "final_norm": ParamSpec((D,), ("embed",), init="ones"),
+    }
     if not config.tie_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
     return specs

@@ -258,3 +258,23 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_path, reference):
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "add_bos_token", "add_eos_token"):
         assert getattr(tokenizer, name) == getattr(expected, name), name
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+
+
+@pytest.mark.real_assets
+def test_smollm2_logits_match_transformers_gguf_load(smollm2_path, reference):
+    """streamjax's torch-free load gives transformers' logits on the first 128 tokens of a real text."""
+    torch, transformers = reference
+    import streamjax
+    from streamjax import loading
+
+    config, params, tokenizer = loading.load_model(str(smollm2_path))
+    tokens = data.load_corpus_tokens("austen", tokenizer, num_tokens=128)[None]
+    assert tokens.shape == (1, 128)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        expected = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    cache = streamjax.init_cache(config, 1, num_sinks=4, window=1020)
+    logits, _ = streamjax.prefill(params, cache, tokens, config, chunk_size=64)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-3, rtol=0)

@@ -4,7 +4,9 @@ Letters: B streams, T new tokens, S sinks, W window, N query heads, K kv heads, 
 heads per kv head, H head dim, R rotary dims.
 
 Attention over a chunk splits into a sink block and a window block (see `streamjax.cache`), each
-with its own query and key positions, scored separately and normalised by one softmax in float32.
+with its own query and key positions. The window block is read where it lies, as the ring slots of
+the cache and the chunk's own keys, so no layer copies its cache; the three key blocks are scored
+separately and normalised by one softmax in float32.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamjax.cache import ChunkPlan, SinkCache, layer_keys, plan_chunk
+from streamjax.cache import ChunkPlan, SinkCache, plan_chunk, sink_block
 from streamjax.config import ModelConfig
 
 
@@ -49,7 +51,7 @@ def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
 
 
 def rope_rotation(positions: jax.Array, first: int, last: int, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, P, 1, R/2] of the rotary angles at integer `positions` [B, P] in [first, last].
+    """cos and sin [B, P, R/2] of the rotary angles at integer `positions` [B, P] in [first, last].
 
     The angles of every position in the range are computed on the host in float64 and rounded once,
     so cos and sin are exact to float32 however far positions sit from 0; a float32 product
@@ -59,14 +61,14 @@ def rope_rotation(positions: jax.Array, first: int, last: int, inv_freq: np.ndar
     angles = np.arange(first, last + 1, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)
     index = jnp.clip(positions - first, 0, last - first)
     cos, sin = (
-        jnp.asarray(table.astype(np.float32))[index][:, :, None, :] for table in (np.cos(angles), np.sin(angles))
+        jnp.asarray(table.astype(np.float32))[index] for table in (np.cos(angles), np.sin(angles))
     )
     return cos, sin
 
 
 def apply_rope(x: jax.Array, rotation: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotate the first R dims of `x` [B, P, heads, H] (half-split layout) by `rope_rotation` output."""
-    cos, sin = rotation
+    """Rotate the first R dims of `x` [B, ..., P, H] (half-split layout) by `rope_rotation` output [B, P, R/2]."""
+    cos, sin = (t.reshape(t.shape[0], *(1,) * (x.ndim - 3), *t.shape[1:]) for t in rotation)
     rotary_dim = 2 * cos.shape[-1]
     rotary, passthrough = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
     first, second = jnp.split(rotary, 2, axis=-1)
@@ -78,7 +80,7 @@ class AttentionPlan(NamedTuple):
     """A chunk's `ChunkPlan` and what attention derives from its positions, once for every layer.
 
     sink_key_positions: [B, S] the sinks' cache positions 0..S-1.
-    rotations: for RoPE, (cos, sin) of (sink queries, sink keys, window queries, window keys);
+    rotations: for RoPE, (cos, sin) of (sink queries, sink keys, window queries, cache-slot keys, chunk keys);
         None for ALiBi, whose bias is computed from the positions in each layer.
     """
 
@@ -99,7 +101,8 @@ def plan_attention(cache: SinkCache, num_new: int, config: ModelConfig) -> Atten
             chunk.sink_query_positions,
             sink_key_positions,
             chunk.window_query_positions,
-            chunk.window_key_positions,
+            chunk.window_key_positions[:, : cache.capacity],
+            chunk.window_key_positions[:, cache.capacity :],
         )
         rotations = tuple(rope_rotation(p, -cache.window, last, inv_freq) for p in positions)
     return AttentionPlan(chunk, sink_key_positions, rotations)
@@ -136,27 +139,39 @@ def sink_window_attention(
 ) -> jax.Array:
     """Attention of a chunk's queries [B, T, N, H] over sinks, window and the chunk itself.
 
-    new_keys, new_values: [B, T, K, H] the chunk's keys (before RoPE) and values.
-    cached_keys, cached_values: [B, C, K, H] this layer's cache slots before the chunk.
+    new_keys, new_values: [B, K, T, H] the chunk's keys (before RoPE) and values.
+    cached_keys, cached_values: [B, K, C, H] this layer's cache slots before the chunk.
     scale: logit scale; None takes `config.attention_scale`, else 1/sqrt(H).
     Returns [B, T, N, H] in the dtype of `new_values`.
     """
-    chunk = plan.chunk
-    sink_keys, window_keys = layer_keys(cached_keys, new_keys, chunk, num_sinks)
-    sink_values, window_values = layer_keys(cached_values, new_values, chunk, num_sinks)
-    rotations = plan.rotations or (None,) * 4
-    blocks = (
-        (chunk.sink_query_positions, sink_keys, plan.sink_key_positions, chunk.sink_mask, rotations[:2]),
-        (chunk.window_query_positions, window_keys, chunk.window_key_positions, chunk.window_mask, rotations[2:]),
-    )
+    chunk, capacity = plan.chunk, cached_keys.shape[2]
+    batch, length, num_heads, head_dim = queries.shape
+    grouped = queries.reshape(batch, length, config.num_kv_heads, -1, head_dim).transpose(0, 2, 3, 1, 4)
+    # Blocks: sinks [S], every cache slot [C] (its sink slots masked: they are the sink block), chunk [T].
+    keys = (sink_block(cached_keys, new_keys, chunk, num_sinks), cached_keys, new_keys)
+    values = (sink_block(cached_values, new_values, chunk, num_sinks), cached_values, new_values)
+    sink_queries = window_queries = grouped  # [B, K, G, T, H]
+    if config.position == "rope":
+        sink_queries, window_queries = apply_rope(grouped, plan.rotations[0]), apply_rope(grouped, plan.rotations[2])
+        key_rotations = (plan.rotations[1], plan.rotations[3], plan.rotations[4])
+        keys = tuple(apply_rope(k, rotation) for k, rotation in zip(keys, key_rotations))
+    blocks = (  # (queries, query positions, key positions, mask) of the sink, ring and chunk blocks
+        (sink_queries, chunk.sink_query_positions, plan.sink_key_positions, chunk.sink_mask),
+        (window_queries, chunk.window_query_positions, chunk.window_key_positions[:, :capacity], chunk.window_mask[..., :capacity]),
+        (window_queries, chunk.window_query_positions, chunk.window_key_positions[:, capacity:], chunk.window_mask[..., capacity:]),
+    )  # fmt: skip
     if scale is None:
         scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
-    scores = [_block_scores(queries, *block, config, scale) for block in blocks]
+    scores = [
+        _block_scores(q, q_positions, k, k_positions, mask, config, scale)
+        for (q, q_positions, k_positions, mask), k in zip(blocks, keys)
+    ]
     weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    _record_weights(weights)
-    sink_weights, window_weights = jnp.split(weights, [num_sinks], axis=-1)
-    attended = _weighted_values(sink_weights, sink_values) + _weighted_values(window_weights, window_values)
-    return attended.astype(new_values.dtype)  # a cache in another dtype than the params must not leak into x
+    block_weights = jnp.split(weights, [num_sinks, num_sinks + capacity], axis=-1)
+    _record_weights(block_weights, num_sinks)
+    attended = sum(_head_matmul(w.astype(v.dtype), v, contract_last=False) for w, v in zip(block_weights, values))
+    attended = attended.transpose(0, 3, 1, 2, 4).reshape(queries.shape)  # [B, K, G, T, H] -> [B, T, N, H]
+    return attended.astype(new_values.dtype)  # a cache dtype must not leak into x
 
 
 _WEIGHTS_SINK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("weights_sink", default=None)
@@ -178,19 +193,18 @@ def recording_weights(sink: Callable[[np.ndarray], None]) -> Iterator[None]:
         _WEIGHTS_SINK.reset(token)
 
 
-def _record_weights(weights: jax.Array) -> None:
+def _record_weights(block_weights: list[jax.Array], num_sinks: int) -> None:
     sink = _WEIGHTS_SINK.get()
     if sink is not None:
+        sinks, cache_slots, chunk = block_weights
+        weights = jnp.concatenate([sinks, cache_slots[..., num_sinks:], chunk], axis=-1)  # sink slots: always 0
         jax.debug.callback(sink, weights, ordered=True)
 
 
-def _block_scores(queries, query_positions, keys, key_positions, mask, rotations, config: ModelConfig, scale: float):
-    """Masked scores [B, K, G, T, keys] in float32 of one key block."""
-    if config.position == "rope":
-        queries, keys = apply_rope(queries, rotations[0]), apply_rope(keys, rotations[1])
-    batch, length, num_heads, head_dim = queries.shape
-    grouped = queries.reshape(batch, length, config.num_kv_heads, num_heads // config.num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32) * scale
+def _block_scores(queries, query_positions, keys, key_positions, mask, config: ModelConfig, scale: float):
+    """Masked scores [B, K, G, T, keys] in float32 of one key block: queries [B, K, G, T, H] and keys
+    [B, K, keys, H], both already rotated."""
+    scores = _head_matmul(queries, keys, contract_last=True) * scale
     if config.position == "alibi":
         slopes = config_alibi_slopes(config).reshape(config.num_kv_heads, -1)
         distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, keys]
@@ -198,7 +212,19 @@ def _block_scores(queries, query_positions, keys, key_positions, mask, rotations
     return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
-def _weighted_values(weights: jax.Array, values: jax.Array) -> jax.Array:
-    """weights [B, K, G, T, keys] times values [B, keys, K, H] -> [B, T, N, H]."""
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    return out.reshape(*out.shape[:2], -1, out.shape[-1]).astype(values.dtype)
+def _head_matmul(left: jax.Array, right: jax.Array, contract_last: bool) -> jax.Array:
+    """Per kv head: left [B, K, G, T, X] times right [B, K, keys, Y] -> [B, K, G, T, keys or Y], float32.
+
+    contract_last: contract X with Y (scores: queries times keys), else X (= keys) with the keys axis
+    (weights times values). Written as one batched product over (B, K) with the right operand as
+    stored, for which XLA copies neither operand (an einsum with the heads axis elsewhere copied the
+    whole value block on CPU).
+    """
+    batch, heads, groups, length, inner = left.shape
+    flat_left = left.reshape(batch * heads, groups * length, inner)
+    flat_right = right.reshape(batch * heads, *right.shape[2:])
+    contract = 2 if contract_last else 1
+    out = jax.lax.dot_general(
+        flat_left, flat_right, (((2,), (contract,)), ((0,), (0,))), preferred_element_type=jnp.float32
+    )
+    return out.reshape(batch, heads, groups, length, -1)

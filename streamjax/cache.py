@@ -13,8 +13,8 @@ Positions are indices within the cache: sink s sits at position s, the window fo
 order, and the query sits at `min(t, S + W)`. Hence a window key sits at its true distance t - j from
 the query and sink s at the distance `min(t, S + W) - s`. `plan_chunk` turns that into positions for
 two key blocks that share one softmax: the sink block (queries at their cache position, sinks at s)
-and the window block (the ring followed by the new tokens, queries and keys at their stream offset
-from the chunk start). All positions handed to attention are small integers, so a stream may run
+and the window block (the ring slots followed by the new tokens, queries and keys at their stream
+offset from the chunk start). All positions handed to attention are small integers, so a stream may run
 forever: stream indices are int32 that wrap modulo 2^32 and are only ever subtracted.
 """
 
@@ -33,7 +33,8 @@ from streamjax.config import ModelConfig
 class SinkCache:
     """KV cache of B independent streams, each with its own fill state.
 
-    keys, values: [L, B, C, K, H], keys before RoPE.
+    keys, values: [L, B, K, C, H], keys before RoPE; heads before slots, so that attention reads each
+        kv head's slots as one contiguous [C, H] matrix.
     slot_positions: [B, C] int32 stream index of the token each slot holds (wrapping).
     length: [B] int32 number of filled slots, saturating at C; also the next query's position.
     cursor: [B] int32 ring slot (0..W-1) that the next window token overwrites.
@@ -82,7 +83,7 @@ def init_cache(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     capacity = num_sinks + window
-    kv_shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+    kv_shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
     wrapped_first = (first_position + 2**31) % 2**32 - 2**31
     return SinkCache(
         keys=jnp.zeros(kv_shape, dtype),
@@ -103,8 +104,10 @@ class ChunkPlan(NamedTuple):
     sink_mask: [B, T, S] query may see sink s (it exists and is not in the query's future).
     sink_sources: [B, S] index of the new token that becomes sink s, or T to keep the cached sink.
     window_query_positions: [B, T] offset of each query from the chunk start (0..T-1).
-    window_key_positions: [B, W + T] offset of each ring slot, then each new token, from the chunk start.
-    window_mask: [B, T, W + T] key is filled, not a sink, causal and at most W tokens back.
+    window_key_positions: [B, C + T] offset of each cache slot, then each new token, from the chunk start.
+    window_mask: [B, T, C + T] key is a filled ring slot or a new token that is not a sink, causal and
+        at most W tokens back. (The window block spans every cache slot, sink slots always masked, so
+        that attention reads the cache where it lies, then the chunk.)
     destinations: [B, T] cache slot each new token is written to, or C where it is not kept.
     """
 
@@ -130,10 +133,11 @@ def _plan_stream(slot_positions, length, cursor, next_position, num_sinks, windo
     seen_before = length + new  # tokens before each new one, exact while the cache is filling
     sinks = jnp.arange(num_sinks, dtype=jnp.int32)
 
-    ring_offsets = slot_positions[num_sinks:] - next_position  # wrapping difference, in [-W - ..., 0)
-    ring_filled = jnp.arange(num_sinks, capacity) < length
+    slot_offsets = slot_positions - next_position  # wrapping difference; ring slots in [-W, 0)
+    slots = jnp.arange(capacity)
+    ring_filled = (slots >= num_sinks) & (slots < length)  # sink slots belong to the sink block only
     new_is_sink = seen_before < num_sinks
-    key_offsets = jnp.concatenate([ring_offsets, new])
+    key_offsets = jnp.concatenate([slot_offsets, new])
     key_usable = jnp.concatenate([ring_filled, ~new_is_sink])
     distance = new[:, None] - key_offsets[None, :]
     window_mask = key_usable[None, :] & (distance >= 0) & (distance <= window)
@@ -155,7 +159,7 @@ def _plan_stream(slot_positions, length, cursor, next_position, num_sinks, windo
 
 
 def advance(cache: SinkCache, plan: ChunkPlan, new_keys: jax.Array, new_values: jax.Array) -> SinkCache:
-    """The cache after a chunk whose keys (before RoPE) and values are `new_keys`, `new_values` [L, B, T, K, H]."""
+    """The cache after a chunk whose keys (before RoPE) and values are `new_keys`, `new_values` [L, B, K, T, H]."""
     num_new = plan.destinations.shape[1]
     new_positions = cache.next_position[:, None] + jnp.arange(num_new, dtype=jnp.int32)
     first_ring_token = jnp.minimum(jnp.maximum(cache.num_sinks - cache.length, 0), num_new)
@@ -169,25 +173,29 @@ def advance(cache: SinkCache, plan: ChunkPlan, new_keys: jax.Array, new_values: 
     )
 
 
-def layer_keys(cached: jax.Array, new: jax.Array, plan: ChunkPlan, num_sinks: int):
-    """Sink block [B, S, K, H] and window block [B, W + T, K, H] of one layer's keys (or values).
+def sink_block(cached: jax.Array, new: jax.Array, plan: ChunkPlan, num_sinks: int) -> jax.Array:
+    """The sink block [B, K, S, H] of one layer's keys (or values) as the chunk's queries see it.
 
-    cached: [B, C, K, H] this layer's slots before the chunk; new: [B, T, K, H] the chunk's entries.
+    cached: [B, K, C, H] this layer's slots before the chunk; new: [B, K, T, H] the chunk's entries.
+    Sinks still empty before the chunk are taken from the new tokens that become them.
     """
-    padded_new = jnp.concatenate([new, jnp.zeros_like(new[:, :1])], axis=1)
-    from_new = jnp.take_along_axis(padded_new, plan.sink_sources[:, :, None, None], axis=1)
-    keep_cached = (plan.sink_sources == new.shape[1])[:, :, None, None]
-    sink_block = jnp.where(keep_cached, cached[:, :num_sinks], from_new)
-    window_block = jnp.concatenate([cached[:, num_sinks:], new], axis=1)
-    return sink_block, window_block
+    padded_new = jnp.concatenate([new, jnp.zeros_like(new[:, :, :1])], axis=2)
+    from_new = jnp.take_along_axis(padded_new, plan.sink_sources[:, None, :, None], axis=2)
+    keep_cached = (plan.sink_sources == new.shape[2])[:, None, :, None]
+    return jnp.where(keep_cached, cached[:, :, :num_sinks], from_new)
 
 
 def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array) -> jax.Array:
-    """Write `new` [(L,) B, T, ...] into `buffer` [(L,) B, C, ...] at slots `destinations` [B, T].
+    """Write `new` into `buffer` at slots `destinations` [B, T]: keys or values [L, B, K, C, H] from
+    [L, B, K, T, H], or slot positions [B, C] from [B, T].
 
     Destinations are in range and distinct; tokens that are not kept point one past the end and are
     dropped, so no write ever wraps or clamps. With the cache donated, XLA updates it in place.
     """
-    batch = jnp.arange(destinations.shape[0])[:, None]
-    index = (batch, destinations) if buffer.ndim == destinations.ndim else (slice(None), batch, destinations)
+    batch = jnp.arange(destinations.shape[0])
+    if buffer.ndim == destinations.ndim:
+        index = (batch[:, None], destinations)
+    else:
+        heads = jnp.arange(buffer.shape[2])
+        index = (slice(None), batch[:, None, None], heads[None, :, None], destinations[:, None, :])
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop", unique_indices=True)

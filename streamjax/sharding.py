@@ -42,10 +42,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "slots": None,
 }
 
-# Logical axes of each SinkCache array: keys/values [L, B, C, K, H], slot_positions [B, C], counters [B].
+# Logical axes of each SinkCache array: keys/values [L, B, K, C, H], slot_positions [B, C], counters [B].
 CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "keys": ("layers", "batch", "slots", "kv_heads", "head_dim"),
-    "values": ("layers", "batch", "slots", "kv_heads", "head_dim"),
+    "keys": ("layers", "batch", "kv_heads", "slots", "head_dim"),
+    "values": ("layers", "batch", "kv_heads", "slots", "head_dim"),
     "slot_positions": ("batch", "slots"),
     "length": ("batch",),
     "cursor": ("batch",),

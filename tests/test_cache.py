@@ -16,8 +16,8 @@ TINY = ModelConfig(
 def fake_advance(cache, num_new):
     """Advance the bookkeeping of `cache` by `num_new` tokens (keys and values untouched)."""
     plan = cache_lib.plan_chunk(cache, num_new)
-    layers, batch, _, kv_heads, head_dim = cache.keys.shape
-    new = jnp.zeros((layers, batch, num_new, kv_heads, head_dim))
+    layers, batch, kv_heads, _, head_dim = cache.keys.shape
+    new = jnp.zeros((layers, batch, kv_heads, num_new, head_dim))
     return cache_lib.advance(cache, plan, new, new), plan
 
 
@@ -55,8 +55,9 @@ def test_positions_and_masks_once_the_cache_is_full():
     np.testing.assert_array_equal(plan.sink_query_positions[0], [3, 3, 3])  # query at S + W
     np.testing.assert_array_equal(plan.sink_mask[0], [[True]] * 3)
     np.testing.assert_array_equal(plan.window_query_positions[0], [0, 1, 2])
-    np.testing.assert_array_equal(plan.window_key_positions[0], [-1, -2, 0, 1, 2])
-    expected_mask = [[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 1, 1, 1]]  # itself and 2 before it
+    # Every cache slot (the sink slot at offset -4, never in the window block), then the new tokens.
+    np.testing.assert_array_equal(plan.window_key_positions[0], [-4, -1, -2, 0, 1, 2])
+    expected_mask = [[0, 1, 1, 1, 0, 0], [0, 1, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]  # itself and 2 before it
     np.testing.assert_array_equal(plan.window_mask[0], np.array(expected_mask, bool))
     np.testing.assert_array_equal(plan.destinations[0], [3, 1, 2])
 
@@ -68,8 +69,8 @@ def test_filling_phase_positions_are_stream_indices():
     np.testing.assert_array_equal(plan.sink_mask[0], [[1, 0], [1, 1], [1, 1], [1, 1]])
     np.testing.assert_array_equal(plan.sink_sources[0], [0, 1])
     # New tokens 0 and 1 are sinks, so the window block only offers tokens 2 and 3 (and no ring yet).
-    np.testing.assert_array_equal(plan.window_mask[0, :, 4:], [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
-    assert not np.asarray(plan.window_mask[0, :, :4]).any()
+    np.testing.assert_array_equal(plan.window_mask[0, :, 6:], [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+    assert not np.asarray(plan.window_mask[0, :, :6]).any()
 
 
 def test_stream_counter_wraps_without_changing_offsets():
@@ -77,7 +78,7 @@ def test_stream_counter_wraps_without_changing_offsets():
     cache, _ = fake_advance(cache, 5)
     assert int(cache.next_position[0]) == -(2**31) + 3  # wrapped int32
     plan = cache_lib.plan_chunk(cache, 1)
-    np.testing.assert_array_equal(plan.window_key_positions[0], [-2, -1, 0])  # ring holds tokens 3, 4
+    np.testing.assert_array_equal(plan.window_key_positions[0], [-5, -2, -1, 0])  # sink 0, ring tokens 3, 4
 
 
 @pytest.mark.parametrize("num_sinks, window", [(-1, 4), (2, 0), (0, -3)])
@@ -88,5 +89,5 @@ def test_bad_cache_shapes_are_refused(num_sinks, window):
 
 def test_cache_shape_and_dtype():
     cache = cache_lib.init_cache(TINY, 3, num_sinks=4, window=12, dtype=jnp.bfloat16)
-    assert cache.keys.shape == (1, 3, 16, 1, 4) and cache.keys.dtype == jnp.bfloat16
+    assert cache.keys.shape == (1, 3, 1, 16, 4) and cache.keys.dtype == jnp.bfloat16
     assert cache.capacity == 16 and cache.batch_size == 3

@@ -276,8 +276,8 @@ EXPECTED_PARAM_SHARDS = {
     "data=1,model=8": {"q": [2, 48, 6, 8], "k": [2, 48, 2, 8], "gate": [2, 48, 10], "down": [2, 10, 48], "embed": [97, 48]},
     "data=4,model=2": {"q": [2, 48, 3, 8], "k": [2, 48, 1, 8], "gate": [2, 48, 40], "down": [2, 40, 48], "embed": [97, 48]},
 }  # fmt: skip
-# Cache keys [L, B, C, K, H] of the streaming run (batch 1 is never split; kv heads only in two).
-EXPECTED_CACHE_SHARDS = {"data=1,model=8": [2, 1, 32, 2, 8], "data=4,model=2": [2, 1, 32, 1, 8]}
+# Cache keys [L, B, K, C, H] of the streaming run (batch 1 is never split; kv heads only in two).
+EXPECTED_CACHE_SHARDS = {"data=1,model=8": [2, 1, 2, 32, 8], "data=4,model=2": [2, 1, 1, 32, 8]}
 
 
 def _shard_shape(array: jax.Array) -> list[int]:

@@ -171,12 +171,12 @@ EXPECTED_PARAM_SHARDS = {
     "even/4x2": ([L, 64, 8, 8], [L, 64, 4, 8], [L, 64, 64], [L, 64, 64], [64, 64], [L, 64]),
     "odd/2x4": ([L, 72, 9, 8], [L, 72, 3, 8], [L, 72, 24], [L, 24, 72], [97, 72], [L, 72]),
 }
-# cache keys [L, B, C, K, H] and slot_positions [B, C] shard shapes after a sharded run.
+# cache keys [L, B, K, C, H] and slot_positions [B, C] shard shapes after a sharded run.
 EXPECTED_CACHE_SHARDS = {
-    "even/2x4": ([L, 2, C, 2, 8], [2, C]),
-    "even/1x8": ([L, 4, C, 1, 8], [4, C]),
-    "even/4x2": ([L, 1, C, 4, 8], [1, C]),
-    "odd/2x4": ([L, 2, C, 3, 8], [2, C]),
+    "even/2x4": ([L, 2, 2, C, 8], [2, C]),
+    "even/1x8": ([L, 4, 1, C, 8], [4, C]),
+    "even/4x2": ([L, 1, 4, C, 8], [1, C]),
+    "odd/2x4": ([L, 2, 3, C, 8], [2, C]),
 }
 
 

@@ -134,16 +134,23 @@ def norm(p: dict, name: str, x: jax.Array, config: ModelConfig) -> jax.Array:
 
 
 def attention_block(p, h, cached_keys, cached_values, plan, config: ModelConfig, num_sinks: int):
-    """Self-attention of the normed input h [B, T, D] through one layer's cache slots [B, C, K, H].
+    """Self-attention of the normed input h [B, T, D] through one layer's cache slots [B, K, C, H].
 
-    Returns the output [B, T, D] and the chunk's keys (before RoPE) and values [B, T, K, H], which
-    `run_decoder` writes into the cache once every layer has read it.
+    Returns the output [B, T, D] and the chunk's keys (before RoPE) and values [B, K, T, H], which
+    `run_decoder` writes into the cache once every layer has read it. Each projection is one plain
+    matrix product on the weights as stored ([D, heads * H], [N * H, D]), so none is copied first.
     """
-    q, k, v = (add_bias(jnp.einsum("btd,dnh->btnh", h, p[name]), p.get(f"{name}_bias")) for name in "qkv")
-    if config.clip_qkv is not None:
-        q, k, v = (jnp.clip(x, -config.clip_qkv, config.clip_qkv) for x in (q, k, v))
+    batch, length, dim = h.shape
+
+    def project(name: str, num_heads: int) -> jax.Array:
+        out = (h @ p[name].reshape(dim, -1)).reshape(batch, length, num_heads, config.head_dim)
+        out = add_bias(out, p.get(f"{name}_bias"))
+        return out if config.clip_qkv is None else jnp.clip(out, -config.clip_qkv, config.clip_qkv)
+
+    q = project("q", config.num_heads)
+    k, v = (project(name, config.num_kv_heads).transpose(0, 2, 1, 3) for name in "kv")  # heads first, as cached
     attended = sink_window_attention(q, k, v, cached_keys, cached_values, plan, config, num_sinks)
-    return add_bias(jnp.einsum("btnh,nhd->btd", attended, p["o"]), p.get("o_bias")), k, v
+    return add_bias(attended.reshape(batch, length, -1) @ p["o"].reshape(-1, dim), p.get("o_bias")), k, v
 
 
 def mlp_block(p: dict, h: jax.Array, config: ModelConfig) -> jax.Array:
@@ -175,7 +182,7 @@ def run_decoder(
     """Embed tokens [B, T], scan `decoder_layer` over the stacked layers, final norm and head.
 
     `decoder_layer(p, x, cached_keys, cached_values, plan, config, num_sinks) -> (x, keys, values)`
-    reads one layer's cache slots [B, C, K, H] and returns the chunk's keys and values [B, T, K, H].
+    reads one layer's cache slots [B, K, C, H] and returns the chunk's keys and values [B, K, T, H].
     The cache is only read inside the scan and written once after it (a buffer both read and written
     in a loop makes XLA copy it every layer). `final_norm(params, x)` defaults to the LayerNorm
     `final_norm` (+ `final_norm_bias`). Params hold `embed` [V, D], `layers` and, untied, `lm_head` [D, V].

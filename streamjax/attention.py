@@ -60,9 +60,7 @@ def rope_rotation(positions: jax.Array, first: int, last: int, inv_freq: np.ndar
     """
     angles = np.arange(first, last + 1, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)
     index = jnp.clip(positions - first, 0, last - first)
-    cos, sin = (
-        jnp.asarray(table.astype(np.float32))[index] for table in (np.cos(angles), np.sin(angles))
-    )
+    cos, sin = (jnp.asarray(table.astype(np.float32))[index] for table in (np.cos(angles), np.sin(angles)))
     return cos, sin
 
 
@@ -155,11 +153,13 @@ def sink_window_attention(
         sink_queries, window_queries = apply_rope(grouped, plan.rotations[0]), apply_rope(grouped, plan.rotations[2])
         key_rotations = (plan.rotations[1], plan.rotations[3], plan.rotations[4])
         keys = tuple(apply_rope(k, rotation) for k, rotation in zip(keys, key_rotations))
-    blocks = (  # (queries, query positions, key positions, mask) of the sink, ring and chunk blocks
+    slot_positions, chunk_positions = jnp.split(chunk.window_key_positions, [capacity], axis=-1)
+    slot_mask, chunk_mask = jnp.split(chunk.window_mask, [capacity], axis=-1)
+    blocks = (  # (queries, query positions, key positions, mask) of the sink, cache-slot and chunk blocks
         (sink_queries, chunk.sink_query_positions, plan.sink_key_positions, chunk.sink_mask),
-        (window_queries, chunk.window_query_positions, chunk.window_key_positions[:, :capacity], chunk.window_mask[..., :capacity]),
-        (window_queries, chunk.window_query_positions, chunk.window_key_positions[:, capacity:], chunk.window_mask[..., capacity:]),
-    )  # fmt: skip
+        (window_queries, chunk.window_query_positions, slot_positions, slot_mask),
+        (window_queries, chunk.window_query_positions, chunk_positions, chunk_mask),
+    )
     if scale is None:
         scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
     scores = [

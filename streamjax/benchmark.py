@@ -71,6 +71,7 @@ import numpy as np
 import streamjax
 from streamjax import evaluation, loading, models
 from streamjax.cache import SinkCache, check_cache_shape, init_cache
+from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
 from streamjax.models.common import init_params
 
@@ -202,10 +203,11 @@ def filled_cache(
         [np.where(sinks < num_seen, sinks, 0), np.where(ring < ring_written, num_sinks + last_lap, 0)]
     )
     length = min(num_seen, num_sinks + window)
-    keys, values = jax.random.split(jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed), 2 * config.num_layers)
+    random = [jax.random.normal(key, cache.keys[0].shape, dtype) for key in keys]
     return cache.replace(
-        keys=jax.random.normal(keys, cache.keys.shape, dtype),
-        values=jax.random.normal(values, cache.values.shape, dtype),
+        keys=tuple(random[: config.num_layers]),
+        values=tuple(random[config.num_layers :]),
         slot_positions=jnp.asarray(np.broadcast_to(_wrap_int32(slots), (batch_size, cache.capacity))),
         length=jnp.full((batch_size,), length, jnp.int32),
         cursor=jnp.full((batch_size,), ring_written % window, jnp.int32),
@@ -229,9 +231,12 @@ def cache_bytes(config: ModelConfig, capacity: int, dtype) -> int:
 
 
 def matmul_params(params: dict, config: ModelConfig) -> int:
-    """Weights used in matrix products per token: every stacked layer matrix and the head [D, V]."""
+    """Weights used in matrix products per token: every layer's matrices and the head [D, V]."""
     layer_matrices = [
-        leaf.size for name, leaf in params["layers"].items() if leaf.ndim >= 3 and not name.endswith("_bias")
+        leaf.size
+        for layer in params["layers"]
+        for name, leaf in layer.items()
+        if leaf.ndim >= 2 and not name.endswith("_bias")
     ]
     return sum(layer_matrices) + config.hidden_size * config.vocab_size
 
@@ -311,7 +316,7 @@ def measure_matmul(size: int, dtype, repeats: int) -> dict[str, Any]:
 # Decode latency and memory against cache size
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@model_jit(static_argnames="config")
 def _recompute_logits(params: dict, window_tokens: jax.Array, config: ModelConfig) -> jax.Array:
     """Logits [B, V] of the last of `window_tokens` [B, n] from a fresh dense forward over all n."""
     dtype = jax.tree.leaves(params)[0].dtype
@@ -320,7 +325,7 @@ def _recompute_logits(params: dict, window_tokens: jax.Array, config: ModelConfi
     return logits[:, -1]
 
 
-_jitted_step = jax.jit(streamjax.step, static_argnames="config", donate_argnames="cache")
+_jitted_step = model_jit(static_argnames="config", donate_argnames="cache")(streamjax.step)
 
 
 def time_decode(

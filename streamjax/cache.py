@@ -20,6 +20,7 @@ forever: stream indices are int32 that wrap modulo 2^32 and are only ever subtra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.struct
@@ -33,16 +34,17 @@ from streamjax.config import ModelConfig
 class SinkCache:
     """KV cache of B independent streams, each with its own fill state.
 
-    keys, values: [L, B, K, C, H], keys before RoPE; heads before slots, so that attention reads each
-        kv head's slots as one contiguous [C, H] matrix.
+    keys, values: one [B, K, C, H] array per layer (a tuple of L), keys before RoPE; heads before
+        slots, so that attention reads each kv head's slots as one contiguous [C, H] matrix, and an
+        array per layer, so that no layer's slots are copied out of a larger buffer.
     slot_positions: [B, C] int32 stream index of the token each slot holds (wrapping).
     length: [B] int32 number of filled slots, saturating at C; also the next query's position.
     cursor: [B] int32 ring slot (0..W-1) that the next window token overwrites.
     next_position: [B] int32 stream index of the next token (wrapping).
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
     slot_positions: jax.Array
     length: jax.Array
     cursor: jax.Array
@@ -56,7 +58,7 @@ class SinkCache:
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
 
 
 def check_cache_shape(num_sinks: int, window: int) -> None:
@@ -83,11 +85,11 @@ def init_cache(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     capacity = num_sinks + window
-    kv_shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
+    kv_shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
     wrapped_first = (first_position + 2**31) % 2**32 - 2**31
     return SinkCache(
-        keys=jnp.zeros(kv_shape, dtype),
-        values=jnp.zeros(kv_shape, dtype),
+        keys=tuple(jnp.zeros(kv_shape, dtype) for _ in range(config.num_layers)),
+        values=tuple(jnp.zeros(kv_shape, dtype) for _ in range(config.num_layers)),
         slot_positions=jnp.zeros((batch_size, capacity), jnp.int32),
         length=jnp.zeros((batch_size,), jnp.int32),
         cursor=jnp.zeros((batch_size,), jnp.int32),
@@ -158,14 +160,17 @@ def _plan_stream(slot_positions, length, cursor, next_position, num_sinks, windo
     )
 
 
-def advance(cache: SinkCache, plan: ChunkPlan, new_keys: jax.Array, new_values: jax.Array) -> SinkCache:
-    """The cache after a chunk whose keys (before RoPE) and values are `new_keys`, `new_values` [L, B, K, T, H]."""
+def advance(
+    cache: SinkCache, plan: ChunkPlan, new_keys: Sequence[jax.Array], new_values: Sequence[jax.Array]
+) -> SinkCache:
+    """The cache after a chunk whose keys (before RoPE) and values are `new_keys`, `new_values`: one
+    [B, K, T, H] array per layer."""
     num_new = plan.destinations.shape[1]
     new_positions = cache.next_position[:, None] + jnp.arange(num_new, dtype=jnp.int32)
     first_ring_token = jnp.minimum(jnp.maximum(cache.num_sinks - cache.length, 0), num_new)
     return cache.replace(
-        keys=_write_slots(cache.keys, plan.destinations, new_keys),
-        values=_write_slots(cache.values, plan.destinations, new_values),
+        keys=tuple(_write_slots(old, plan.destinations, new) for old, new in zip(cache.keys, new_keys)),
+        values=tuple(_write_slots(old, plan.destinations, new) for old, new in zip(cache.values, new_values)),
         slot_positions=_write_slots(cache.slot_positions, plan.destinations, new_positions),
         length=jnp.minimum(cache.length + num_new, cache.capacity),
         cursor=(cache.cursor + num_new - first_ring_token) % cache.window,
@@ -186,8 +191,8 @@ def sink_block(cached: jax.Array, new: jax.Array, plan: ChunkPlan, num_sinks: in
 
 
 def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array) -> jax.Array:
-    """Write `new` into `buffer` at slots `destinations` [B, T]: keys or values [L, B, K, C, H] from
-    [L, B, K, T, H], or slot positions [B, C] from [B, T].
+    """Write `new` into `buffer` at slots `destinations` [B, T]: one layer's keys or values [B, K, C, H]
+    from [B, K, T, H], or slot positions [B, C] from [B, T].
 
     Destinations are in range and distinct; tokens that are not kept point one past the end and are
     dropped, so no write ever wraps or clamps. With the cache donated, XLA updates it in place.
@@ -196,6 +201,6 @@ def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array) -> 
     if buffer.ndim == destinations.ndim:
         index = (batch[:, None], destinations)
     else:
-        heads = jnp.arange(buffer.shape[2])
-        index = (slice(None), batch[:, None, None], heads[None, :, None], destinations[:, None, :])
+        heads = jnp.arange(buffer.shape[1])
+        index = (batch[:, None, None], heads[None, :, None], destinations[:, None, :])
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop", unique_indices=True)

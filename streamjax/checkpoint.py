@@ -84,13 +84,14 @@ def convert_tensors(
     missing = [name for rule in rules for name in _source_names(rule, config) if name not in tensors]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
-    params: dict = {}
+    params: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for rule in rules:
         names = _source_names(rule, config)
         used.update(names)
-        array = _convert_rule(rule, [tensors[name] for name in names], _spec_at(specs, rule.target))
-        array = array.astype(jnp.dtype(dtype))
-        _set_at(params, rule.target, place(array, rule.target) if place else jnp.asarray(array))
+        paths = [_layer_path(rule.target, i) for i in range(len(names))] if rule.per_layer else [rule.target]
+        for name, path in zip(names, paths):
+            array = _convert_tensor(rule, name, tensors[name], _spec_at(specs, path)).astype(jnp.dtype(dtype))
+            _set_at(params, path, place(array, path) if place else jnp.asarray(array))
     used.update(_tied_copies(tensors, config, family))
     unexpected = sorted(name for name in tensors if name not in used and not _IGNORED_TENSORS.match(name))
     if unexpected:
@@ -117,33 +118,34 @@ def _source_names(rule: TensorRule, config: ModelConfig) -> list[str]:
     return [rule.source]
 
 
-def _convert_rule(rule: TensorRule, arrays: list[np.ndarray], spec: ParamSpec) -> np.ndarray:
+def _layer_path(target: tuple[str, ...], layer: int) -> tuple:
+    """("layers", name) of a per-layer rule -> ("layers", layer, name), its place in the params."""
+    return (target[0], layer, *target[1:])
+
+
+def _convert_tensor(rule: TensorRule, name: str, array: np.ndarray, spec: ParamSpec) -> np.ndarray:
     transform = rule.transform or (lambda array: array)
-    expected = tuple(spec.shape[1:] if rule.per_layer else spec.shape)
-    converted = []
-    for layer, array in enumerate(arrays):
-        try:
-            result = np.asarray(transform(np.asarray(array, np.float32)))
-        except ValueError:  # a reshape that cannot work: the tensor has the wrong size
-            result = None
-        if result is None or result.shape != expected:
-            raise CheckpointError(
-                f"tensor {rule.source.format(i=layer)} has shape {tuple(array.shape)}, which does not give "
-                f"the expected {expected} for {'/'.join(rule.target)}; check that the config matches the weights"
-            )
-        converted.append(result)
-    return np.stack(converted) if rule.per_layer else converted[0]
+    try:
+        result = np.asarray(transform(np.asarray(array, np.float32)))
+    except ValueError:  # a reshape that cannot work: the tensor has the wrong size
+        result = None
+    if result is None or result.shape != tuple(spec.shape):
+        raise CheckpointError(
+            f"tensor {name} has shape {tuple(array.shape)}, which does not give the expected "
+            f"{tuple(spec.shape)} for {'/'.join(rule.target)}; check that the config matches the weights"
+        )
+    return result
 
 
-def _spec_at(specs: dict, path: tuple[str, ...]) -> ParamSpec:
+def _spec_at(specs: dict, path: tuple) -> ParamSpec:
     for key in path:
         specs = specs[key]
     return specs
 
 
-def _set_at(tree: dict, path: tuple[str, ...], value) -> None:
+def _set_at(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
-        tree = tree.setdefault(key, {})
+        tree = tree[key] if isinstance(tree, list) else tree.setdefault(key, {})
     tree[path[-1]] = value
 
 

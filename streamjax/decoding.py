@@ -9,14 +9,13 @@ give the same logits and leave the same cache.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from streamjax import models
 from streamjax.cache import SinkCache
+from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
 
 
@@ -43,7 +42,7 @@ def check_tokens(tokens, config: ModelConfig, cache: SinkCache | None = None) ->
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
 
 
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
+@model_jit(static_argnames="config", donate_argnames="cache")
 def _forward(params: dict, cache: SinkCache, tokens: jax.Array, config: ModelConfig):
     return models.family(config).forward(params, cache, tokens, config)
 
@@ -58,7 +57,7 @@ def step(params: dict, cache: SinkCache, tokens, config: ModelConfig) -> tuple[j
     return _forward(params, cache, jnp.asarray(tokens, jnp.int32), config)
 
 
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
+@model_jit(static_argnames="config", donate_argnames="cache")
 def _feed_tokens(params: dict, cache: SinkCache, tokens: jax.Array, config: ModelConfig):
     forward = models.family(config).forward
 

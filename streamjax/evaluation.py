@@ -23,6 +23,7 @@ import numpy as np
 
 from streamjax import models
 from streamjax.cache import SinkCache, check_cache_shape, init_cache
+from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
 from streamjax.decoding import check_tokens
 
@@ -132,13 +133,13 @@ def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
+@model_jit(static_argnames="config", donate_argnames="cache")
 def _chunk_nll(params, cache: SinkCache, inputs, targets, config: ModelConfig):
     logits, cache = models.family(config).forward(params, cache, inputs, config)
     return _token_nll(logits, targets), cache
 
 
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
+@model_jit(static_argnames="config", donate_argnames="cache")
 def _scan_nll(params, cache: SinkCache, inputs, targets, config: ModelConfig):
     forward = models.family(config).forward
 

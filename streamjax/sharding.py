@@ -36,16 +36,15 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "mlp": "model",
     "vocab": "model",
-    "layers": None,
     "embed": None,
     "head_dim": None,
     "slots": None,
 }
 
-# Logical axes of each SinkCache array: keys/values [L, B, K, C, H], slot_positions [B, C], counters [B].
+# Logical axes of each SinkCache array: keys/values [B, K, C, H] (per layer), slot_positions [B, C], counters [B].
 CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "keys": ("layers", "batch", "kv_heads", "slots", "head_dim"),
-    "values": ("layers", "batch", "kv_heads", "slots", "head_dim"),
+    "keys": ("batch", "kv_heads", "slots", "head_dim"),  # each layer's array
+    "values": ("batch", "kv_heads", "slots", "head_dim"),
     "slot_positions": ("batch", "slots"),
     "length": ("batch",),
     "cursor": ("batch",),
@@ -130,7 +129,10 @@ def cache_shardings(cache: SinkCache, mesh: Mesh) -> SinkCache:
 
     `cache` may be a real cache or its `jax.eval_shape`; the result serves `jax.device_put` and `out_shardings`.
     """
-    fields = {name: logical_sharding(axes, getattr(cache, name).shape, mesh) for name, axes in CACHE_AXES.items()}
+    fields = {
+        name: jax.tree.map(lambda array, axes=axes: logical_sharding(axes, array.shape, mesh), getattr(cache, name))
+        for name, axes in CACHE_AXES.items()
+    }
     return cache.replace(**fields)
 
 

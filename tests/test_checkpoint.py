@@ -52,7 +52,7 @@ def test_load_onto_a_mesh_places_every_param_by_the_rules(model, tmp_path):
 def test_bfloat16_load(model, tmp_path):
     model.save_pretrained(tmp_path)
     config, params = streamjax.load_hf_directory(tmp_path, dtype=jnp.bfloat16)
-    assert params["layers"]["q"].dtype == jnp.bfloat16
+    assert params["layers"][0]["q"].dtype == jnp.bfloat16
     cache = streamjax.init_cache(config, 1, 4, 60, dtype=jnp.bfloat16)
     logits, _ = streamjax.prefill(params, cache, TOKENS, config)
     assert logits.dtype == jnp.float32

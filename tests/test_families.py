@@ -201,8 +201,8 @@ def test_save_pretrained_then_load_hf_directory(variant, tmp_path):
     config, params = streamjax.load_hf_directory(tmp_path)
     expected_config, expected_params = converted(variant)
     assert config == expected_config
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        expected = functools.reduce(lambda tree, key: tree[key.key], path, expected_params)
+    assert jax.tree.structure(params) == jax.tree.structure(expected_params)
+    for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected_params)):
         np.testing.assert_array_equal(leaf, expected, err_msg=jax.tree_util.keystr(path))
     np.testing.assert_allclose(_prefill_logits(config, params), expected_logits(variant), atol=1e-4, rtol=0)
 
@@ -214,7 +214,8 @@ def test_gpt_neox_checkpoint_buffers_are_ignored():
     tensors["gpt_neox.layers.0.attention.masked_bias"] = np.array(-1e9, np.float32)
     tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = np.ones(2, np.float32)
     reloaded = convert_tensors(tensors, config)
-    np.testing.assert_array_equal(reloaded["layers"]["q"], params["layers"]["q"])
+    for reloaded_layer, layer in zip(reloaded["layers"], params["layers"], strict=True):
+        np.testing.assert_array_equal(reloaded_layer["q"], layer["q"])
 
 
 def test_mpt_slopes_match_transformers():

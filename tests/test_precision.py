@@ -28,7 +28,7 @@ def test_bfloat16_evaluation_is_float32_nll_close_to_float32(converted, route):
     expected = evaluation.evaluate(params, config, text, spec)
     state = evaluation.init_state(config, spec, text.shape[0], jnp.bfloat16)
     state, nll = evaluation.advance(half, config, text, spec, state, text.shape[0])
-    assert state.cache.keys.dtype == jnp.bfloat16 and nll.dtype == np.float32
+    assert state.cache.keys[0].dtype == jnp.bfloat16 and nll.dtype == np.float32
     np.testing.assert_allclose(nll, expected, atol=0.03)  # measured 0.005; tokens' NLL spread is 0.3
 
 
@@ -46,5 +46,5 @@ def test_bfloat16_params_stream_through_a_cache_of_another_dtype(converted):
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12))
     same, _ = streamjax.feed_tokens(half, streamjax.init_cache(config, 2, 2, 4, jnp.bfloat16), tokens, config)
     wider, cache = streamjax.feed_tokens(half, streamjax.init_cache(config, 2, 2, 4, jnp.float32), tokens, config)
-    assert same.dtype == wider.dtype == jnp.float32 and cache.keys.dtype == jnp.float32
+    assert same.dtype == wider.dtype == jnp.float32 and cache.keys[0].dtype == jnp.float32
     np.testing.assert_allclose(wider, same, atol=0.03 * np.abs(same).max())

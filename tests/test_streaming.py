@@ -61,11 +61,8 @@ def test_prefill_longer_than_the_cache_equals_token_at_a_time(converted, chunk_s
 
 
 def _stack_streams(first, second):
-    """One cache holding the streams of two single-stream caches (keys/values batch on axis 1)."""
-    batch_axis = {"keys": 1, "values": 1}
-    fields = ("keys", "values", "slot_positions", "length", "cursor", "next_position")
-    merged = {f: jnp.concatenate([getattr(first, f), getattr(second, f)], batch_axis.get(f, 0)) for f in fields}
-    return first.replace(**merged)
+    """One cache holding the streams of two single-stream caches (every array has the batch first)."""
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
 
 
 def test_streams_in_a_batch_keep_their_own_fill_state(converted):

@@ -43,7 +43,7 @@ class ParamSpec:
 class TensorRule:
     """A checkpoint tensor named `source` (with `{i}` for the layer) becomes the param at `target`.
 
-    Per-layer tensors (`{i}` in the name, target under "layers") are stacked on a leading L axis.
+    Per-layer tensors (`{i}` in the name, target ("layers", name)) go to `params["layers"][i][name]`.
     `transform` turns the checkpoint array into the param layout.
     """
 
@@ -54,6 +54,16 @@ class TensorRule:
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.source
+
+
+def per_layer(layer_specs: dict, num_layers: int) -> list[dict]:
+    """The specs of `num_layers` layers alike: params["layers"] is a list with one dict per layer.
+
+    Each layer's weights are arrays of their own (not slices of arrays stacked over layers), so a
+    matrix product reads them where they lie; slicing a stacked array inside a loop over layers makes
+    XLA copy every weight first on CPU, which doubled the memory traffic of a decode step.
+    """
+    return [layer_specs] * num_layers
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -91,32 +101,32 @@ def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
 
 
 def attention_specs(config: ModelConfig, bias: bool) -> dict:
-    """Specs of the q, k, v [L, D, heads, H] and o [L, N, H, D] projections (and their biases)."""
-    D, L, N, K, H = config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+    """Specs of one layer's q, k, v [D, heads, H] and o [N, H, D] projections (and their biases)."""
+    D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     specs = {
-        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
-        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
+        "q": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+        "k": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
     }
     if bias:
-        specs["q_bias"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), init="zeros")
-        specs["k_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
-        specs["v_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
-        specs["o_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+        specs["q_bias"] = ParamSpec((N, H), ("heads", "head_dim"), init="zeros")
+        specs["k_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
+        specs["v_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
+        specs["o_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     return specs
 
 
 def mlp_specs(config: ModelConfig, bias: bool) -> dict:
-    """Specs of the two-matrix MLP: up [L, D, F], down [L, F, D] (and their biases)."""
-    D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    """Specs of one layer's two-matrix MLP: up [D, F], down [F, D] (and their biases)."""
+    D, F = config.hidden_size, config.intermediate_size
     specs = {
-        "up": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
-        "down": ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+        "up": ParamSpec((D, F), ("embed", "mlp")),
+        "down": ParamSpec((F, D), ("mlp", "embed")),
     }
     if bias:
-        specs["up_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
-        specs["down_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+        specs["up_bias"] = ParamSpec((F,), ("mlp",), init="zeros")
+        specs["down_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     return specs
 
 
@@ -179,25 +189,22 @@ def layer_norm_decoder_layer(p, x, cached_keys, cached_values, plan, config: Mod
 def run_decoder(
     params: dict, cache: cache_lib.SinkCache, tokens: jax.Array, config: ModelConfig, decoder_layer, final_norm=None
 ):
-    """Embed tokens [B, T], scan `decoder_layer` over the stacked layers, final norm and head.
+    """Embed tokens [B, T], run `decoder_layer` through the layers in order, final norm and head.
 
     `decoder_layer(p, x, cached_keys, cached_values, plan, config, num_sinks) -> (x, keys, values)`
     reads one layer's cache slots [B, K, C, H] and returns the chunk's keys and values [B, K, T, H].
-    The cache is only read inside the scan and written once after it (a buffer both read and written
-    in a loop makes XLA copy it every layer). `final_norm(params, x)` defaults to the LayerNorm
-    `final_norm` (+ `final_norm_bias`). Params hold `embed` [V, D], `layers` and, untied, `lm_head` [D, V].
+    The layers are unrolled (a loop over per-layer arrays, see `per_layer`); every layer reads its
+    cache and the chunk's entries are written after all of them, in place (see `streamjax.compile`).
+    `final_norm(params, x)` defaults to the LayerNorm `final_norm` (+ `final_norm_bias`). Params hold
+    `embed` [V, D], `layers` (a list of per-layer dicts) and, untied, `lm_head` [D, V].
     Returns logits [B, T, V] (float32) and the advanced cache.
     """
     plan = plan_attention(cache, tokens.shape[1], config)
-
-    def layer(x, layer_inputs):
-        p, cached_keys, cached_values = layer_inputs
+    x, new_keys, new_values = params["embed"][tokens], [], []
+    for p, cached_keys, cached_values in zip(params["layers"], cache.keys, cache.values, strict=True):
         x, keys, values = decoder_layer(p, x, cached_keys, cached_values, plan, config, cache.num_sinks)
-        return x, (keys, values)
-
-    x, (new_keys, new_values) = jax.lax.scan(
-        layer, params["embed"][tokens], (params["layers"], cache.keys, cache.values)
-    )
+        new_keys.append(keys)
+        new_values.append(values)
     x = final_norm(params, x) if final_norm else norm(params, "final_norm", x, config)
     if config.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)

@@ -126,13 +126,13 @@ def param_specs(config: ModelConfig) -> dict:
     """Shape and logical axes of every parameter (a pytree matching the params)."""
     D, L, V, bias = config.hidden_size, config.num_layers, config.vocab_size, config.attention_bias
     layers = {
-        **common.norm_specs("attn_norm", (L, D), ("layers", "embed"), bias=True),
+        **common.norm_specs("attn_norm", (D,), ("embed",), bias=True),
         **common.attention_specs(config, bias),
         **common.mlp_specs(config, bias),
     }
     if _NORM_NAMES[config.residual_layout][1] is not None:
-        layers.update(common.norm_specs("mlp_norm", (L, D), ("layers", "embed"), bias=True))
-    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": layers}
+        layers.update(common.norm_specs("mlp_norm", (D,), ("embed",), bias=True))
+    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": common.per_layer(layers, L)}
     specs.update(common.norm_specs("final_norm", (D,), ("embed",), bias=True))
     if not config.tie_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))

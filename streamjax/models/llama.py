@@ -3,8 +3,8 @@
 Letters: B streams, T new tokens, V vocab, D model dim, F MLP dim, L layers, N query heads,
 K kv heads, H head dim.
 
-Params are a nested dict; per-layer weights are stacked on a leading L axis and run with `lax.scan`,
-so the model compiles once whatever its depth. The cache comes in and goes out (`SinkCache`).
+Params are a nested dict; `params["layers"]` is a list with one dict of weights per layer (see
+`common.per_layer`). The cache comes in and goes out (`SinkCache`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ import numpy as np
 
 from streamjax import cache as cache_lib
 from streamjax.config import ModelConfig, check_known_fields, freeze_mapping, require
-from streamjax.models.common import ParamSpec, TensorRule, add_bias, attention_block, rms_norm, run_decoder
+from streamjax.models.common import (
+    ParamSpec,
+    TensorRule,
+    add_bias,
+    attention_block,
+    per_layer,
+    rms_norm,
+    run_decoder,
+)
 
 FAMILY = "llama"
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")  # (head, embedding) when tie_word_embeddings
@@ -68,28 +76,28 @@ def param_specs(config: ModelConfig) -> dict:
         config.num_kv_heads, config.head_dim, config.vocab_size,
     )  # fmt: skip
     layers = {
-        "attn_norm": ParamSpec((L, D), ("layers", "embed"), init="ones"),
-        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
-        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
-        "mlp_norm": ParamSpec((L, D), ("layers", "embed"), init="ones"),
-        "gate": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
-        "up": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
-        "down": ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+        "attn_norm": ParamSpec((D,), ("embed",), init="ones"),
+        "q": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+        "k": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "v": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "o": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+        "mlp_norm": ParamSpec((D,), ("embed",), init="ones"),
+        "gate": ParamSpec((D, F), ("embed", "mlp")),
+        "up": ParamSpec((D, F), ("embed", "mlp")),
+        "down": ParamSpec((F, D), ("mlp", "embed")),
     }
     if config.attention_bias:
-        layers["q_bias"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), init="zeros")
-        layers["k_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
-        layers["v_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
-        layers["o_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+        layers["q_bias"] = ParamSpec((N, H), ("heads", "head_dim"), init="zeros")
+        layers["k_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
+        layers["v_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
+        layers["o_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     if config.mlp_bias:
-        layers["gate_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
-        layers["up_bias"] = ParamSpec((L, F), ("layers", "mlp"), init="zeros")
-        layers["down_bias"] = ParamSpec((L, D), ("layers", "embed"), init="zeros")
+        layers["gate_bias"] = ParamSpec((F,), ("mlp",), init="zeros")
+        layers["up_bias"] = ParamSpec((F,), ("mlp",), init="zeros")
+        layers["down_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed")),
-        "layers": layers,
+        "layers": per_layer(layers, L),
         "final_norm": ParamSpec((D,), ("embed",), init="ones"),
     }
     if not config.tie_embeddings:

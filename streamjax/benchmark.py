@@ -31,6 +31,8 @@ Memory, two measures, in bytes:
 - runtime (`sampled_memory`): the most in use during the measurement, sampled in a thread: the
   device's `bytes_in_use` where the backend reports memory stats (GPU, TPU), else the process's
   resident set (CPU); with the use after it and the process-lifetime high for reference.
+- minor_page_faults_per_token (decode): the process's minor page faults (`getrusage`) per decode
+  step; on CPU, pages of temporary buffers that the operating system maps in again on every step.
 
 Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_cache.png`,
 `route_throughput.png`):
@@ -39,7 +41,8 @@ Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_
                  matmul {float32, bfloat16: {size, flops, timing, flops_per_s}}
     decode       {cache_sizes, num_sinks, methods: {method: [{cache_size, timing, memory {compiled,
                  runtime}, flops_per_token, matmul_fraction; streaming and dense also bytes_per_token,
-                 ideal_s, bandwidth_fraction, adjacent_read_bytes_per_s, adjacent_bandwidth_fraction}]}}
+                 ideal_s, bandwidth_fraction, adjacent_read_bytes_per_s, adjacent_bandwidth_fraction,
+                 and memory.minor_page_faults_per_token}]}}
     routes       {num_sinks, window, chunk_size, token and chunk: {num_predictions, first_call_s,
                  timing, tokens_per_s, flops_per_token, flops_per_s, matmul_fraction}, speedup,
                  max_abs_nll_difference}
@@ -343,10 +346,12 @@ def time_decode(
         logits, state["cache"] = compiled(params, state["cache"], tokens)
         return logits
 
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with sampled_memory() as runtime:
         timing = time_calls(one_token, repeats, warmup)
-    measured = {"timing": timing, "memory": {"compiled": compiled_memory(compiled), "runtime": runtime}}
-    return measured, state["cache"]
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (warmup + repeats)
+    memory = {"compiled": compiled_memory(compiled), "runtime": runtime, "minor_page_faults_per_token": faults}
+    return {"timing": timing, "memory": memory}, state["cache"]
 
 
 def time_recompute(params: dict, config: ModelConfig, window: int, repeats: int, warmup: int) -> dict[str, Any]:

@@ -108,6 +108,7 @@ def test_small_config_runs_end_to_end(tmp_path):
         assert [row["cache_size"] for row in rows] == [16, 32]
         assert all(row["timing"]["median_s"] > 0 and row["memory"]["compiled"]["peak_bytes"] > 0 for row in rows)
     assert all(0 < row["bandwidth_fraction"] for row in results["decode"]["methods"]["streaming"])
+    assert all(row["memory"]["minor_page_faults_per_token"] >= 0 for row in results["decode"]["methods"]["dense"])
     routes = results["routes"]
     assert routes["token"]["num_predictions"] == 32 and routes["chunk"]["num_predictions"] == 64
     assert routes["max_abs_nll_difference"] < 1e-4  # the routes agree on the predictions both made

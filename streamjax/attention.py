@@ -4,9 +4,9 @@ Letters: B streams, T new tokens, S sinks, W window, N query heads, K kv heads, 
 heads per kv head, H head dim, R rotary dims.
 
 Attention over a chunk splits into a sink block and a window block (see `streamjax.cache`), each
-with its own query and key positions. The window block is read where it lies, as the ring slots of
-the cache and the chunk's own keys, so no layer copies its cache; the three key blocks are scored
-separately and normalised by one softmax in float32.
+with its own query and key positions. The window block is read where it lies, as every slot of the
+cache (its sink slots masked) and the chunk's own keys, so no layer copies its cache; the three key
+blocks are scored separately and normalised by one softmax in float32.
 """
 
 from __future__ import annotations

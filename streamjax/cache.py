@@ -13,9 +13,10 @@ Positions are indices within the cache: sink s sits at position s, the window fo
 order, and the query sits at `min(t, S + W)`. Hence a window key sits at its true distance t - j from
 the query and sink s at the distance `min(t, S + W) - s`. `plan_chunk` turns that into positions for
 two key blocks that share one softmax: the sink block (queries at their cache position, sinks at s)
-and the window block (the ring slots followed by the new tokens, queries and keys at their stream
-offset from the chunk start). All positions handed to attention are small integers, so a stream may run
-forever: stream indices are int32 that wrap modulo 2^32 and are only ever subtracted.
+and the window block (every cache slot, its sink slots masked, followed by the new tokens; queries
+and keys at their stream offset from the chunk start). All positions handed to attention are small
+integers, so a stream may run forever: stream indices are int32 that wrap modulo 2^32 and are only
+ever subtracted.
 """
 
 from __future__ import annotations

@@ -41,6 +41,18 @@ def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
     return model
 
 
+def randomize_weights(model, std: float):
+    """Every weight of a transformers model ~ N(0, std), LayerNorm weights 1 + N(0, std); eval mode."""
+    torch = torch_or_skip()
+    with torch.no_grad():
+        for module in model.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                parameter.normal_(0.0, std)
+                if isinstance(module, torch.nn.LayerNorm) and name == "weight":
+                    parameter.add_(1.0)
+    return model.eval()
+
+
 def hf_state_dict(model) -> dict[str, np.ndarray]:
     return {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
 

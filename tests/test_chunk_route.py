@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import random_hf_llama, to_streamjax, torch_or_skip
+from conftest import random_hf_llama, randomize_weights, to_streamjax, torch_or_skip
 
 import streamjax
 from streamjax import evaluation
@@ -40,14 +40,7 @@ def random_hf_mpt(seed: int = 0, std: float = 0.2):
 
     torch.manual_seed(seed)
     config = MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=2, max_seq_len=256)
-    model = MptForCausalLM(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            for name, parameter in module.named_parameters(recurse=False):
-                parameter.normal_(0.0, std)
-                if isinstance(module, torch.nn.LayerNorm) and name == "weight":
-                    parameter.add_(1.0)
-    return model
+    return randomize_weights(MptForCausalLM(config), std)
 
 
 @functools.cache

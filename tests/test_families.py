@@ -10,7 +10,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import hf_logits, hf_state_dict, torch_or_skip
+from conftest import hf_logits, hf_state_dict, randomize_weights, torch_or_skip
 from reference_families import falcon_stream_logits, gpt_neox_stream_logits, mpt_stream_logits
 
 import streamjax
@@ -75,17 +75,6 @@ VARIANTS = {  # name -> (family, settings); together they cover every layout opt
 }
 
 
-def _randomize(model, std: float):
-    torch = torch_or_skip()
-    with torch.no_grad():
-        for module in model.modules():
-            for name, parameter in module.named_parameters(recurse=False):
-                parameter.normal_(0.0, std)
-                if isinstance(module, torch.nn.LayerNorm) and name == "weight":
-                    parameter.add_(1.0)
-    return model.eval()
-
-
 def _graft_mpt_biases(model):
     """MPT with no_bias=False has a bias on every linear and LayerNorm (llm-foundry); transformers'
     MptForCausalLM drops them, so they are added here to its own modules, which then use them."""
@@ -109,7 +98,7 @@ def hf_model(variant: str, std: float = 0.2):
     )
     if family == "mpt" and not model.config.no_bias:
         _graft_mpt_biases(model)
-    return _randomize(model, std)
+    return randomize_weights(model, std)
 
 
 def checkpoint_tensors(model) -> dict[str, np.ndarray]:

@@ -6,7 +6,8 @@ heads per kv head, H head dim, R rotary dims.
 Attention over a chunk splits into a sink block and a window block (see `streamjax.cache`), each
 with its own query and key positions. The window block is read where it lies, as every slot of the
 cache (its sink slots masked) and the chunk's own keys, so no layer copies its cache; the three key
-blocks are scored separately and normalised by one softmax in float32.
+blocks are scored separately and normalised by one softmax in float32. The cache's keys are stored
+[H, C] per kv head, so queries contract with their rows; the other blocks' keys are [keys, H].
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def _llama3_frequencies(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_rotation(positions: jax.Array, first: int, last: int, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, P, R/2] of the rotary angles at integer `positions` [B, P] in [first, last].
+def rope_rotation(
+    positions: jax.Array, first: int, last: int, inv_freq: np.ndarray, dims_last: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, P, R/2] (`dims_last=False`: [B, R/2, P]) of the rotary angles at integer
+    `positions` [B, P] in [first, last].
 
     The angles of every position in the range are computed on the host in float64 and rounded once,
     so cos and sin are exact to float32 however far positions sit from 0; a float32 product
@@ -60,26 +64,36 @@ def rope_rotation(positions: jax.Array, first: int, last: int, inv_freq: np.ndar
     """
     angles = np.arange(first, last + 1, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)
     index = jnp.clip(positions - first, 0, last - first)
-    cos, sin = (jnp.asarray(table.astype(np.float32))[index] for table in (np.cos(angles), np.sin(angles)))
-    return cos, sin
+    if dims_last:
+        return tuple(jnp.asarray(table.astype(np.float32))[index] for table in (np.cos(angles), np.sin(angles)))
+    # Gathered along the tables' last axis straight into [B, R/2, P]: a gather of rows then a transpose
+    # had XLA transpose the table again inside every layer's rotation (4x slower on CPU).
+    index = jnp.broadcast_to(index[:, None, :], (index.shape[0], angles.shape[1], index.shape[1]))
+    tables = (np.cos(angles).T[None], np.sin(angles).T[None])  # [1, R/2, positions]
+    return tuple(jnp.take_along_axis(jnp.asarray(table.astype(np.float32)), index, axis=2) for table in tables)
 
 
-def apply_rope(x: jax.Array, rotation: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotate the first R dims of `x` [B, ..., P, H] (half-split layout) by `rope_rotation` output [B, P, R/2]."""
+def apply_rope(x: jax.Array, rotation: tuple[jax.Array, jax.Array], dims_last: bool = True) -> jax.Array:
+    """Rotate the first R head dims of `x` (half-split layout) by `rope_rotation` output.
+
+    x: [B, ..., P, H] and rotation [B, P, R/2], or with `dims_last=False` x [B, ..., H, P] (the
+    cache's keys) and rotation [B, R/2, P].
+    """
     cos, sin = (t.reshape(t.shape[0], *(1,) * (x.ndim - 3), *t.shape[1:]) for t in rotation)
-    rotary_dim = 2 * cos.shape[-1]
-    rotary, passthrough = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
-    first, second = jnp.split(rotary, 2, axis=-1)
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return jnp.concatenate([rotated.astype(x.dtype), passthrough], axis=-1)
+    axis = -1 if dims_last else -2
+    rotary, passthrough = jnp.split(x, [2 * cos.shape[axis]], axis=axis)
+    first, second = jnp.split(rotary.astype(jnp.float32), 2, axis=axis)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=axis)
+    return jnp.concatenate([rotated.astype(x.dtype), passthrough], axis=axis)
 
 
 class AttentionPlan(NamedTuple):
     """A chunk's `ChunkPlan` and what attention derives from its positions, once for every layer.
 
     sink_key_positions: [B, S] the sinks' cache positions 0..S-1.
-    rotations: for RoPE, (cos, sin) of (sink queries, sink keys, window queries, cache-slot keys, chunk keys);
-        None for ALiBi, whose bias is computed from the positions in each layer.
+    rotations: for RoPE, (cos, sin) of (sink queries, sink keys, window queries, cache-slot keys, chunk keys),
+        each [B, P, R/2] but the cache-slot keys' [B, R/2, C] (the cache's key layout); None for ALiBi,
+        whose bias is computed from the positions in each layer.
     """
 
     chunk: ChunkPlan
@@ -102,7 +116,9 @@ def plan_attention(cache: SinkCache, num_new: int, config: ModelConfig) -> Atten
             chunk.window_key_positions[:, : cache.capacity],
             chunk.window_key_positions[:, cache.capacity :],
         )
-        rotations = tuple(rope_rotation(p, -cache.window, last, inv_freq) for p in positions)
+        rotations = tuple(
+            rope_rotation(p, -cache.window, last, inv_freq, dims_last=block != 3) for block, p in enumerate(positions)
+        )
     return AttentionPlan(chunk, sink_key_positions, rotations)
 
 
@@ -138,38 +154,40 @@ def sink_window_attention(
     """Attention of a chunk's queries [B, T, N, H] over sinks, window and the chunk itself.
 
     new_keys, new_values: [B, K, T, H] the chunk's keys (before RoPE) and values.
-    cached_keys, cached_values: [B, K, C, H] this layer's cache slots before the chunk.
+    cached_keys: [B, K, H, C], cached_values: [B, K, C, H] this layer's cache slots before the chunk
+        (layouts of `streamjax.cache.SinkCache`).
     scale: logit scale; None takes `config.attention_scale`, else 1/sqrt(H).
     Returns [B, T, N, H] in the dtype of `new_values`.
     """
-    chunk, capacity = plan.chunk, cached_keys.shape[2]
+    chunk, capacity = plan.chunk, cached_values.shape[2]
     batch, length, num_heads, head_dim = queries.shape
     grouped = queries.reshape(batch, length, config.num_kv_heads, -1, head_dim).transpose(0, 2, 3, 1, 4)
     # Blocks: sinks [S], every cache slot [C] (its sink slots masked: they are the sink block), chunk [T].
-    keys = (sink_block(cached_keys, new_keys, chunk, num_sinks), cached_keys, new_keys)
-    values = (sink_block(cached_values, new_values, chunk, num_sinks), cached_values, new_values)
+    cached_sink_keys = cached_keys[..., :num_sinks].swapaxes(-1, -2)
+    keys = [sink_block(cached_sink_keys, new_keys, chunk), cached_keys, new_keys]
+    values = (sink_block(cached_values[:, :, :num_sinks], new_values, chunk), cached_values, new_values)
     sink_queries = window_queries = grouped  # [B, K, G, T, H]
     if config.position == "rope":
         sink_queries, window_queries = apply_rope(grouped, plan.rotations[0]), apply_rope(grouped, plan.rotations[2])
-        key_rotations = (plan.rotations[1], plan.rotations[3], plan.rotations[4])
-        keys = tuple(apply_rope(k, rotation) for k, rotation in zip(keys, key_rotations))
+        keys = [
+            apply_rope(keys[0], plan.rotations[1]),
+            apply_rope(keys[1], plan.rotations[3], dims_last=False),
+            apply_rope(keys[2], plan.rotations[4]),
+        ]
     slot_positions, chunk_positions = jnp.split(chunk.window_key_positions, [capacity], axis=-1)
     slot_mask, chunk_mask = jnp.split(chunk.window_mask, [capacity], axis=-1)
-    blocks = (  # (queries, query positions, key positions, mask) of the sink, cache-slot and chunk blocks
-        (sink_queries, chunk.sink_query_positions, plan.sink_key_positions, chunk.sink_mask),
-        (window_queries, chunk.window_query_positions, slot_positions, slot_mask),
-        (window_queries, chunk.window_query_positions, chunk_positions, chunk_mask),
+    blocks = (  # (queries, query positions, key positions, mask, key axis of H) of the three blocks
+        (sink_queries, chunk.sink_query_positions, plan.sink_key_positions, chunk.sink_mask, 3),
+        (window_queries, chunk.window_query_positions, slot_positions, slot_mask, 2),
+        (window_queries, chunk.window_query_positions, chunk_positions, chunk_mask, 3),
     )
     if scale is None:
         scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
-    scores = [
-        _block_scores(q, q_positions, k, k_positions, mask, config, scale)
-        for (q, q_positions, k_positions, mask), k in zip(blocks, keys)
-    ]
+    scores = [_block_scores(*block, k, config, scale) for block, k in zip(blocks, keys)]
     weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     block_weights = jnp.split(weights, [num_sinks, num_sinks + capacity], axis=-1)
     _record_weights(block_weights, num_sinks)
-    attended = sum(_head_matmul(w.astype(v.dtype), v, contract_last=False) for w, v in zip(block_weights, values))
+    attended = sum(_head_matmul(w.astype(v.dtype), v, right_contracting=2) for w, v in zip(block_weights, values))
     attended = attended.transpose(0, 3, 1, 2, 4).reshape(queries.shape)  # [B, K, G, T, H] -> [B, T, N, H]
     return attended.astype(new_values.dtype)  # a cache dtype must not leak into x
 
@@ -201,10 +219,12 @@ def _record_weights(block_weights: list[jax.Array], num_sinks: int) -> None:
         jax.debug.callback(sink, weights, ordered=True)
 
 
-def _block_scores(queries, query_positions, keys, key_positions, mask, config: ModelConfig, scale: float):
+def _block_scores(
+    queries, query_positions, key_positions, mask, head_dim_axis: int, keys, config: ModelConfig, scale: float
+):
     """Masked scores [B, K, G, T, keys] in float32 of one key block: queries [B, K, G, T, H] and keys
-    [B, K, keys, H], both already rotated."""
-    scores = _head_matmul(queries, keys, contract_last=True) * scale
+    [B, K, keys, H] (`head_dim_axis` 3) or [B, K, H, keys] (2), both already rotated."""
+    scores = _head_matmul(queries, keys, right_contracting=head_dim_axis) * scale
     if config.position == "alibi":
         slopes = config_alibi_slopes(config).reshape(config.num_kv_heads, -1)
         distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, keys]
@@ -212,19 +232,18 @@ def _block_scores(queries, query_positions, keys, key_positions, mask, config: M
     return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
-def _head_matmul(left: jax.Array, right: jax.Array, contract_last: bool) -> jax.Array:
-    """Per kv head: left [B, K, G, T, X] times right [B, K, keys, Y] -> [B, K, G, T, keys or Y], float32.
+def _head_matmul(left: jax.Array, right: jax.Array, right_contracting: int) -> jax.Array:
+    """Per kv head: left [B, K, G, T, X] times right [B, K, Y, Z] -> [B, K, G, T, Z or Y], float32.
 
-    contract_last: contract X with Y (scores: queries times keys), else X (= keys) with the keys axis
-    (weights times values). Written as one batched product over (B, K) with the right operand as
-    stored, for which XLA copies neither operand (an einsum with the heads axis elsewhere copied the
-    whole value block on CPU).
+    X is contracted with Y (`right_contracting` 2: weights times values, queries times the cache's
+    keys) or with Z (3: queries times keys stored [keys, H]). Written as one batched product over
+    (B, K) with the right operand as stored, for which XLA copies neither operand (an einsum with
+    the heads axis elsewhere copied the whole value block on CPU).
     """
     batch, heads, groups, length, inner = left.shape
     flat_left = left.reshape(batch * heads, groups * length, inner)
     flat_right = right.reshape(batch * heads, *right.shape[2:])
-    contract = 2 if contract_last else 1
     out = jax.lax.dot_general(
-        flat_left, flat_right, (((2,), (contract,)), ((0,), (0,))), preferred_element_type=jnp.float32
+        flat_left, flat_right, (((2,), (right_contracting - 1,)), ((0,), (0,))), preferred_element_type=jnp.float32
     )
     return out.reshape(batch, heads, groups, length, -1)

@@ -206,11 +206,10 @@ def filled_cache(
         [np.where(sinks < num_seen, sinks, 0), np.where(ring < ring_written, num_sinks + last_lap, 0)]
     )
     length = min(num_seen, num_sinks + window)
-    keys = jax.random.split(jax.random.key(seed), 2 * config.num_layers)
-    random = [jax.random.normal(key, cache.keys[0].shape, dtype) for key in keys]
+    key_seeds, value_seeds = jnp.split(jax.random.split(jax.random.key(seed), 2 * config.num_layers), 2)
     return cache.replace(
-        keys=tuple(random[: config.num_layers]),
-        values=tuple(random[config.num_layers :]),
+        keys=tuple(jax.random.normal(key, cache.keys[0].shape, dtype) for key in key_seeds),
+        values=tuple(jax.random.normal(key, cache.values[0].shape, dtype) for key in value_seeds),
         slot_positions=jnp.asarray(np.broadcast_to(_wrap_int32(slots), (batch_size, cache.capacity))),
         length=jnp.full((batch_size,), length, jnp.int32),
         cursor=jnp.full((batch_size,), ring_written % window, jnp.int32),

@@ -35,9 +35,11 @@ from streamjax.config import ModelConfig
 class SinkCache:
     """KV cache of B independent streams, each with its own fill state.
 
-    keys, values: one [B, K, C, H] array per layer (a tuple of L), keys before RoPE; heads before
-        slots, so that attention reads each kv head's slots as one contiguous [C, H] matrix, and an
-        array per layer, so that no layer's slots are copied out of a larger buffer.
+    keys: one [B, K, H, C] array per layer (a tuple of L), before RoPE, head dim before slots: the
+        score product reads each kv head's keys as one [H, C] matrix, the orientation in which XLA
+        on CPU streams it (a [C, H] layout made that product twice as slow in a decode step).
+    values: one [B, K, C, H] array per layer, each kv head's slots one [C, H] matrix.
+        An array per layer, so that no layer's slots are copied out of a larger buffer.
     slot_positions: [B, C] int32 stream index of the token each slot holds (wrapping).
     length: [B] int32 number of filled slots, saturating at C; also the next query's position.
     cursor: [B] int32 ring slot (0..W-1) that the next window token overwrites.
@@ -86,11 +88,12 @@ def init_cache(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     capacity = num_sinks + window
-    kv_shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+    keys_shape = (batch_size, config.num_kv_heads, config.head_dim, capacity)
+    values_shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
     wrapped_first = (first_position + 2**31) % 2**32 - 2**31
     return SinkCache(
-        keys=tuple(jnp.zeros(kv_shape, dtype) for _ in range(config.num_layers)),
-        values=tuple(jnp.zeros(kv_shape, dtype) for _ in range(config.num_layers)),
+        keys=tuple(jnp.zeros(keys_shape, dtype) for _ in range(config.num_layers)),
+        values=tuple(jnp.zeros(values_shape, dtype) for _ in range(config.num_layers)),
         slot_positions=jnp.zeros((batch_size, capacity), jnp.int32),
         length=jnp.zeros((batch_size,), jnp.int32),
         cursor=jnp.zeros((batch_size,), jnp.int32),
@@ -170,7 +173,7 @@ def advance(
     new_positions = cache.next_position[:, None] + jnp.arange(num_new, dtype=jnp.int32)
     first_ring_token = jnp.minimum(jnp.maximum(cache.num_sinks - cache.length, 0), num_new)
     return cache.replace(
-        keys=tuple(_write_slots(old, plan.destinations, new) for old, new in zip(cache.keys, new_keys)),
+        keys=tuple(_write_slots(old, plan.destinations, new, slot_axis=3) for old, new in zip(cache.keys, new_keys)),
         values=tuple(_write_slots(old, plan.destinations, new) for old, new in zip(cache.values, new_values)),
         slot_positions=_write_slots(cache.slot_positions, plan.destinations, new_positions),
         length=jnp.minimum(cache.length + num_new, cache.capacity),
@@ -179,21 +182,21 @@ def advance(
     )
 
 
-def sink_block(cached: jax.Array, new: jax.Array, plan: ChunkPlan, num_sinks: int) -> jax.Array:
+def sink_block(cached_sinks: jax.Array, new: jax.Array, plan: ChunkPlan) -> jax.Array:
     """The sink block [B, K, S, H] of one layer's keys (or values) as the chunk's queries see it.
 
-    cached: [B, K, C, H] this layer's slots before the chunk; new: [B, K, T, H] the chunk's entries.
-    Sinks still empty before the chunk are taken from the new tokens that become them.
+    cached_sinks: [B, K, S, H] this layer's sink slots before the chunk; new: [B, K, T, H] the chunk's
+    entries. Sinks still empty before the chunk are taken from the new tokens that become them.
     """
     padded_new = jnp.concatenate([new, jnp.zeros_like(new[:, :, :1])], axis=2)
     from_new = jnp.take_along_axis(padded_new, plan.sink_sources[:, None, :, None], axis=2)
     keep_cached = (plan.sink_sources == new.shape[2])[:, None, :, None]
-    return jnp.where(keep_cached, cached[:, :, :num_sinks], from_new)
+    return jnp.where(keep_cached, cached_sinks, from_new)
 
 
-def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array) -> jax.Array:
-    """Write `new` into `buffer` at slots `destinations` [B, T]: one layer's keys or values [B, K, C, H]
-    from [B, K, T, H], or slot positions [B, C] from [B, T].
+def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array, slot_axis: int = 2) -> jax.Array:
+    """Write `new` into `buffer` at slots `destinations` [B, T]: one layer's values [B, K, C, H] or
+    keys [B, K, H, C] (`slot_axis` 3) from [B, K, T, H], or slot positions [B, C] from [B, T].
 
     Destinations are in range and distinct; tokens that are not kept point one past the end and are
     dropped, so no write ever wraps or clamps. With the cache donated, XLA updates it in place.
@@ -201,7 +204,8 @@ def _write_slots(buffer: jax.Array, destinations: jax.Array, new: jax.Array) -> 
     batch = jnp.arange(destinations.shape[0])
     if buffer.ndim == destinations.ndim:
         index = (batch[:, None], destinations)
-    else:
+    else:  # advanced indices around a slice: the indexed view is [B, K, T, H] for either layout
         heads = jnp.arange(buffer.shape[1])
-        index = (batch[:, None, None], heads[None, :, None], destinations[:, None, :])
+        slots = destinations[:, None, :]
+        index = (batch[:, None, None], heads[None, :, None], *((slots,) if slot_axis == 2 else (slice(None), slots)))
     return buffer.at[index].set(new.astype(buffer.dtype), mode="drop", unique_indices=True)

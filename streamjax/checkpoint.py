@@ -81,16 +81,17 @@ def convert_tensors(
     family = models.family(config)
     specs, rules = family.param_specs(config), family.hf_tensor_rules(config)
     used: set[str] = set()
-    missing = [name for rule in rules for name in _source_names(rule, config) if name not in tensors]
+    missing = [name for rule in rules for names in _source_names(rule, config) for name in names if name not in tensors]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
     params: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for rule in rules:
-        names = _source_names(rule, config)
-        used.update(names)
-        paths = [_layer_path(rule.target, i) for i in range(len(names))] if rule.per_layer else [rule.target]
-        for name, path in zip(names, paths):
-            array = _convert_tensor(rule, name, tensors[name], _spec_at(specs, path)).astype(jnp.dtype(dtype))
+        instances = _source_names(rule, config)
+        paths = [_layer_path(rule.target, i) for i in range(len(instances))] if rule.per_layer else [rule.target]
+        for names, path in zip(instances, paths):
+            used.update(names)
+            arrays = [tensors[name] for name in names]
+            array = _convert_tensor(rule, names, arrays, _spec_at(specs, path)).astype(jnp.dtype(dtype))
             _set_at(params, path, place(array, path) if place else jnp.asarray(array))
     used.update(_tied_copies(tensors, config, family))
     unexpected = sorted(name for name in tensors if name not in used and not _IGNORED_TENSORS.match(name))
@@ -112,10 +113,11 @@ def _tied_copies(tensors: Mapping[str, np.ndarray], config: ModelConfig, family)
     return [head]
 
 
-def _source_names(rule: TensorRule, config: ModelConfig) -> list[str]:
+def _source_names(rule: TensorRule, config: ModelConfig) -> list[tuple[str, ...]]:
+    """The names of the tensors each param of `rule` is made from: one tuple per layer, or one."""
     if rule.per_layer:
-        return [rule.source.format(i=i) for i in range(config.num_layers)]
-    return [rule.source]
+        return [tuple(source.format(i=i) for source in rule.sources) for i in range(config.num_layers)]
+    return [rule.sources]
 
 
 def _layer_path(target: tuple[str, ...], layer: int) -> tuple:
@@ -123,16 +125,17 @@ def _layer_path(target: tuple[str, ...], layer: int) -> tuple:
     return (target[0], layer, *target[1:])
 
 
-def _convert_tensor(rule: TensorRule, name: str, array: np.ndarray, spec: ParamSpec) -> np.ndarray:
+def _convert_tensor(rule: TensorRule, names: tuple[str, ...], arrays: list, spec: ParamSpec) -> np.ndarray:
     transform = rule.transform or (lambda array: array)
     try:
-        result = np.asarray(transform(np.asarray(array, np.float32)))
-    except ValueError:  # a reshape that cannot work: the tensor has the wrong size
+        result = np.asarray(transform(*(np.asarray(array, np.float32) for array in arrays)))
+    except ValueError:  # a reshape that cannot work: a tensor has the wrong size
         result = None
     if result is None or result.shape != tuple(spec.shape):
+        shapes = ", ".join(f"{name} {tuple(array.shape)}" for name, array in zip(names, arrays))
         raise CheckpointError(
-            f"tensor {name} has shape {tuple(array.shape)}, which does not give the expected "
-            f"{tuple(spec.shape)} for {'/'.join(rule.target)}; check that the config matches the weights"
+            f"tensor shapes ({shapes}) do not give the expected {tuple(spec.shape)} for "
+            f"{'/'.join(rule.target)}; check that the config matches the weights"
         )
     return result
 

@@ -38,12 +38,14 @@ LOGICAL_RULES: dict[str, str | None] = {
     "vocab": "model",
     "embed": None,
     "head_dim": None,
+    "parts": None,  # which part of a fused projection (q/k/v of a kv head, gate/up)
     "slots": None,
 }
 
-# Logical axes of each SinkCache array: keys/values [B, K, C, H] (per layer), slot_positions [B, C], counters [B].
+# Logical axes of each SinkCache array: keys [B, K, H, C] and values [B, K, C, H] (per layer),
+# slot_positions [B, C], counters [B].
 CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "keys": ("batch", "kv_heads", "slots", "head_dim"),  # each layer's array
+    "keys": ("batch", "kv_heads", "head_dim", "slots"),  # each layer's array
     "values": ("batch", "kv_heads", "slots", "head_dim"),
     "slot_positions": ("batch", "slots"),
     "length": ("batch",),

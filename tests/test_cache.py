@@ -16,7 +16,7 @@ TINY = ModelConfig(
 def fake_advance(cache, num_new):
     """Advance the bookkeeping of `cache` by `num_new` tokens (keys and values untouched)."""
     plan = cache_lib.plan_chunk(cache, num_new)
-    batch, kv_heads, _, head_dim = cache.keys[0].shape
+    batch, kv_heads, _, head_dim = cache.values[0].shape
     new = [jnp.zeros((batch, kv_heads, num_new, head_dim))] * len(cache.keys)
     return cache_lib.advance(cache, plan, new, new), plan
 
@@ -90,5 +90,6 @@ def test_bad_cache_shapes_are_refused(num_sinks, window):
 def test_cache_shape_and_dtype():
     cache = cache_lib.init_cache(TINY, 3, num_sinks=4, window=12, dtype=jnp.bfloat16)
     assert len(cache.keys) == len(cache.values) == 1
-    assert cache.keys[0].shape == (3, 1, 16, 4) and cache.keys[0].dtype == jnp.bfloat16
+    assert cache.keys[0].shape == (3, 1, 4, 16) and cache.values[0].shape == (3, 1, 16, 4)
+    assert cache.keys[0].dtype == cache.values[0].dtype == jnp.bfloat16
     assert cache.capacity == 16 and cache.batch_size == 3

@@ -204,7 +204,7 @@ def test_gpt_neox_checkpoint_buffers_are_ignored():
     tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = np.ones(2, np.float32)
     reloaded = convert_tensors(tensors, config)
     for reloaded_layer, layer in zip(reloaded["layers"], params["layers"], strict=True):
-        np.testing.assert_array_equal(reloaded_layer["q"], layer["q"])
+        np.testing.assert_array_equal(reloaded_layer["qkv"], layer["qkv"])
 
 
 def test_mpt_slopes_match_transformers():

@@ -273,11 +273,11 @@ MESHES = ("data=1,model=8", "data=4,model=2")
 # Shard shapes written out by hand from LOGICAL_RULES for the tiny Llama (2 layers, D 48, 6 heads of 8,
 # 2 kv heads, MLP 80, vocab 97): a dimension is split only when its mesh axis divides it.
 EXPECTED_PARAM_SHARDS = {
-    "data=1,model=8": {"q": [48, 6, 8], "k": [48, 2, 8], "gate": [48, 10], "down": [10, 48], "embed": [97, 48]},
-    "data=4,model=2": {"q": [48, 3, 8], "k": [48, 1, 8], "gate": [48, 40], "down": [40, 48], "embed": [97, 48]},
+    "data=1,model=8": {"qkv": [48, 2, 5, 8], "o": [6, 8, 48], "gate_up": [48, 2, 10], "down": [10, 48], "embed": [97, 48]},
+    "data=4,model=2": {"qkv": [48, 1, 5, 8], "o": [3, 8, 48], "gate_up": [48, 2, 40], "down": [40, 48], "embed": [97, 48]},
 }  # fmt: skip
-# Each layer's cache keys [B, K, C, H] of the streaming run (batch 1 is never split; kv heads only in two).
-EXPECTED_CACHE_SHARDS = {"data=1,model=8": [1, 2, 32, 8], "data=4,model=2": [1, 1, 32, 8]}
+# Each layer's cache keys [B, K, H, C] of the streaming run (batch 1 is never split; kv heads only in two).
+EXPECTED_CACHE_SHARDS = {"data=1,model=8": [1, 2, 8, 32], "data=4,model=2": [1, 1, 8, 32]}
 
 
 def _shard_shape(array: jax.Array) -> list[int]:
@@ -318,7 +318,10 @@ def measure_on_meshes(model_dir: pathlib.Path, text: pathlib.Path, root: pathlib
         mesh = sharding.make_mesh(spec)
         model_config, params, _ = loading.load_model(str(model_dir), mesh=mesh)
         wanted = sharding.param_shardings(models.family(model_config).param_specs(model_config), mesh)
-        shown = {**{name: params["layers"][0][name] for name in ("q", "k", "gate", "down")}, "embed": params["embed"]}
+        shown = {
+            **{name: params["layers"][0][name] for name in ("qkv", "o", "gate_up", "down")},
+            "embed": params["embed"],
+        }
         out[spec] = {
             "by_rules": _placed_as(params, wanted),
             "shards": {name: _shard_shape(param) for name, param in shown.items()},

@@ -167,14 +167,15 @@ def test_chunks_compile_once_under_a_mesh(measured, case):
 # ---------------------------------------------------------------- really sharded, by the rule table
 
 B, C = BATCH, NUM_SINKS + WINDOW
-# (q, k, gate, down, embed, attn_norm) shard shapes of layer 0, written out by hand from LOGICAL_RULES.
+# (qkv, o, gate_up, down, embed, attn_norm) shard shapes of layer 0, written out by hand from LOGICAL_RULES.
 EXPECTED_PARAM_SHARDS = {
-    "even/2x4": ([64, 4, 8], [64, 2, 8], [64, 32], [32, 64], [32, 64], [64]),
-    "even/1x8": ([64, 2, 8], [64, 1, 8], [64, 16], [16, 64], [16, 64], [64]),
-    "even/4x2": ([64, 8, 8], [64, 4, 8], [64, 64], [64, 64], [64, 64], [64]),
-    "odd/2x4": ([72, 9, 8], [72, 3, 8], [72, 24], [24, 72], [97, 72], [72]),
+    "even/2x4": ([64, 2, 4, 8], [4, 8, 64], [64, 2, 32], [32, 64], [32, 64], [64]),
+    "even/1x8": ([64, 1, 4, 8], [2, 8, 64], [64, 2, 16], [16, 64], [16, 64], [64]),
+    "even/4x2": ([64, 4, 4, 8], [8, 8, 64], [64, 2, 64], [64, 64], [64, 64], [64]),
+    "odd/2x4": ([72, 3, 5, 8], [9, 8, 72], [72, 2, 24], [24, 72], [97, 72], [72]),
 }
-# each layer's cache keys [B, K, C, H] and slot_positions [B, C] shard shapes after a sharded run.
+# each layer's cache values [B, K, C, H] (keys: [B, K, H, C]) and slot_positions [B, C] shard shapes
+# after a sharded run.
 EXPECTED_CACHE_SHARDS = {
     "even/2x4": ([2, 2, C, 8], [2, C]),
     "even/1x8": ([4, 1, C, 8], [4, C]),
@@ -188,9 +189,9 @@ EXPECTED_CACHE_SHARDS = {
 def test_params_are_split_by_the_rules(measured, case, which):
     shards = measured[case][which]
     names = (
-        "['layers'][0]['q']",
-        "['layers'][0]['k']",
-        "['layers'][0]['gate']",
+        "['layers'][0]['qkv']",
+        "['layers'][0]['o']",
+        "['layers'][0]['gate_up']",
         "['layers'][0]['down']",
         "['embed']",
         "['layers'][0]['attn_norm']",
@@ -203,8 +204,9 @@ def test_params_are_split_by_the_rules(measured, case, which):
 @pytest.mark.parametrize("route", ["token", "chunk"])
 def test_cache_stays_split_after_jitted_runs(measured, case, route):
     shards = measured[case][f"cache_shards/{route}"]
-    assert (shards[".keys[0]"], shards[".slot_positions"]) == EXPECTED_CACHE_SHARDS[case]
-    assert shards[".values[1]"] == shards[".keys[1]"] == shards[".keys[0]"]
+    values, slot_positions = EXPECTED_CACHE_SHARDS[case]
+    assert (shards[".values[0]"], shards[".slot_positions"]) == (values, slot_positions)
+    assert shards[".values[1]"] == values and shards[".keys[0]"] == shards[".keys[1]"] == [*values[:2], 8, C]
     assert shards[".length"] == [EXPECTED_CACHE_SHARDS[case][1][0]]
     assert measured[case][f"cache_kept/{route}"]
 
@@ -281,7 +283,7 @@ def test_every_family_has_a_rule_for_every_param(family):
         is_leaf=lambda leaf: isinstance(leaf, ParamSpec),
     )
     assert len(partitions["layers"]) == 2
-    assert partitions["layers"][1]["q"] == P(None, "model") and partitions["lm_head"] == P(None, "model")
+    assert partitions["layers"][1]["qkv"] == P(None, "model") and partitions["lm_head"] == P(None, "model")
 
 
 if __name__ == "__main__":

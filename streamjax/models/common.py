@@ -41,19 +41,25 @@ class ParamSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
-    """A checkpoint tensor named `source` (with `{i}` for the layer) becomes the param at `target`.
+    """The checkpoint tensor(s) named `source` (with `{i}` for the layer) become the param at `target`.
 
-    Per-layer tensors (`{i}` in the name, target ("layers", name)) go to `params["layers"][i][name]`.
-    `transform` turns the checkpoint array into the param layout.
+    `source` is one name, or a tuple of names whose tensors `transform` combines into one param
+    (e.g. separate q, k and v into the fused `qkv`). Per-layer tensors (`{i}` in the names, target
+    ("layers", name)) go to `params["layers"][i][name]`. `transform` takes the checkpoint array(s)
+    and returns the param layout.
     """
 
-    source: str
+    source: str | tuple[str, ...]
     target: tuple[str, ...]
-    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    transform: Callable[..., np.ndarray] | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else self.source
 
     @property
     def per_layer(self) -> bool:
-        return "{i}" in self.source
+        return "{i}" in self.sources[0]
 
 
 def per_layer(layer_specs: dict, num_layers: int) -> list[dict]:
@@ -101,18 +107,19 @@ def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
 
 
 def attention_specs(config: ModelConfig, bias: bool) -> dict:
-    """Specs of one layer's q, k, v [D, heads, H] and o [N, H, D] projections (and their biases)."""
+    """Specs of one layer's fused qkv [D, K, G + 2, H] and output o [N, H, D] projections (and biases).
+
+    qkv holds, per kv head, its G query heads, then its key and its value head (query head n is
+    g of kv head n // G), so one matrix product projects all three and "kv_heads" shards them alike.
+    """
     D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    parts = N // K + 2
     specs = {
-        "q": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
-        "k": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-        "v": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+        "qkv": ParamSpec((D, K, parts, H), ("embed", "kv_heads", "parts", "head_dim")),
         "o": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
     }
     if bias:
-        specs["q_bias"] = ParamSpec((N, H), ("heads", "head_dim"), init="zeros")
-        specs["k_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
-        specs["v_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
+        specs["qkv_bias"] = ParamSpec((K, parts, H), ("kv_heads", "parts", "head_dim"), init="zeros")
         specs["o_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     return specs
 
@@ -144,21 +151,20 @@ def norm(p: dict, name: str, x: jax.Array, config: ModelConfig) -> jax.Array:
 
 
 def attention_block(p, h, cached_keys, cached_values, plan, config: ModelConfig, num_sinks: int):
-    """Self-attention of the normed input h [B, T, D] through one layer's cache slots [B, K, C, H].
+    """Self-attention of the normed input h [B, T, D] through one layer's cache slots (keys [B, K, H, C],
+    values [B, K, C, H]).
 
     Returns the output [B, T, D] and the chunk's keys (before RoPE) and values [B, K, T, H], which
-    `run_decoder` writes into the cache once every layer has read it. Each projection is one plain
-    matrix product on the weights as stored ([D, heads * H], [N * H, D]), so none is copied first.
+    `run_decoder` writes into the cache once every layer has read it. q, k and v come from one matrix
+    product on the fused weights as stored, the output from one on o ([N * H, D]), so none is copied.
     """
     batch, length, dim = h.shape
-
-    def project(name: str, num_heads: int) -> jax.Array:
-        out = (h @ p[name].reshape(dim, -1)).reshape(batch, length, num_heads, config.head_dim)
-        out = add_bias(out, p.get(f"{name}_bias"))
-        return out if config.clip_qkv is None else jnp.clip(out, -config.clip_qkv, config.clip_qkv)
-
-    q = project("q", config.num_heads)
-    k, v = (project(name, config.num_kv_heads).transpose(0, 2, 1, 3) for name in "kv")  # heads first, as cached
+    qkv = add_bias(jnp.einsum("btd,dkph->btkph", h, p["qkv"]), p.get("qkv_bias"))  # [B, T, K, G + 2, H]
+    if config.clip_qkv is not None:
+        qkv = jnp.clip(qkv, -config.clip_qkv, config.clip_qkv)
+    group = qkv.shape[3] - 2
+    q = qkv[:, :, :, :group].reshape(batch, length, config.num_heads, config.head_dim)
+    k, v = (qkv[:, :, :, part].transpose(0, 2, 1, 3) for part in (group, group + 1))  # heads first, as cached
     attended = sink_window_attention(q, k, v, cached_keys, cached_values, plan, config, num_sinks)
     return add_bias(attended.reshape(batch, length, -1) @ p["o"].reshape(-1, dim), p.get("o_bias")), k, v
 
@@ -192,7 +198,7 @@ def run_decoder(
     """Embed tokens [B, T], run `decoder_layer` through the layers in order, final norm and head.
 
     `decoder_layer(p, x, cached_keys, cached_values, plan, config, num_sinks) -> (x, keys, values)`
-    reads one layer's cache slots [B, K, C, H] and returns the chunk's keys and values [B, K, T, H].
+    reads one layer's cache slots (see `SinkCache`) and returns the chunk's keys and values [B, K, T, H].
     The layers are unrolled (a loop over per-layer arrays, see `per_layer`); every layer reads its
     cache and the chunk's entries are written after all of them, in place (see `streamjax.compile`).
     `final_norm(params, x)` defaults to the LayerNorm `final_norm` (+ `final_norm_bias`). Params hold
@@ -213,30 +219,35 @@ def run_decoder(
     return logits, cache_lib.advance(cache, plan.chunk, new_keys, new_values)
 
 
-def fused_part(array: np.ndarray, layout: tuple[int, ...], index) -> np.ndarray:
-    """One part of a fused projection: `array` [rows, ...] viewed as [*layout, ...] (layout ends in H),
-    indexed by `index`, as [heads, H, ...]."""
-    if array.shape[0] != np.prod(layout):
-        raise ValueError(f"fused projection has {array.shape[0]} rows, expected {np.prod(layout)} = {layout}")
-    part = array.reshape(*layout, *array.shape[1:])[index]
-    return part.reshape(-1, layout[-1], *array.shape[1:])
+def qkv_rules(source: str, config: ModelConfig, bias: bool, parts_first: bool = False) -> list[TensorRule]:
+    """Rules for a fused `source`.weight [rows, D] (and .bias [rows]) -> qkv [D, K, G + 2, H] (and qkv_bias).
 
-
-def fused_qkv_rules(source: str, layout: tuple[int, ...], parts: dict, bias: bool) -> list[TensorRule]:
-    """Rules splitting the fused `source`.weight [rows, D] (and .bias [rows]) into q, k, v params.
-
-    `parts` maps "q", "k", "v" to their index into the rows viewed as `layout` (see `fused_part`).
+    The rows are grouped per kv head as [K, G + 2, H] (its G queries, its key, its value: GPT-NeoX,
+    Falcon), or with `parts_first` as [3, N, H] (all queries, then all keys, then all values: MPT,
+    whose K = N).
     """
-    rules = [
-        TensorRule(f"{source}.weight", ("layers", name), lambda w, i=index: fused_part(w, layout, i).transpose(2, 0, 1))
-        for name, index in parts.items()
-    ]
-    if bias:
-        rules += [
-            TensorRule(f"{source}.bias", ("layers", f"{name}_bias"), lambda b, i=index: fused_part(b, layout, i))
-            for name, index in parts.items()
-        ]
-    return rules
+    K, H = config.num_kv_heads, config.head_dim
+    layout = (3, K, H) if parts_first else (K, config.num_heads // K + 2, H)
+
+    def grouped(array: np.ndarray) -> np.ndarray:  # [rows, ...] -> [K, G + 2, H, ...]
+        array = array.reshape(*layout, *array.shape[1:])
+        return np.moveaxis(array, 0, 1) if parts_first else array
+
+    rules = [TensorRule(f"{source}.weight", ("layers", "qkv"), lambda w: np.moveaxis(grouped(w), 3, 0))]
+    return rules + ([TensorRule(f"{source}.bias", ("layers", "qkv_bias"), grouped)] if bias else [])
+
+
+def separate_qkv_rules(sources: tuple[str, str, str], config: ModelConfig, bias: bool) -> list[TensorRule]:
+    """Rules fusing separate q [N * H, D], k and v [K * H, D] weights (`sources`.weight, and .bias) into qkv."""
+    K, H = config.num_kv_heads, config.head_dim
+
+    def grouped(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:  # -> [K, G + 2, H, ...]
+        parts = [array.reshape(K, -1, H, *array.shape[1:]) for array in (q, k, v)]
+        return np.concatenate(parts, axis=1)
+
+    names = {kind: tuple(f"{source}.{kind}" for source in sources) for kind in ("weight", "bias")}
+    rules = [TensorRule(names["weight"], ("layers", "qkv"), lambda *w: np.moveaxis(grouped(*w), 3, 0))]
+    return rules + ([TensorRule(names["bias"], ("layers", "qkv_bias"), grouped)] if bias else [])
 
 
 def output_rules(source: str, config: ModelConfig, bias: bool) -> list[TensorRule]:

@@ -141,15 +141,13 @@ def param_specs(config: ModelConfig) -> dict:
 
 def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
     """How each Hugging Face tensor maps onto a param (query_key_value rows are [K, G + 2, H])."""
-    K, H, bias, layer = config.num_kv_heads, config.head_dim, config.attention_bias, "transformer.h.{i}"
-    group = config.num_heads // K
-    qkv_parts = {"q": (slice(None), slice(0, group)), "k": (slice(None), group), "v": (slice(None), group + 1)}
+    bias, layer = config.attention_bias, "transformer.h.{i}"
     attn_norm, mlp_norm = _NORM_NAMES[config.residual_layout]
     rules = [
         TensorRule("transformer.word_embeddings.weight", ("embed",)),
         *common.norm_rules("transformer.ln_f", ("final_norm",), bias=True),
         *common.norm_rules(f"{layer}.{attn_norm}", ("layers", "attn_norm"), bias=True),
-        *common.fused_qkv_rules(f"{layer}.self_attention.query_key_value", (K, group + 2, H), qkv_parts, bias),
+        *common.qkv_rules(f"{layer}.self_attention.query_key_value", config, bias),
         *common.output_rules(f"{layer}.self_attention.dense", config, bias),
         *common.linear_rules(f"{layer}.mlp.dense_h_to_4h", "up", bias),
         *common.linear_rules(f"{layer}.mlp.dense_4h_to_h", "down", bias),

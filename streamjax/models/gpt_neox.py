@@ -89,13 +89,12 @@ def param_specs(config: ModelConfig) -> dict:
 
 def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
     """How each Hugging Face tensor maps onto a param (query_key_value rows are [N, 3, H])."""
-    N, H, bias, layer = config.num_heads, config.head_dim, config.attention_bias, "gpt_neox.layers.{i}"
-    qkv_parts = {name: (slice(None), index) for index, name in enumerate("qkv")}
+    bias, layer = config.attention_bias, "gpt_neox.layers.{i}"
     rules = [
         TensorRule("gpt_neox.embed_in.weight", ("embed",)),
         *common.norm_rules("gpt_neox.final_layer_norm", ("final_norm",), bias=True),
         *common.norm_rules(f"{layer}.input_layernorm", ("layers", "attn_norm"), bias=True),
-        *common.fused_qkv_rules(f"{layer}.attention.query_key_value", (N, 3, H), qkv_parts, bias),
+        *common.qkv_rules(f"{layer}.attention.query_key_value", config, bias),  # rows [N, 3, H]: K = N, G = 1
         *common.output_rules(f"{layer}.attention.dense", config, bias),
         *common.norm_rules(f"{layer}.post_attention_layernorm", ("layers", "mlp_norm"), bias=True),
         *common.linear_rules(f"{layer}.mlp.dense_h_to_4h", "up", bias=True),

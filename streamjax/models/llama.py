@@ -23,9 +23,11 @@ from streamjax.models.common import (
     TensorRule,
     add_bias,
     attention_block,
+    attention_specs,
     per_layer,
     rms_norm,
     run_decoder,
+    separate_qkv_rules,
 )
 
 FAMILY = "llama"
@@ -71,29 +73,16 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
 
 def param_specs(config: ModelConfig) -> dict:
     """Shape and logical axes of every parameter (a pytree matching the params)."""
-    D, F, L, N, K, H, V = (
-        config.hidden_size, config.intermediate_size, config.num_layers, config.num_heads,
-        config.num_kv_heads, config.head_dim, config.vocab_size,
-    )  # fmt: skip
+    D, F, L, V = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
     layers = {
         "attn_norm": ParamSpec((D,), ("embed",), init="ones"),
-        "q": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
-        "k": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-        "v": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-        "o": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+        **attention_specs(config, config.attention_bias),
         "mlp_norm": ParamSpec((D,), ("embed",), init="ones"),
-        "gate": ParamSpec((D, F), ("embed", "mlp")),
-        "up": ParamSpec((D, F), ("embed", "mlp")),
+        "gate_up": ParamSpec((D, 2, F), ("embed", "parts", "mlp")),
         "down": ParamSpec((F, D), ("mlp", "embed")),
     }
-    if config.attention_bias:
-        layers["q_bias"] = ParamSpec((N, H), ("heads", "head_dim"), init="zeros")
-        layers["k_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
-        layers["v_bias"] = ParamSpec((K, H), ("kv_heads", "head_dim"), init="zeros")
-        layers["o_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     if config.mlp_bias:
-        layers["gate_bias"] = ParamSpec((F,), ("mlp",), init="zeros")
-        layers["up_bias"] = ParamSpec((F,), ("mlp",), init="zeros")
+        layers["gate_up_bias"] = ParamSpec((2, F), ("parts", "mlp"), init="zeros")
         layers["down_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed")),
@@ -107,32 +96,25 @@ def param_specs(config: ModelConfig) -> dict:
 
 def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
     """How each Hugging Face tensor maps onto a param (HF linear weights are [out, in])."""
-    N, K, H, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
-    heads_in = lambda heads: lambda w: w.reshape(heads, H, D).transpose(2, 0, 1)  # noqa: E731
+    N, H, D = config.num_heads, config.head_dim, config.hidden_size
+    layer = "model.layers.{i}"
+    gate_up = tuple(f"{layer}.mlp.{name}_proj" for name in ("gate", "up"))
     rules = [
         TensorRule("model.embed_tokens.weight", ("embed",)),
         TensorRule("model.norm.weight", ("final_norm",)),
-        TensorRule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm")),
-        TensorRule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
-        TensorRule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q"), heads_in(N)),
-        TensorRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k"), heads_in(K)),
-        TensorRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v"), heads_in(K)),
-        TensorRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o"), lambda w: w.T.reshape(N, H, D)),
-        TensorRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate"), np.transpose),
-        TensorRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "up"), np.transpose),
-        TensorRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "down"), np.transpose),
+        TensorRule(f"{layer}.input_layernorm.weight", ("layers", "attn_norm")),
+        TensorRule(f"{layer}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
+        *separate_qkv_rules(tuple(f"{layer}.self_attn.{x}_proj" for x in "qkv"), config, config.attention_bias),
+        TensorRule(f"{layer}.self_attn.o_proj.weight", ("layers", "o"), lambda w: w.T.reshape(N, H, D)),
+        TensorRule(tuple(f"{s}.weight" for s in gate_up), ("layers", "gate_up"), lambda g, u: np.stack([g.T, u.T], 1)),
+        TensorRule(f"{layer}.mlp.down_proj.weight", ("layers", "down"), np.transpose),
     ]
     if config.attention_bias:
-        rules += [
-            TensorRule("model.layers.{i}.self_attn.q_proj.bias", ("layers", "q_bias"), lambda b: b.reshape(N, H)),
-            TensorRule("model.layers.{i}.self_attn.k_proj.bias", ("layers", "k_bias"), lambda b: b.reshape(K, H)),
-            TensorRule("model.layers.{i}.self_attn.v_proj.bias", ("layers", "v_bias"), lambda b: b.reshape(K, H)),
-            TensorRule("model.layers.{i}.self_attn.o_proj.bias", ("layers", "o_bias")),
-        ]
+        rules.append(TensorRule(f"{layer}.self_attn.o_proj.bias", ("layers", "o_bias")))
     if config.mlp_bias:
         rules += [
-            TensorRule(f"model.layers.{{i}}.mlp.{name}_proj.bias", ("layers", f"{name}_bias"))
-            for name in ("gate", "up", "down")
+            TensorRule(tuple(f"{s}.bias" for s in gate_up), ("layers", "gate_up_bias"), lambda g, u: np.stack([g, u])),
+            TensorRule(f"{layer}.mlp.down_proj.bias", ("layers", "down_bias")),
         ]
     if not config.tie_embeddings:
         rules.append(TensorRule("lm_head.weight", ("lm_head",), np.transpose))
@@ -152,7 +134,7 @@ def _decoder_layer(p, x, cached_keys, cached_values, plan, config: ModelConfig, 
     attended, keys, values = attention_block(p, h, cached_keys, cached_values, plan, config, num_sinks)
     x = x + attended
     h = rms_norm(x, p["mlp_norm"], config.norm_eps)
-    gate = add_bias(jnp.einsum("btd,df->btf", h, p["gate"]), p.get("gate_bias"))
-    up = add_bias(jnp.einsum("btd,df->btf", h, p["up"]), p.get("up_bias"))
-    x = x + add_bias(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]), p.get("down_bias"))
+    gate_up = add_bias(jnp.einsum("btd,dpf->btpf", h, p["gate_up"]), p.get("gate_up_bias"))  # one product for both
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    x = x + add_bias(jnp.einsum("btf,fd->btd", hidden, p["down"]), p.get("down_bias"))
     return x, keys, values

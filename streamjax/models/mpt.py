@@ -101,12 +101,12 @@ def param_specs(config: ModelConfig) -> dict:
 
 def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
     """How each Hugging Face tensor maps onto a param; Wqkv rows are [q | k | v], each [N, H]."""
-    N, H, bias, block = config.num_heads, config.head_dim, config.attention_bias, "transformer.blocks.{i}"
+    bias, block = config.attention_bias, "transformer.blocks.{i}"
     rules = [
         TensorRule("transformer.wte.weight", ("embed",)),
         *common.norm_rules("transformer.norm_f", ("final_norm",), bias),
         *common.norm_rules(f"{block}.norm_1", ("layers", "attn_norm"), bias),
-        *common.fused_qkv_rules(f"{block}.attn.Wqkv", (3, N, H), {"q": 0, "k": 1, "v": 2}, bias),
+        *common.qkv_rules(f"{block}.attn.Wqkv", config, bias, parts_first=True),
         *common.output_rules(f"{block}.attn.out_proj", config, bias),
         *common.norm_rules(f"{block}.norm_2", ("layers", "mlp_norm"), bias),
         *common.linear_rules(f"{block}.ffn.up_proj", "up", bias),

@@ -6,7 +6,7 @@ heads per kv head, H head dim, R rotary dims.
 Attention over a chunk splits into a sink block and a window block (see `streamjax.cache`), each
 with its own query and key positions. The window block is read where it lies, as every slot of the
 cache (its sink slots masked) and the chunk's own keys, so no layer copies its cache; the three key
-blocks are scored separately and normalised by one softmax in float32. The cache's keys are stored
+blocks are scored separately and normalised by one softmax in float32 (never concatenated). The cache's keys are stored
 [H, C] per kv head, so queries contract with their rows; the other blocks' keys are [keys, H].
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -184,11 +185,15 @@ def sink_window_attention(
     if scale is None:
         scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
     scores = [_block_scores(*block, k, config, scale) for block, k in zip(blocks, keys)]
-    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    block_weights = jnp.split(weights, [num_sinks, num_sinks + capacity], axis=-1)
-    _record_weights(block_weights, num_sinks)
-    attended = sum(_head_matmul(w.astype(v.dtype), v, right_contracting=2) for w, v in zip(block_weights, values))
-    attended = attended.transpose(0, 3, 1, 2, 4).reshape(queries.shape)  # [B, K, G, T, H] -> [B, T, N, H]
+    # One softmax over the three blocks without concatenating them: a shared max, each block's
+    # exponentials, and the normalisation applied to the [.., H] output rather than to the weights.
+    lowest = jnp.finfo(jnp.float32).min  # the sink block is empty when S = 0
+    peak = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True, initial=lowest) for s in scores])
+    exponentials = [jnp.exp(s - peak) for s in scores]
+    total = sum(jnp.sum(e, axis=-1, keepdims=True) for e in exponentials)
+    _record_weights([e / total for e in exponentials], num_sinks)
+    attended = sum(_head_matmul(e.astype(v.dtype), v, right_contracting=2) for e, v in zip(exponentials, values))
+    attended = (attended / total).transpose(0, 3, 1, 2, 4).reshape(queries.shape)  # -> [B, T, N, H]
     return attended.astype(new_values.dtype)  # a cache dtype must not leak into x
 
 

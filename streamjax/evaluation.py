@@ -129,8 +129,10 @@ def evaluate(params: dict, config: ModelConfig, tokens, spec: EvalSpec, dtype=No
 
 
 def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    """-log softmax(logits)[target] as logsumexp minus the target's logit: no [..., V] array of
+    log-probabilities is written, only the reductions over V."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 @model_jit(static_argnames="config", donate_argnames="cache")

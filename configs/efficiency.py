@@ -53,7 +53,7 @@ def get_config(arg=None):
     # True: stream random tokens there with the chunk route (100k tokens: minutes on a GPU, an hour on a CPU).
     config.long_stream_streamed = False
     config.stream_chunk_size = 512
-    config.long_stream_rounds = 3  # the early and late decode costs are timed alternately, this many times
+    config.long_stream_rounds = 7  # early and late decode costs timed alternately this many times (drift hits both)
     # Machine limits: bytes of the bandwidth kernels, size of the square matmul.
     config.bandwidth_bytes = 1 << 30  # well above the last-level cache
     config.bandwidth_repeats = 3  # of the read-bandwidth sum timed just before each decode row

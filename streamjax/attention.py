@@ -6,8 +6,9 @@ heads per kv head, H head dim, R rotary dims.
 Attention over a chunk splits into a sink block and a window block (see `streamjax.cache`), each
 with its own query and key positions. The window block is read where it lies, as every slot of the
 cache (its sink slots masked) and the chunk's own keys, so no layer copies its cache; the three key
-blocks are scored separately and normalised by one softmax in float32 (never concatenated). The cache's keys are stored
-[H, C] per kv head, so queries contract with their rows; the other blocks' keys are [keys, H].
+blocks are scored separately and normalised by one softmax in float32 (never concatenated). The
+cache's keys are stored [H, C] per kv head, so queries contract with their rows; the other blocks'
+keys are [keys, H].
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def sink_window_attention(
     peak = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True, initial=lowest) for s in scores])
     exponentials = [jnp.exp(s - peak) for s in scores]
     total = sum(jnp.sum(e, axis=-1, keepdims=True) for e in exponentials)
-    _record_weights([e / total for e in exponentials], num_sinks)
+    _record_weights(exponentials, total, num_sinks)
     attended = sum(_head_matmul(e.astype(v.dtype), v, right_contracting=2) for e, v in zip(exponentials, values))
     attended = (attended / total).transpose(0, 3, 1, 2, 4).reshape(queries.shape)  # -> [B, T, N, H]
     return attended.astype(new_values.dtype)  # a cache dtype must not leak into x
@@ -216,11 +217,12 @@ def recording_weights(sink: Callable[[np.ndarray], None]) -> Iterator[None]:
         _WEIGHTS_SINK.reset(token)
 
 
-def _record_weights(block_weights: list[jax.Array], num_sinks: int) -> None:
+def _record_weights(exponentials: list[jax.Array], total: jax.Array, num_sinks: int) -> None:
+    """Hand the softmax weights (each block's exponentials over their `total`) to the active sink, if any."""
     sink = _WEIGHTS_SINK.get()
     if sink is not None:
-        sinks, cache_slots, chunk = block_weights
-        weights = jnp.concatenate([sinks, cache_slots[..., num_sinks:], chunk], axis=-1)  # sink slots: always 0
+        sinks, cache_slots, chunk = exponentials
+        weights = jnp.concatenate([sinks, cache_slots[..., num_sinks:], chunk], axis=-1) / total  # sink slots: 0
         jax.debug.callback(sink, weights, ordered=True)
 
 

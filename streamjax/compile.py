@@ -8,7 +8,7 @@ On CPU:
   of a step, so all of them are alive together in fresh memory that the OS maps in again each step
   (23,000 page faults per decode step at cache 4096). The memory-optimised scheduler rotates each
   layer's keys where that layer needs them, in memory reused from layer to layer (about 70 faults;
-  the SmolLM2 decode step at cache 4096 took 75 instead of 96-108 ms).
+  the SmolLM2 decode step at cache 4096 took 75-79 instead of 96-108 ms).
 The options are chosen for the backend in use at the first call (nothing is initialised at import).
 """
 

@@ -3,8 +3,9 @@
 Every family and layout variant the references in `reference.py` and `reference_families.py` cover
 (Llama with GQA and biases, linear and llama3 RoPE scaling; every MPT, GPT-NeoX and Falcon variant of
 `test_families`), a batch of two different streams, S in {0, 1, 4} with a window of 6 over 64 tokens
-(each stream evicts from token S + 7 on, about ten laps of the ring), fed in chunks of 5, 16 and the
-whole stream at once. Each stream of the batch is compared with the reference run on it alone.
+(each stream evicts from token S + 7 on, about ten laps of the ring), fed in chunks of 5 (the last one
+partial), and with 4 sinks also in chunks of 16 and as one chunk. Each stream of the batch is compared
+with the reference run on it alone.
 """
 
 from __future__ import annotations

@@ -19,6 +19,14 @@ setup(
     install_requires=requirements,
     extras_require={
         # torch is the reference the tests check against, never a runtime dependency.
-        "test": ["pytest>=8", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6"],
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "accelerate>=1.0",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6",
+            "ruff==0.17.6",  # lint and format check (scripts/test.sh); pinned: formatting changes between versions
+        ],
     },
 )

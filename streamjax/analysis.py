@@ -2,10 +2,9 @@
 
 Letters: B texts, T tokens, L layers.
 
-`attention_maps` runs the model's own forward pass (any family) over short texts with a cache big
-enough to hold them, so attention is plain dense causal attention, and reads the softmax weights of
-every layer through `attention.recording_weights`. It runs on one device and copies every layer's
-weights to the host: meant for a few short texts, not for streaming.
+`attention_maps` runs the model's one forward pass (any family) over short texts as a plain causal
+pass (no cache) and asks it for every layer's softmax weights. It copies every layer's weights to
+the host: meant for a few short texts, not for streaming.
 """
 
 from __future__ import annotations
@@ -13,15 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from streamjax import models
-from streamjax.attention import recording_weights
-from streamjax.cache import init_cache
 from streamjax.config import ModelConfig
-from streamjax.decoding import check_tokens
+from streamjax.model import check_tokens, forward
 
 
 def attention_maps(params: dict, config: ModelConfig, tokens, layers: Sequence[int] | None = None) -> np.ndarray:
@@ -36,22 +30,8 @@ def attention_maps(params: dict, config: ModelConfig, tokens, layers: Sequence[i
     bad = [layer for layer in layers if not 0 <= layer < config.num_layers]
     if bad:
         raise ValueError(f"layers {bad} are not in the model's [0, {config.num_layers})")
-    dtype = jax.tree.leaves(params)[0].dtype
-    cache = init_cache(config, tokens.shape[0], num_sinks=0, window=tokens.shape[1], dtype=dtype)
-    recorded: list[np.ndarray] = []
-
-    def forward(params, cache, tokens):
-        with recording_weights(recorded.append):
-            return models.family(config).forward(params, cache, tokens, config)[0]
-
-    on_one_device = jax.device_put((params, cache, jnp.asarray(tokens, jnp.int32)), jax.devices()[0])
-    jax.block_until_ready(jax.jit(forward)(*on_one_device))  # a fresh trace, so the recording stays in it
-    jax.effects_barrier()
-    if len(recorded) != config.num_layers:
-        raise RuntimeError(f"recorded {len(recorded)} attention calls for {config.num_layers} layers")
-    length = tokens.shape[1]
-    # weights [B, K, G, T, W + T]: the W ring slots are empty, the last T keys are the texts' own tokens.
-    return np.stack([np.asarray(recorded[layer][..., -length:], np.float32).mean(axis=(0, 1, 2)) for layer in layers])
+    weights = forward(params, None, tokens, config, logits="none", return_weights=True).weights  # [B, N, T, T] each
+    return np.stack([np.asarray(weights[layer], np.float32).mean(axis=(0, 1)) for layer in layers])
 
 
 def sink_attention_share(maps: np.ndarray, num_first: int = 1) -> np.ndarray:

@@ -5,8 +5,8 @@ documented in `configs/efficiency.py`. It measures, on the default JAX backend:
 
 - decode: per-token latency and memory against cache size n for
     streaming  the jitted `streamjax.step` (T = 1, cache donated) on a full S + (n - S) sink cache;
-    recompute  sliding window with re-computation: a fresh dense forward over the last n tokens
-               (the new one included) for every token, keeping only its logits;
+    recompute  sliding window with re-computation: a plain causal pass over the last n tokens (the
+               new one included) for every token, computing only the last position's logits;
     dense      the step on a cache holding every token so far: the cost of token n + 1 with n cached.
 - routes: evaluation throughput (predictions per second) of `evaluation.evaluate` on the token route
   (one token per forward pass in a `lax.scan`) and the chunk route, at S + W = num_sinks + route_window.
@@ -72,11 +72,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import streamjax
-from streamjax import evaluation, loading, models
+from streamjax import evaluation, families, loading
 from streamjax.cache import SinkCache, check_cache_shape, init_cache
-from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
-from streamjax.models.common import init_params
+from streamjax.model import jitted_forward
+from streamjax.params import init_params
 
 METHODS = ("streaming", "recompute", "dense")
 
@@ -177,8 +177,7 @@ def build_model(config) -> tuple[ModelConfig, dict]:
         model_config, params, _ = loading.load_model(config.model, dtype)
         return model_config, params
     model_config = ModelConfig(**config.random_model.to_dict())
-    specs = models.family(model_config).param_specs(model_config)
-    return model_config, init_params(specs, jax.random.key(config.seed), dtype)
+    return model_config, init_params(families.param_specs(model_config), jax.random.key(config.seed), dtype)
 
 
 def filled_cache(
@@ -318,18 +317,6 @@ def measure_matmul(size: int, dtype, repeats: int) -> dict[str, Any]:
 # Decode latency and memory against cache size
 
 
-@model_jit(static_argnames="config")
-def _recompute_logits(params: dict, window_tokens: jax.Array, config: ModelConfig) -> jax.Array:
-    """Logits [B, V] of the last of `window_tokens` [B, n] from a fresh dense forward over all n."""
-    dtype = jax.tree.leaves(params)[0].dtype
-    cache = init_cache(config, window_tokens.shape[0], 0, window_tokens.shape[1], dtype)
-    logits, _ = models.family(config).forward(params, cache, window_tokens, config)
-    return logits[:, -1]
-
-
-_jitted_step = model_jit(static_argnames="config", donate_argnames="cache")(streamjax.step)
-
-
 def time_decode(
     params: dict, config: ModelConfig, cache: SinkCache, repeats: int, warmup: int
 ) -> tuple[dict[str, Any], SinkCache]:
@@ -337,13 +324,14 @@ def time_decode(
 
     Returns the measurements and the cache after the `warmup + repeats` decoded tokens.
     """
-    tokens = np.ones((cache.batch_size, 1), np.int32)
-    compiled = _jitted_step.lower(params, cache, tokens, config).compile()  # cached after the first
+    tokens = jnp.ones((cache.batch_size, 1), jnp.int32)
+    compiled = jitted_forward.lower(params, cache, tokens, config).compile()  # the program `streamjax.step` runs
     state = {"cache": cache}
 
     def one_token():
-        logits, state["cache"] = compiled(params, state["cache"], tokens)
-        return logits
+        out = compiled(params, state["cache"], tokens)
+        state["cache"] = out.cache
+        return out.logits
 
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with sampled_memory() as runtime:
@@ -354,11 +342,12 @@ def time_decode(
 
 
 def time_recompute(params: dict, config: ModelConfig, window: int, repeats: int, warmup: int) -> dict[str, Any]:
-    """Per-token latency of a fresh dense forward over the last `window` tokens, and its memory."""
+    """Per-token latency of a plain causal pass over the last `window` tokens (the last position's
+    logits only, as `evaluation` re-computes), and its memory."""
     tokens = jnp.ones((1, window), jnp.int32)
-    compiled = _recompute_logits.lower(params, tokens, config).compile()
+    compiled = jitted_forward.lower(params, None, tokens, config, logits="last").compile()
     with sampled_memory() as runtime:
-        timing = time_calls(lambda: compiled(params, tokens), repeats, warmup)
+        timing = time_calls(lambda: compiled(params, None, tokens), repeats, warmup)
     return {"timing": timing, "memory": {"compiled": compiled_memory(compiled), "runtime": runtime}}
 
 
@@ -381,9 +370,9 @@ def decode_vs_cache_size(params: dict, config: ModelConfig, bench, bandwidth: fl
 def _decode_row(params, config: ModelConfig, bench, method: str, size: int, dtype, bandwidth: float) -> dict:
     if method == "recompute":
         row = time_recompute(params, config, size, bench.recompute_repeats, bench.recompute_warmup)
-        # A chunk of T tokens computes T x (S + W + T) scores: here n x 2n, the n slots of the empty
-        # cache masked, twice the n x n of a plain dense causal forward.
-        row["flops_per_token"] = size * flops_per_token(params, config, keys_per_query=2 * size)
+        # A causal pass over n tokens: n x n scores (the masked half included) and the head once.
+        head = 2 * config.hidden_size * config.vocab_size
+        row["flops_per_token"] = size * flops_per_token(params, config, keys_per_query=size) - (size - 1) * head
         return row
     num_sinks = 0 if method == "dense" else bench.num_sinks
     cache = filled_cache(config, num_sinks, size - num_sinks, size, dtype, seed=size)

@@ -1,15 +1,18 @@
-"""`model_jit`: `jax.jit` for the functions that run the model, with the XLA options the cache needs.
+"""`model_jit`: `jax.jit` with the XLA options the cache needs, for the model's entry point and the
+loops built on it.
 
 On CPU:
 - Each layer's cache arrays are read by attention and then written in place (the cache is donated).
   XLA's default copy insertion cannot see that every read comes before the write and copies the
   whole cache each step; its region analysis sees it.
 - The default scheduler starts every layer's RoPE rotation of its cached keys at once, at the start
-  of a step, so all of them are alive together in fresh memory that the OS maps in again each step
-  (23,000 page faults per decode step at cache 4096). The memory-optimised scheduler rotates each
-  layer's keys where that layer needs them, in memory reused from layer to layer (about 70 faults;
-  the SmolLM2 decode step at cache 4096 took 75-79 instead of 96-108 ms).
+  of a step, so all of them are alive together in fresh memory that the OS maps in again each step.
+  The memory-optimised scheduler rotates each layer's keys where that layer needs them, in memory
+  reused from layer to layer (the benchmark's page faults per decode step at cache 4096 fell from
+  about 23,000 to about 70 when it was introduced).
 The options are chosen for the backend in use at the first call (nothing is initialised at import).
+Compiler options are allowed on a top-level jit only: a function jitted this way cannot be called
+inside another jit; loops call the plain function (`streamjax.model.apply`) inside their own.
 """
 
 from __future__ import annotations
@@ -29,31 +32,28 @@ BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 class ModelJit:
-    """A `jax.jit` of `fun` per backend, each compiled with that backend's `BACKEND_OPTIONS`."""
+    """`jax.jit` of `fun`, compiled with the default backend's `BACKEND_OPTIONS`."""
 
     def __init__(self, fun: Callable, **jit_kwargs):
-        self._fun, self._jit_kwargs, self._by_backend = fun, jit_kwargs, {}
+        self._fun, self._jit_kwargs, self._jitted = fun, jit_kwargs, None
         functools.update_wrapper(self, fun)
 
-    def jitted(self, nested: bool = False):
-        """The jit for the default backend; `nested` (called inside another trace): one without options,
-        which only a top-level jit may carry (the outer one's apply)."""
-        backend = None if nested else jax.default_backend()
-        if backend not in self._by_backend:
-            options = {"compiler_options": BACKEND_OPTIONS[backend]} if backend in BACKEND_OPTIONS else {}
-            self._by_backend[backend] = jax.jit(self._fun, **options, **self._jit_kwargs)
-        return self._by_backend[backend]
+    @property
+    def jitted(self):
+        if self._jitted is None:
+            options = BACKEND_OPTIONS.get(jax.default_backend())
+            self._jitted = jax.jit(self._fun, **({"compiler_options": options} if options else {}), **self._jit_kwargs)
+        return self._jitted
 
     def __call__(self, *args, **kwargs):
-        nested = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
-        return self.jitted(nested)(*args, **kwargs)
+        return self.jitted(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self.jitted().lower(*args, **kwargs)
+        return self.jitted.lower(*args, **kwargs)
 
     def _cache_size(self) -> int:
-        """Programs compiled so far for the default backend (tests check that streams compile once)."""
-        return self.jitted()._cache_size()
+        """Programs compiled so far (tests count them: a stream of equal chunks compiles once)."""
+        return self.jitted._cache_size()
 
 
 def model_jit(**jit_kwargs) -> Callable[[Callable], ModelJit]:

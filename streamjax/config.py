@@ -42,6 +42,15 @@ HF_METADATA_FIELDS = frozenset(
 RESIDUAL_LAYOUTS = ("sequential", "parallel", "parallel_shared_norm")
 
 
+# Keys a RoPE mapping (`rope_parameters`, or the older `rope_scaling`) may hold for each rope type
+# streamjax computes, besides `rope_type` (or `type`), `rope_theta` and `partial_rotary_factor`.
+ROPE_TYPE_KEYS: dict[str, frozenset[str]] = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+}
+
+
 class UnsupportedConfigError(ValueError):
     """A Hugging Face config asks for something this implementation does not compute."""
 
@@ -57,7 +66,7 @@ class ModelConfig:
     `alibi_slopes` per-head slopes [N] multiplying the query-key distance in the scaled logits
     (None: the standard slopes of `attention.alibi_slopes`); `attention_scale` the logit scale (None:
     1/sqrt(head_dim)); `clip_qkv` clamps queries, keys and values to [-c, c]; `hidden_act` the MLP
-    activation (`models.common.ACTIVATIONS`); `residual_layout` is "sequential" (x + attn, then + mlp),
+    activation (`families.blocks.ACTIVATIONS`); `residual_layout` is "sequential" (x + attn, then + mlp),
     "parallel" (x + attn(norm_a(x)) + mlp(norm_m(x))) or "parallel_shared_norm" (both read one norm).
     """
 
@@ -124,3 +133,42 @@ def require(condition: bool, message: str) -> None:
     """Raise `UnsupportedConfigError(message)` unless `condition` holds."""
     if not condition:
         raise UnsupportedConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSettings:
+    """RoPE of a Hugging Face config: base `theta`, `scaling` (frozen items with `rope_type`; None for
+    the default) and the share of each head that rotates."""
+
+    theta: float
+    scaling: tuple[tuple[str, Any], ...] | None
+    partial_rotary_factor: float
+
+
+def rope_from_hf(
+    hf: Mapping[str, Any],
+    family: str,
+    rope_types: Iterable[str],
+    theta_keys: tuple[str, ...] = ("rope_theta",),
+    partial_key: str | None = None,
+    partial_default: float = 1.0,
+) -> RopeSettings:
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` and the top-level keys.
+
+    `theta_keys` and `partial_key` are the top-level fields older configs keep them in. Refuses a rope
+    type outside `rope_types`, and any key of the mapping that type does not define (or one it lacks).
+    """
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.pop("rope_type", None)
+    legacy_kind = rope.pop("type", None)
+    kind = kind or legacy_kind or "default"
+    require(kind in rope_types, f"{family} rope type {kind!r} is not one of {tuple(rope_types)}")
+    theta = rope.pop("rope_theta", None)
+    theta = next((hf[key] for key in theta_keys if hf.get(key) is not None), 10000.0) if theta is None else theta
+    partial = rope.pop("partial_rotary_factor", None)
+    partial = (hf.get(partial_key) if partial_key else None) if partial is None else partial
+    unknown, missing = sorted(set(rope) - ROPE_TYPE_KEYS[kind]), sorted(ROPE_TYPE_KEYS[kind] - set(rope))
+    require(not unknown, f"{family} rope {kind!r} has fields streamjax does not handle: {', '.join(unknown)}")
+    require(not missing, f"{family} rope {kind!r} lacks the fields {', '.join(missing)}")
+    scaling = None if kind == "default" else freeze_mapping({"rope_type": kind, **rope})
+    return RopeSettings(float(theta), scaling, float(partial_default if partial is None else partial))

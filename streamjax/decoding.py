@@ -1,10 +1,10 @@
-"""Streaming tokens through a model: the jitted step, the token-by-token route and chunked prefill.
+"""Streaming tokens through a model: the decode step, chunked prefill and the token-by-token route.
 
 Letters: B streams, T tokens, V vocab.
 
-All three take params and a cache and return logits and the advanced cache; they agree exactly:
-`prefill` (chunks of many tokens) and `feed_tokens` (one token at a time inside one `lax.scan`)
-give the same logits and leave the same cache.
+All three feed tokens through `streamjax.model` and return logits and the advanced cache; they agree
+exactly: `prefill` (chunks of many tokens) and `feed_tokens` (one token at a time inside one
+`lax.scan`) give the same logits and leave the same cache.
 """
 
 from __future__ import annotations
@@ -13,85 +13,88 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamjax import models
 from streamjax.cache import SinkCache
 from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
-
-
-def check_tokens(tokens, config: ModelConfig, cache: SinkCache | None = None) -> None:
-    """Raise ValueError for tokens that are not a [B, T] batch of integer ids inside the vocabulary.
-
-    Ids are range-checked only for host input (numpy arrays, lists: the user boundary). A `jax.Array`
-    (or tracer) gets the shape, dtype and batch checks alone, from its metadata: reading its values would
-    copy it to the host, so an on-device decode loop would wait on every token.
-    """
-    on_device = isinstance(tokens, jax.Array)
-    array = tokens if on_device else np.asarray(tokens)
-    if array.ndim != 2 or array.shape[1] == 0:
-        raise ValueError(f"tokens must have shape [batch, length] with length >= 1, got {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids, got dtype {array.dtype}")
-    if cache is not None and array.shape[0] != cache.batch_size:
-        raise ValueError(f"tokens have batch {array.shape[0]} but the cache holds {cache.batch_size} streams")
-    if on_device:
-        return
-    low, high = int(array.min()), int(array.max())
-    if low < 0 or high >= config.vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
-
-
-@model_jit(static_argnames="config", donate_argnames="cache")
-def _forward(params: dict, cache: SinkCache, tokens: jax.Array, config: ModelConfig):
-    return models.family(config).forward(params, cache, tokens, config)
+from streamjax.model import ForwardOutput, apply, check_tokens, forward
 
 
 def step(params: dict, cache: SinkCache, tokens, config: ModelConfig) -> tuple[jax.Array, SinkCache]:
-    """Feed tokens [B, T] (T = 1 to decode, more to prefill a chunk): logits [B, T, V] and the cache.
+    """Feed tokens [B, T] (T = 1 to decode): logits [B, T, V] and the cache (donated: do not reuse it).
 
-    Jitted with the cache donated: the cache passed in must not be used again. Compiles once per
-    (config, cache shape, T), so an unbounded stream of equal-sized steps compiles once.
+    Compiles once per (config, cache shape, T), so an unbounded stream of equal-sized steps compiles once.
     """
-    check_tokens(tokens, config, cache)
-    return _forward(params, cache, jnp.asarray(tokens, jnp.int32), config)
-
-
-@model_jit(static_argnames="config", donate_argnames="cache")
-def _feed_tokens(params: dict, cache: SinkCache, tokens: jax.Array, config: ModelConfig):
-    forward = models.family(config).forward
-
-    def one_token(cache, column):
-        logits, cache = forward(params, cache, column[:, None], config)
-        return cache, logits[:, 0]
-
-    cache, logits = jax.lax.scan(one_token, cache, tokens.T)
-    return jnp.swapaxes(logits, 0, 1), cache
-
-
-def feed_tokens(params: dict, cache: SinkCache, tokens, config: ModelConfig) -> tuple[jax.Array, SinkCache]:
-    """The token route: tokens [B, T] one at a time in a single `lax.scan` dispatch -> logits [B, T, V].
-
-    This is the exact reference of StreamingLLM evaluation (one forward per token, as the paper).
-    The cache is donated.
-    """
-    check_tokens(tokens, config, cache)
-    return _feed_tokens(params, cache, jnp.asarray(tokens, jnp.int32), config)
+    out = forward(params, cache, tokens, config)
+    return out.logits, out.cache
 
 
 def prefill(
-    params: dict, cache: SinkCache, tokens, config: ModelConfig, chunk_size: int = 256
-) -> tuple[jax.Array, SinkCache]:
+    params: dict, cache: SinkCache, tokens, config: ModelConfig, chunk_size: int = 256, logits: str = "all"
+) -> tuple[jax.Array | None, SinkCache]:
     """Feed tokens [B, T] in chunks of `chunk_size` (exact for any T, also T beyond the cache).
 
-    Returns logits [B, T, V] and the cache; equals `feed_tokens` on the same tokens.
+    Returns the logits ("all": [B, T, V], equal to `feed_tokens`; "last": [B, V] of the last token;
+    "none": None) and the cache. The last chunk is padded to `chunk_size`, so every chunk runs one
+    compiled program (with "last" or "none", every chunk computes only its last logits).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logits not in ("all", "last", "none"):
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
     check_tokens(tokens, config, cache)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    outputs = []
+    tokens = np.asarray(tokens, np.int32) if not isinstance(tokens, jax.Array) else tokens
+    pieces = []
     for start in range(0, tokens.shape[1], chunk_size):
-        logits, cache = _forward(params, cache, tokens[:, start : start + chunk_size], config)
-        outputs.append(logits)
-    return jnp.concatenate(outputs, axis=1), cache
+        chunk, num_valid = pad_chunk(tokens[:, start : start + chunk_size], chunk_size)
+        out = forward(params, cache, chunk, config, num_valid=num_valid, logits="all" if logits == "all" else "last")
+        cache = out.cache
+        pieces.append(out.logits)
+    if logits == "all":
+        return jnp.concatenate(pieces, axis=1)[:, : tokens.shape[1]], cache
+    return (pieces[-1] if logits == "last" else None), cache
+
+
+def pad_chunk(tokens, chunk_size: int) -> tuple[jax.Array, jax.Array | None]:
+    """tokens [B, n] padded with id 0 to [B, chunk_size] and the valid count [B] (None when n == chunk_size)."""
+    batch, count = tokens.shape
+    if count == chunk_size:
+        return tokens, None
+    padded = jnp.zeros((batch, chunk_size), jnp.int32).at[:, :count].set(jnp.asarray(tokens, jnp.int32))
+    return padded, jnp.full((batch,), count, jnp.int32)
+
+
+@model_jit(static_argnames=("config", "logits"), donate_argnames="cache")
+def _token_by_token(params, cache: SinkCache, tokens, targets, config: ModelConfig, logits: str):
+    def one_token(cache, columns):
+        column, target = columns
+        out = apply(params, cache, column[:, None], config, targets=None if target is None else target[:, None])
+        scores = out.logits[:, 0] if logits == "all" else None
+        return out.cache, (scores, None if out.nll is None else out.nll[:, 0])
+
+    columns = (tokens.T, None if targets is None else targets.T)
+    cache, (scores, nll) = jax.lax.scan(one_token, cache, columns)
+    swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # noqa: E731
+    return ForwardOutput(swap(scores), cache, swap(nll), None)
+
+
+def token_route(
+    params: dict, cache: SinkCache, tokens, config: ModelConfig, *, targets=None, logits: str = "all"
+) -> ForwardOutput:
+    """The token route: tokens [B, T] one at a time in a single `lax.scan` dispatch, the exact reference
+    of StreamingLLM evaluation (one forward per token, as in the paper). The cache is donated.
+
+    Returns logits [B, T, V] ("all") or None ("none"), the cache, and the NLL [B, T] of `targets` if given.
+    """
+    check_tokens(tokens, config, cache)
+    if targets is not None:
+        check_tokens(targets, config, cache, name="targets")
+    if logits not in ("all", "none"):
+        raise ValueError(f"the token route returns logits 'all' or 'none', got {logits!r}")
+    targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+    return _token_by_token(params, cache, jnp.asarray(tokens, jnp.int32), targets, config, logits)
+
+
+def feed_tokens(params: dict, cache: SinkCache, tokens, config: ModelConfig) -> tuple[jax.Array, SinkCache]:
+    """The token route's logits [B, T, V] and the cache (see `token_route`)."""
+    out = token_route(params, cache, tokens, config)
+    return out.logits, out.cache

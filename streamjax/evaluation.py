@@ -15,17 +15,15 @@ advances in segments so a long run can report progress and be checkpointed betwe
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from streamjax import models
 from streamjax.cache import SinkCache, check_cache_shape, init_cache
-from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
-from streamjax.decoding import check_tokens
+from streamjax.decoding import pad_chunk, token_route
+from streamjax.model import check_tokens, forward
 
 METHODS = ("dense", "window", "streaming", "recompute")
 ROUTES = ("chunk", "token")
@@ -104,16 +102,17 @@ def advance(
     stop = min(state.position + num_predictions, tokens.shape[0] - 1)
     inputs, targets = tokens[state.position : stop], tokens[state.position + 1 : stop + 1]
     if spec.method == "recompute":
-        nll = _recompute_nll(params, config, tokens, spec, state.position, stop)
-        return EvalState(stop, None), nll
+        return EvalState(stop, None), _recompute_nll(params, config, tokens, spec, state.position, stop)
     if spec.route == "token":
-        nll, cache = _scan_nll(params, state.cache, inputs[None], targets[None], config)
-        return EvalState(stop, cache), np.asarray(nll[0], np.float32)
+        out = token_route(params, state.cache, inputs[None], config, targets=targets[None], logits="none")
+        return EvalState(stop, out.cache), np.asarray(out.nll[0], np.float32)
     cache, pieces = state.cache, []
     for start in range(0, inputs.shape[0], spec.chunk_size):
-        piece = slice(start, start + spec.chunk_size)
-        nll, cache = _chunk_nll(params, cache, inputs[None, piece], targets[None, piece], config)
-        pieces.append(nll[0])
+        chunk_inputs, num_valid = pad_chunk(inputs[None, start : start + spec.chunk_size], spec.chunk_size)
+        chunk_targets, _ = pad_chunk(targets[None, start : start + spec.chunk_size], spec.chunk_size)
+        out = forward(params, cache, chunk_inputs, config, num_valid=num_valid, targets=chunk_targets, logits="none")
+        cache = out.cache
+        pieces.append(out.nll[0, : min(spec.chunk_size, inputs.shape[0] - start)])
     return EvalState(stop, cache), np.asarray(jnp.concatenate(pieces), np.float32)
 
 
@@ -128,53 +127,24 @@ def evaluate(params: dict, config: ModelConfig, tokens, spec: EvalSpec, dtype=No
     return nll
 
 
-def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] as logsumexp minus the target's logit: no [..., V] array of
-    log-probabilities is written, only the reductions over V."""
-    logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-
-
-@model_jit(static_argnames="config", donate_argnames="cache")
-def _chunk_nll(params, cache: SinkCache, inputs, targets, config: ModelConfig):
-    logits, cache = models.family(config).forward(params, cache, inputs, config)
-    return _token_nll(logits, targets), cache
-
-
-@model_jit(static_argnames="config", donate_argnames="cache")
-def _scan_nll(params, cache: SinkCache, inputs, targets, config: ModelConfig):
-    forward = models.family(config).forward
-
-    def one_token(cache, columns):
-        column_inputs, column_targets = columns
-        logits, cache = forward(params, cache, column_inputs[:, None], config)
-        return cache, _token_nll(logits[:, 0], column_targets)
-
-    cache, nll = jax.lax.scan(one_token, cache, (inputs.T, targets.T))
-    return nll.T, cache
-
-
 def _recompute_nll(params, config: ModelConfig, tokens: np.ndarray, spec: EvalSpec, start: int, stop: int):
-    """Each position t in [start, stop) re-reads tokens[t - S - W : t + 1] densely, in batches."""
-    context = spec.num_sinks + spec.window
-    span = min(context + 1, tokens.shape[0])
-    windows_per_pass = max(1, spec.chunk_size // span)  # about chunk_size tokens per forward pass
-    positions = np.arange(start, stop)
-    dtype = params_dtype(params)
+    """NLL of each prediction t in [start, stop) from a plain causal pass over tokens[t - S - W : t + 1]
+    (the last S + W tokens and t itself), reading only the last position's logits.
+
+    The windows are batched, about `chunk_size` tokens per pass, each row padded at its end, and the
+    last batch padded with dummy rows, so every pass runs one compiled program.
+    """
+    span = min(spec.num_sinks + spec.window + 1, tokens.shape[0])
+    rows = max(1, spec.chunk_size // span)
     nll = []
-    for batch_start in range(0, positions.shape[0], windows_per_pass):
-        batch = positions[batch_start : batch_start + windows_per_pass]
-        first = np.clip(batch - context, 0, tokens.shape[0] - span)
-        windows = tokens[first[:, None] + np.arange(span)]
-        targets = tokens[batch + 1]
-        nll.append(_window_nll(params, windows, batch - first, targets, config, dtype))
-    return np.asarray(jnp.concatenate(nll), np.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _window_nll(params, windows, read_at, targets, config: ModelConfig, dtype):
-    """NLL of `targets` [N] from logits at `read_at` [N] of a fresh dense pass over `windows` [N, span]."""
-    cache = init_cache(config, windows.shape[0], 0, windows.shape[1], dtype)
-    logits, _ = models.family(config).forward(params, cache, windows, config)
-    picked = jnp.take_along_axis(logits, read_at[:, None, None], axis=1)[:, 0]
-    return _token_nll(picked, targets)
+    for batch_start in range(start, stop, rows):
+        positions = np.arange(batch_start, batch_start + rows)
+        real = positions < stop
+        first = np.maximum(positions - span + 1, 0)
+        num_valid = np.where(real, positions + 1 - first, 1)
+        index = np.minimum(first[:, None] + np.arange(span), np.where(real, positions, 0)[:, None])
+        windows = np.where(np.arange(span) < num_valid[:, None], tokens[index], 0)
+        targets = np.where(real, tokens[np.minimum(positions + 1, tokens.shape[0] - 1)], 0)
+        out = forward(params, None, windows, config, num_valid=num_valid, targets=targets, logits="last")
+        nll.append(np.asarray(out.nll)[real])
+    return np.concatenate(nll).astype(np.float32)

@@ -48,6 +48,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -292,13 +293,11 @@ def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
 
 
 def _state_tree(state: evaluation.EvalState, nll: np.ndarray) -> dict:
+    """What a checkpoint holds: the NLL so far and the cache's arrays (every array field of `SinkCache`)."""
     tree = {"nll": nll}
     if state.cache is not None:
-        tree["cache"] = {field: getattr(state.cache, field) for field in _CACHE_ARRAYS}
+        tree["cache"] = flax.serialization.to_state_dict(state.cache)
     return tree
-
-
-_CACHE_ARRAYS = ("keys", "values", "slot_positions", "length", "cursor", "next_position")
 
 
 def _save(manager: ocp.CheckpointManager, state, nll: np.ndarray, meta: dict) -> None:
@@ -331,7 +330,9 @@ def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray
                 f"checkpoint {manager.directory}/{step} was saved with a different {key} "
                 f"({saved[key]!r} != {meta[key]!r}); delete the workdir or use another"
             )
-    cache = state.cache.replace(**restored.state["cache"]) if state.cache is not None else None
+    cache = state.cache
+    if cache is not None:
+        cache = flax.serialization.from_state_dict(cache, restored.state["cache"])
     return evaluation.EvalState(saved["position"], cache), np.asarray(restored.state["nll"]), saved["seconds"]
 
 

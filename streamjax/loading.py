@@ -14,9 +14,9 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from streamjax import assets, gguf, models
-from streamjax.checkpoint import convert_tensors, load_hf_directory, mesh_placer
+from streamjax import assets, families, gguf
 from streamjax.config import ModelConfig
+from streamjax.weights import convert_tensors, load_hf_directory, mesh_placer
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -87,7 +87,7 @@ def load_weights(source: ModelSource, dtype=jnp.float32, mesh: Mesh | None = Non
     """(config, params) of a resolved source, params in `dtype`, each on its shards of `mesh` if given."""
     if source.kind == "gguf":
         checkpoint = gguf.load_gguf(source.path)
-        config = models.config_from_hf(checkpoint.hf_config)
+        config = families.config_from_hf(checkpoint.hf_config)
         return config, convert_tensors(checkpoint.state_dict, config, dtype, place=mesh_placer(config, mesh))
     return load_hf_directory(source.path, dtype, mesh)
 

@@ -2,7 +2,7 @@
 
 "data" splits independent streams (the batch B), "model" splits heads, MLP and vocabulary (tensor
 parallelism). Every array dimension has a logical axis name (`ParamSpec.axes` for params,
-`CACHE_AXES` for the cache) and `LOGICAL_RULES` maps each logical axis to a mesh axis or to None
+`SinkCache.logical_axes()` for the cache) and `LOGICAL_RULES` maps each logical axis to a mesh axis or to None
 (replicated). The jitted functions of `streamjax.decoding` and `streamjax.evaluation` need no
 change: given sharded params and cache, XLA's GSPMD partitions the computation and keeps the
 cache on its shards from step to step, with no host round trip.
@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from streamjax.cache import SinkCache
-from streamjax.models.common import ParamSpec
+from streamjax.params import ParamSpec
 
 MESH_AXES = ("data", "model")
 
@@ -40,17 +40,6 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "parts": None,  # which part of a fused projection (q/k/v of a kv head, gate/up)
     "slots": None,
-}
-
-# Logical axes of each SinkCache array: keys [B, K, H, C] and values [B, K, C, H] (per layer),
-# slot_positions [B, C], counters [B].
-CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "keys": ("batch", "kv_heads", "head_dim", "slots"),  # each layer's array
-    "values": ("batch", "kv_heads", "slots", "head_dim"),
-    "slot_positions": ("batch", "slots"),
-    "length": ("batch",),
-    "cursor": ("batch",),
-    "next_position": ("batch",),
 }
 
 
@@ -133,7 +122,7 @@ def cache_shardings(cache: SinkCache, mesh: Mesh) -> SinkCache:
     """
     fields = {
         name: jax.tree.map(lambda array, axes=axes: logical_sharding(axes, array.shape, mesh), getattr(cache, name))
-        for name, axes in CACHE_AXES.items()
+        for name, axes in SinkCache.logical_axes().items()
     }
     return cache.replace(**fields)
 

@@ -59,10 +59,10 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
 
 def to_streamjax(model):
     """(config, params) of a Hugging Face model, through streamjax's own converter."""
-    from streamjax import models
-    from streamjax.checkpoint import convert_tensors
+    from streamjax import families
+    from streamjax.weights import convert_tensors
 
-    config = models.config_from_hf(model.config.to_dict())
+    config = families.config_from_hf(model.config.to_dict())
     return config, convert_tensors(hf_state_dict(model), config)
 
 

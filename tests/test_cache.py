@@ -15,10 +15,14 @@ TINY = ModelConfig(
 
 def fake_advance(cache, num_new):
     """Advance the bookkeeping of `cache` by `num_new` tokens (keys and values untouched)."""
-    plan = cache_lib.plan_chunk(cache, num_new)
+    plan = plan_chunk(cache, num_new)
     batch, kv_heads, _, head_dim = cache.values[0].shape
     new = [jnp.zeros((batch, kv_heads, num_new, head_dim))] * len(cache.keys)
-    return cache_lib.advance(cache, plan, new, new), plan
+    return cache_lib.advance(cache, plan, jnp.zeros((batch, num_new), jnp.int32), new, new), plan
+
+
+def plan_chunk(cache, num_new):
+    return cache_lib.plan_chunk(cache, cache.batch_size, num_new, TINY)
 
 
 def test_one_token_at_a_time_fills_sinks_then_wraps_the_ring():
@@ -51,7 +55,7 @@ def test_positions_and_masks_once_the_cache_is_full():
     cache, _ = fake_advance(cache, 4)  # sink 0; ring holds tokens 3 (slot 1) and 2 (slot 2)
     np.testing.assert_array_equal(cache.slot_positions[0], [0, 3, 2])
 
-    plan = cache_lib.plan_chunk(cache, 3)  # tokens 4, 5, 6
+    plan = plan_chunk(cache, 3)  # tokens 4, 5, 6
     np.testing.assert_array_equal(plan.sink_query_positions[0], [3, 3, 3])  # query at S + W
     np.testing.assert_array_equal(plan.sink_mask[0], [[True]] * 3)
     np.testing.assert_array_equal(plan.window_query_positions[0], [0, 1, 2])
@@ -64,7 +68,7 @@ def test_positions_and_masks_once_the_cache_is_full():
 
 def test_filling_phase_positions_are_stream_indices():
     cache = cache_lib.init_cache(TINY, 1, num_sinks=2, window=4)
-    plan = cache_lib.plan_chunk(cache, 4)
+    plan = plan_chunk(cache, 4)
     np.testing.assert_array_equal(plan.sink_query_positions[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(plan.sink_mask[0], [[1, 0], [1, 1], [1, 1], [1, 1]])
     np.testing.assert_array_equal(plan.sink_sources[0], [0, 1])
@@ -77,7 +81,7 @@ def test_stream_counter_wraps_without_changing_offsets():
     cache = cache_lib.init_cache(TINY, 1, num_sinks=1, window=2, first_position=2**31 - 2)
     cache, _ = fake_advance(cache, 5)
     assert int(cache.next_position[0]) == -(2**31) + 3  # wrapped int32
-    plan = cache_lib.plan_chunk(cache, 1)
+    plan = plan_chunk(cache, 1)
     np.testing.assert_array_equal(plan.window_key_positions[0], [-5, -2, -1, 0])  # sink 0, ring tokens 3, 4
 
 

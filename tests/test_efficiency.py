@@ -16,9 +16,9 @@ import pytest
 
 import streamjax
 from configs import efficiency as efficiency_config
-from streamjax import benchmark, models
+from streamjax import benchmark, families
 from streamjax.config import ModelConfig
-from streamjax.models.common import init_params
+from streamjax.params import init_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ModelConfig(
@@ -30,7 +30,7 @@ BOOKKEEPING = ("slot_positions", "length", "cursor", "next_position")
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    return init_params(models.family(TINY).param_specs(TINY), jax.random.key(0))
+    return init_params(families.param_specs(TINY), jax.random.key(0))
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ from conftest import hf_logits, hf_state_dict, randomize_weights, torch_or_skip
 from reference_families import falcon_stream_logits, gpt_neox_stream_logits, mpt_stream_logits
 
 import streamjax
-from streamjax import models
-from streamjax.checkpoint import convert_tensors
+from streamjax import families
 from streamjax.config import UnsupportedConfigError
+from streamjax.weights import convert_tensors
 
 VOCAB = 97
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, size=(2, 40))
@@ -112,7 +112,7 @@ def checkpoint_tensors(model) -> dict[str, np.ndarray]:
 @functools.cache
 def converted(variant: str):
     model = hf_model(variant)
-    config = models.config_from_hf(model.config.to_dict())
+    config = families.config_from_hf(model.config.to_dict())
     return config, convert_tensors(checkpoint_tensors(model), config)
 
 
@@ -215,7 +215,7 @@ def test_mpt_slopes_match_transformers():
         for bias_max in (8, 16):
             hf = MptConfig(d_model=4 * num_heads, n_heads=num_heads, attn_config={"alibi_bias_max": bias_max})
             alibi = build_mpt_alibi_tensor(num_heads, 2, alibi_bias_max=bias_max)[:, 0].numpy()
-            slopes = models.config_from_hf(hf.to_dict()).alibi_slopes
+            slopes = families.config_from_hf(hf.to_dict()).alibi_slopes
             np.testing.assert_allclose(slopes, alibi[:, 1] - alibi[:, 0], rtol=1e-6, atol=0)
 
 
@@ -227,7 +227,7 @@ def test_falcon_slopes_are_transformers_bf16_slopes_over_sqrt_head_dim():
     for num_heads in range(1, 41):
         hf = FalconConfig(hidden_size=16 * num_heads, num_attention_heads=num_heads, alibi=True)
         hf_slopes = build_alibi_tensor(torch.ones((1, 2), dtype=torch.long), num_heads, torch.float32)[:, 0, 1]
-        slopes = np.asarray(models.config_from_hf(hf.to_dict()).alibi_slopes)
+        slopes = np.asarray(families.config_from_hf(hf.to_dict()).alibi_slopes)
         np.testing.assert_allclose(slopes * math.sqrt(16), hf_slopes.numpy(), rtol=1e-6, atol=0)
 
 
@@ -280,6 +280,6 @@ UNSUPPORTED = {  # name -> (family, edit of a valid config dict, message fragmen
 def test_unsupported_config_raises(case):
     family, edit, fragment = UNSUPPORTED[case]
     valid = _hf_config_dict(family)
-    models.config_from_hf(valid)  # the unedited config is accepted
+    families.config_from_hf(valid)  # the unedited config is accepted
     with pytest.raises(UnsupportedConfigError, match=fragment):
-        models.config_from_hf(edit(valid))
+        families.config_from_hf(edit(valid))

@@ -24,7 +24,7 @@ import pytest
 from conftest import cpu_devices_env, random_hf_llama
 
 from configs import ppl as ppl_config
-from streamjax import evaluation, experiment, loading, models, sharding
+from streamjax import evaluation, experiment, families, loading, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_TOKENS = 97  # 96 predictions: six chunks of 16, one compilation per cache shape
@@ -317,7 +317,7 @@ def measure_on_meshes(model_dir: pathlib.Path, text: pathlib.Path, root: pathlib
     for spec in MESHES:
         mesh = sharding.make_mesh(spec)
         model_config, params, _ = loading.load_model(str(model_dir), mesh=mesh)
-        wanted = sharding.param_shardings(models.family(model_config).param_specs(model_config), mesh)
+        wanted = sharding.param_shardings(families.param_specs(model_config), mesh)
         shown = {
             **{name: params["layers"][0][name] for name in ("qkv", "o", "gate_up", "down")},
             "embed": params["embed"],

@@ -9,13 +9,13 @@ from conftest import hf_state_dict, random_hf_llama
 
 import streamjax
 from streamjax import evaluation
-from streamjax.checkpoint import convert_tensors
+from streamjax.weights import convert_tensors
 
 
 @pytest.fixture(scope="module")
 def converted():
     model = random_hf_llama(seed=1)
-    config = streamjax.models.config_from_hf(model.config.to_dict())
+    config = streamjax.families.config_from_hf(model.config.to_dict())
     state = hf_state_dict(model)
     return config, convert_tensors(state, config), convert_tensors(state, config, jnp.bfloat16)
 

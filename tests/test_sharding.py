@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from streamjax import models, sharding
+from streamjax import families, sharding
 from streamjax.config import ModelConfig
-from streamjax.models.common import ParamSpec
+from streamjax.params import ParamSpec
 
 MESHES = {"2x4": {"data": 2, "model": 4}, "1x8": {"data": 1, "model": 8}, "4x2": {"data": 4, "model": 2}}
 MODELS = {
@@ -78,20 +78,22 @@ def _reference(name: str) -> dict:
 def _measure(ref: dict, mesh_name: str) -> dict:
     from conftest import hf_state_dict
 
-    from streamjax import decoding, evaluation
-    from streamjax.checkpoint import convert_tensors
+    from streamjax import evaluation, model
+    from streamjax.weights import convert_tensors
 
     config, params, new_cache = ref["config"], ref["params"], ref["new_cache"]
-    specs = models.family(config).param_specs(config)
+    specs = families.param_specs(config)
     mesh = sharding.make_mesh(MESHES[mesh_name], devices=jax.devices()[:8])
     loaded = convert_tensors(hf_state_dict(ref["hf"]), config, place=sharding.placer(specs, mesh))
     sharded = sharding.shard_params(params, specs, mesh)
     out = {"params": _shard_shapes(sharded), "loaded_params": _shard_shapes(loaded)}
     out["loaded_equal"] = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), loaded, sharded)))
-    compiled_before = decoding._forward._cache_size()
     for route, run in ref["routes"].items():
         expected, expected_cache = ref["outputs"][route]
+        compiled_before = model.jitted_forward._cache_size()
         logits, cache = run(sharded, sharding.shard_cache(new_cache(), mesh))
+        if route == "chunk":  # prefill fed LENGTH / CHUNK chunks, each taking the cache the previous one returned
+            out["chunk_compiles"] = model.jitted_forward._cache_size() - compiled_before
         out[f"logits/{route}"] = _relative(logits, expected)
         out[f"cache/{route}"] = _relative(np.stack(cache.keys), np.stack(expected_cache.keys))
         out[f"cache_shards/{route}"] = _shard_shapes(cache)
@@ -104,8 +106,6 @@ def _measure(ref: dict, mesh_name: str) -> dict:
         state.cache = sharding.shard_cache(state.cache, mesh)
         _, nll = evaluation.advance(sharded, config, ref["text"], spec, state, ref["text"].shape[0])
         out[f"nll/{route}"] = _relative(nll, ref["nll"][route])
-    # prefill fed LENGTH / CHUNK chunks, each taking the cache the previous one returned
-    out["chunk_compiles"] = decoding._forward._cache_size() - compiled_before
     if mesh_name == "2x4":
         half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), sharded)
         logits, cache = ref["routes"]["token"](half, sharding.shard_cache(new_cache(jnp.bfloat16), mesh))
@@ -270,13 +270,13 @@ def test_logical_partition_refuses_unknown_axes_and_collisions():
         sharding.logical_partition(("heads", "mlp"), (4, 4), {"data": 1, "model": 2})
 
 
-@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+@pytest.mark.parametrize("family", sorted(families.FAMILIES))
 def test_every_family_has_a_rule_for_every_param(family):
     config = ModelConfig(
         family=family, vocab_size=96, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
         intermediate_size=128, norm_eps=1e-5, tie_embeddings=False, max_position_embeddings=64,
     )  # fmt: skip
-    specs = models.FAMILIES[family].param_specs(config)
+    specs = families.FAMILIES[family].param_specs(config)
     partitions = jax.tree.map(
         lambda spec: sharding.logical_partition(spec.axes, spec.shape, {"data": 2, "model": 4}),
         specs,

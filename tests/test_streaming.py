@@ -8,7 +8,7 @@ from conftest import hf_logits, hf_state_dict, random_hf_llama, to_streamjax
 from reference import llama_stream_logits
 
 import streamjax
-from streamjax import decoding
+from streamjax.model import jitted_forward
 
 NUM_TOKENS = 300
 TOKENS = np.random.RandomState(1).randint(0, 97, size=(1, NUM_TOKENS))
@@ -98,5 +98,5 @@ def test_decode_step_compiles_once_over_thousands_of_steps(converted):
     for column in tokens:
         logits, cache = streamjax.step(params, cache, column, config)
     logits.block_until_ready()
-    assert decoding._forward._cache_size() == 1
+    assert jitted_forward._cache_size() == 1
     assert int(cache.length[0]) == 10 and int(cache.next_position[0]) == 2**31 - 1500 + 3000 - 2**32

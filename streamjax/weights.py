@@ -1,4 +1,4 @@
-"""Checkpoint loading without torch: Hugging Face directories (safetensors) and GGUF files.
+"""Hugging Face weights without torch: safetensors directories (GGUF files come through `streamjax.gguf`).
 
 Tensors are converted by each family's table of `TensorRule`s, checked against the family's
 `ParamSpec` shapes, and placed as JAX arrays in the requested dtype: on the default device, or,
@@ -19,9 +19,9 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from streamjax import models, sharding
+from streamjax import families, sharding
 from streamjax.config import ModelConfig
-from streamjax.models.common import ParamSpec, TensorRule
+from streamjax.params import ParamSpec, TensorRule
 
 # Buffers some checkpoints carry that are recomputed, not learned (GPT-NeoX's are `attention.bias`).
 _IGNORED_TENSORS = re.compile(r".*(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias|\.attention\.(masked_)?bias)$")
@@ -31,8 +31,8 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model it claims to be (missing, extra or mis-shaped tensors)."""
+class WeightsError(ValueError):
+    """Weights do not match the model it claims to be (missing, extra or mis-shaped tensors)."""
 
 
 def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -76,14 +76,14 @@ def convert_tensors(
     """Params pytree from checkpoint tensors named as in Hugging Face, by the family's rules.
 
     `place(array, path)` puts each finished param on its devices (default: `jnp.asarray`).
-    Raises CheckpointError naming every missing, unexpected or mis-shaped tensor.
+    Raises WeightsError naming every missing, unexpected or mis-shaped tensor.
     """
-    family = models.family(config)
+    family = families.get(config)
     specs, rules = family.param_specs(config), family.hf_tensor_rules(config)
     used: set[str] = set()
     missing = [name for rule in rules for names in _source_names(rule, config) for name in names if name not in tensors]
     if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
+        raise WeightsError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
     params: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for rule in rules:
         instances = _source_names(rule, config)
@@ -96,7 +96,7 @@ def convert_tensors(
     used.update(_tied_copies(tensors, config, family))
     unexpected = sorted(name for name in tensors if name not in used and not _IGNORED_TENSORS.match(name))
     if unexpected:
-        raise CheckpointError(
+        raise WeightsError(
             f"checkpoint has {len(unexpected)} tensor(s) the {config.family} model does not use: "
             f"{', '.join(unexpected[:10])}"
         )
@@ -105,11 +105,11 @@ def convert_tensors(
 
 def _tied_copies(tensors: Mapping[str, np.ndarray], config: ModelConfig, family) -> list[str]:
     """Output-head tensors that merely repeat the tied input embedding (torch state dicts carry them)."""
-    head, embed = getattr(family, "TIED_HEAD", (None, None))
+    head, embed = family.tied_head
     if not config.tie_embeddings or head not in tensors:
         return []
     if not np.array_equal(np.asarray(tensors[head]), np.asarray(tensors[embed])):
-        raise CheckpointError(f"config ties embeddings but {head} differs from {embed}")
+        raise WeightsError(f"config ties embeddings but {head} differs from {embed}")
     return [head]
 
 
@@ -133,7 +133,7 @@ def _convert_tensor(rule: TensorRule, names: tuple[str, ...], arrays: list, spec
         result = None
     if result is None or result.shape != tuple(spec.shape):
         shapes = ", ".join(f"{name} {tuple(array.shape)}" for name, array in zip(names, arrays))
-        raise CheckpointError(
+        raise WeightsError(
             f"tensor shapes ({shapes}) do not give the expected {tuple(spec.shape)} for "
             f"{'/'.join(rule.target)}; check that the config matches the weights"
         )
@@ -154,7 +154,7 @@ def _set_at(tree: dict, path: tuple, value) -> None:
 
 def mesh_placer(config: ModelConfig, mesh: Mesh | None) -> Callable[[np.ndarray, tuple[str, ...]], jax.Array] | None:
     """The `place` of `convert_tensors` that loads onto the shards of `mesh`; None (one device) without a mesh."""
-    return None if mesh is None else sharding.placer(models.family(config).param_specs(config), mesh)
+    return None if mesh is None else sharding.placer(families.param_specs(config), mesh)
 
 
 def load_hf_directory(
@@ -165,5 +165,5 @@ def load_hf_directory(
     With a `mesh`, each param goes straight onto its shards (`streamjax.sharding`); else onto the default device.
     """
     hf_config, tensors = read_hf_directory(directory)
-    config = models.config_from_hf(hf_config)
+    config = families.config_from_hf(hf_config)
     return config, convert_tensors(tensors, config, dtype, place=mesh_placer(config, mesh))

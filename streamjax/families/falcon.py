@@ -22,18 +22,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
 
-from streamjax import cache as cache_lib
-from streamjax.attention import alibi_slopes
-from streamjax.config import ModelConfig, check_known_fields, freeze_mapping, require
-from streamjax.models import common
-from streamjax.models.common import ParamSpec, TensorRule
+from streamjax import params as P
+from streamjax.config import ModelConfig, check_known_fields, require, rope_from_hf
+from streamjax.families.blocks import ACTIVATIONS, layer_norm_decoder_layer, layer_norm_final
+from streamjax.positions import alibi_slopes
 
-FAMILY = "falcon"
-TIED_HEAD = ("lm_head.weight", "transformer.word_embeddings.weight")  # (head, embedding) when tied
+NAME = "falcon"
+HF_MODEL_TYPES = ("falcon",)
+TIED_HEAD = ("lm_head.weight", "transformer.word_embeddings.weight")
 
 _HANDLED_FIELDS = {
     "vocab_size", "hidden_size", "n_embed", "num_hidden_layers", "num_attention_heads", "num_kv_heads",
@@ -41,7 +40,6 @@ _HANDLED_FIELDS = {
     "multi_query", "parallel_attn", "bias", "max_position_embeddings", "rope_parameters", "rope_scaling",
     "rope_theta", "ffn_hidden_size", "activation", "tie_word_embeddings", "apply_residual_connection_post_layernorm",
 }  # fmt: skip
-_ROPE_TYPES = ("default", "linear")
 # Checkpoint LayerNorm names per residual layout: (attention norm, MLP norm).
 _NORM_NAMES = {
     "parallel": ("ln_attn", "ln_mlp"),
@@ -52,12 +50,12 @@ _NORM_NAMES = {
 
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face `FalconConfig` dict, old or new decoder architecture."""
-    check_known_fields(hf, _HANDLED_FIELDS, FAMILY)
+    check_known_fields(hf, _HANDLED_FIELDS, NAME)
     require(
         not hf.get("apply_residual_connection_post_layernorm", False), "falcon post-layernorm residual is not supported"
     )
     act = hf.get("activation", "gelu")
-    require(act in common.ACTIVATIONS, f"falcon activation {act!r} is not one of {sorted(common.ACTIVATIONS)}")
+    require(act in ACTIVATIONS, f"falcon activation {act!r} is not one of {sorted(ACTIVATIONS)}")
     hidden = hf.get("n_embed") or hf["hidden_size"]
     num_heads = hf["num_attention_heads"]
     require(hidden % num_heads == 0, f"falcon hidden_size={hidden} is not a multiple of {num_heads} heads")
@@ -66,7 +64,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     alibi = hf.get("alibi", False)
     theta, scaling = _rope(hf) if not alibi else (10000.0, None)
     return ModelConfig(
-        family=FAMILY,
+        family=NAME,
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
         num_layers=hf["num_hidden_layers"],
@@ -108,12 +106,9 @@ def _attention_layout(hf: Mapping[str, Any], num_heads: int) -> tuple[int, str]:
 
 
 def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    require(rope["rope_type"] in _ROPE_TYPES, f"rope type {rope['rope_type']!r} is not one of {_ROPE_TYPES}")
-    require(rope.pop("partial_rotary_factor", 1.0) == 1.0, "falcon partial_rotary_factor other than 1 is not supported")
-    return float(theta), None if rope["rope_type"] == "default" else freeze_mapping(rope)
+    rope = rope_from_hf(hf, NAME, ("default", "linear"))
+    require(rope.partial_rotary_factor == 1.0, "falcon partial_rotary_factor other than 1 is not supported")
+    return rope.theta, rope.scaling
 
 
 def _alibi_slopes(num_heads: int, head_dim: int) -> tuple[float, ...]:
@@ -122,45 +117,39 @@ def _alibi_slopes(num_heads: int, head_dim: int) -> tuple[float, ...]:
     return tuple(float(s) for s in rounded / np.float32(math.sqrt(head_dim)))
 
 
-def param_specs(config: ModelConfig) -> dict:
-    """Shape and logical axes of every parameter (a pytree matching the params)."""
-    D, L, V, bias = config.hidden_size, config.num_layers, config.vocab_size, config.attention_bias
-    layers = {
-        **common.norm_specs("attn_norm", (D,), ("embed",), bias=True),
-        **common.attention_specs(config, bias),
-        **common.mlp_specs(config, bias),
+def layer_specs(config: ModelConfig) -> dict:
+    bias = config.attention_bias
+    specs = {
+        **P.norm_specs("attn_norm", config, bias=True),
+        **P.attention_specs(config, bias),
+        **P.mlp_specs(config, bias),
     }
     if _NORM_NAMES[config.residual_layout][1] is not None:
-        layers.update(common.norm_specs("mlp_norm", (D,), ("embed",), bias=True))
-    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": common.per_layer(layers, L)}
-    specs.update(common.norm_specs("final_norm", (D,), ("embed",), bias=True))
-    if not config.tie_embeddings:
-        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+        specs.update(P.norm_specs("mlp_norm", config, bias=True))
     return specs
 
 
-def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
+def final_norm_specs(config: ModelConfig) -> dict:
+    return P.norm_specs("final_norm", config, bias=True)
+
+
+def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
     """How each Hugging Face tensor maps onto a param (query_key_value rows are [K, G + 2, H])."""
     bias, layer = config.attention_bias, "transformer.h.{i}"
     attn_norm, mlp_norm = _NORM_NAMES[config.residual_layout]
     rules = [
-        TensorRule("transformer.word_embeddings.weight", ("embed",)),
-        *common.norm_rules("transformer.ln_f", ("final_norm",), bias=True),
-        *common.norm_rules(f"{layer}.{attn_norm}", ("layers", "attn_norm"), bias=True),
-        *common.qkv_rules(f"{layer}.self_attention.query_key_value", config, bias),
-        *common.output_rules(f"{layer}.self_attention.dense", config, bias),
-        *common.linear_rules(f"{layer}.mlp.dense_h_to_4h", "up", bias),
-        *common.linear_rules(f"{layer}.mlp.dense_4h_to_h", "down", bias),
+        *P.head_rules("transformer.word_embeddings.weight", "lm_head.weight", config),
+        *P.norm_rules("transformer.ln_f", ("final_norm",), bias=True),
+        *P.norm_rules(f"{layer}.{attn_norm}", ("layers", "attn_norm"), bias=True),
+        *P.qkv_rules(f"{layer}.self_attention.query_key_value", config, bias),
+        *P.output_rules(f"{layer}.self_attention.dense", config, bias),
+        *P.linear_rules(f"{layer}.mlp.dense_h_to_4h", "up", bias),
+        *P.linear_rules(f"{layer}.mlp.dense_4h_to_h", "down", bias),
     ]
     if mlp_norm is not None:
-        rules += common.norm_rules(f"{layer}.{mlp_norm}", ("layers", "mlp_norm"), bias=True)
-    if not config.tie_embeddings:
-        rules.append(TensorRule("lm_head.weight", ("lm_head",), np.transpose))
+        rules += P.norm_rules(f"{layer}.{mlp_norm}", ("layers", "mlp_norm"), bias=True)
     return rules
 
 
-def forward(
-    params: dict, cache: cache_lib.SinkCache, tokens: jax.Array, config: ModelConfig
-) -> tuple[jax.Array, cache_lib.SinkCache]:
-    """Feed tokens [B, T] to every stream: logits [B, T, V] (float32) and the advanced cache."""
-    return common.run_decoder(params, cache, tokens, config, common.layer_norm_decoder_layer)
+decoder_layer = layer_norm_decoder_layer
+final_norm = layer_norm_final

@@ -18,17 +18,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import numpy as np
-
-from streamjax import cache as cache_lib
-from streamjax.attention import alibi_slopes
+from streamjax import params as P
 from streamjax.config import ModelConfig, check_known_fields, require
-from streamjax.models import common
-from streamjax.models.common import ParamSpec, TensorRule
+from streamjax.families.blocks import layer_norm_decoder_layer, layer_norm_final
+from streamjax.positions import alibi_slopes
 
-FAMILY = "mpt"
-TIED_HEAD = ("lm_head.weight", "transformer.wte.weight")  # (head, embedding) when tie_word_embeddings
+NAME = "mpt"
+HF_MODEL_TYPES = ("mpt",)
+TIED_HEAD = ("lm_head.weight", "transformer.wte.weight")
 
 _HANDLED_FIELDS = {
     "d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "resid_pdrop", "emb_pdrop",
@@ -45,7 +42,7 @@ _NORM_TYPES = ("low_precision_layernorm", "layernorm")  # the same LayerNorm, co
 
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face `MptConfig` dict (attention options in its `attn_config`)."""
-    check_known_fields(hf, _HANDLED_FIELDS, FAMILY)
+    check_known_fields(hf, _HANDLED_FIELDS, NAME)
     attn = dict(hf.get("attn_config") or {})
     check_known_fields(attn, _HANDLED_ATTN_FIELDS, "mpt attn_config")
     require(
@@ -61,7 +58,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     require(hidden % num_heads == 0, f"mpt d_model={hidden} is not a multiple of n_heads={num_heads}")
     bias = not hf.get("no_bias", True)
     return ModelConfig(
-        family=FAMILY,
+        family=NAME,
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
         num_layers=hf["n_layers"],
@@ -83,42 +80,34 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     )
 
 
-def param_specs(config: ModelConfig) -> dict:
-    """Shape and logical axes of every parameter (a pytree matching the params)."""
-    D, L, V, bias = config.hidden_size, config.num_layers, config.vocab_size, config.attention_bias
-    layers = {
-        **common.norm_specs("attn_norm", (D,), ("embed",), bias),
-        **common.attention_specs(config, bias),
-        **common.norm_specs("mlp_norm", (D,), ("embed",), bias),
-        **common.mlp_specs(config, bias),
+def layer_specs(config: ModelConfig) -> dict:
+    bias = config.attention_bias
+    return {
+        **P.norm_specs("attn_norm", config, bias),
+        **P.attention_specs(config, bias),
+        **P.norm_specs("mlp_norm", config, bias),
+        **P.mlp_specs(config, bias),
     }
-    specs = {"embed": ParamSpec((V, D), ("vocab", "embed")), "layers": common.per_layer(layers, L)}
-    specs.update(common.norm_specs("final_norm", (D,), ("embed",), bias))
-    if not config.tie_embeddings:
-        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
-    return specs
 
 
-def hf_tensor_rules(config: ModelConfig) -> list[TensorRule]:
+def final_norm_specs(config: ModelConfig) -> dict:
+    return P.norm_specs("final_norm", config, config.attention_bias)
+
+
+def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
     """How each Hugging Face tensor maps onto a param; Wqkv rows are [q | k | v], each [N, H]."""
     bias, block = config.attention_bias, "transformer.blocks.{i}"
-    rules = [
-        TensorRule("transformer.wte.weight", ("embed",)),
-        *common.norm_rules("transformer.norm_f", ("final_norm",), bias),
-        *common.norm_rules(f"{block}.norm_1", ("layers", "attn_norm"), bias),
-        *common.qkv_rules(f"{block}.attn.Wqkv", config, bias, parts_first=True),
-        *common.output_rules(f"{block}.attn.out_proj", config, bias),
-        *common.norm_rules(f"{block}.norm_2", ("layers", "mlp_norm"), bias),
-        *common.linear_rules(f"{block}.ffn.up_proj", "up", bias),
-        *common.linear_rules(f"{block}.ffn.down_proj", "down", bias),
+    return [
+        *P.head_rules("transformer.wte.weight", "lm_head.weight", config),
+        *P.norm_rules("transformer.norm_f", ("final_norm",), bias),
+        *P.norm_rules(f"{block}.norm_1", ("layers", "attn_norm"), bias),
+        *P.qkv_rules(f"{block}.attn.Wqkv", config, bias, parts_first=True),
+        *P.output_rules(f"{block}.attn.out_proj", config, bias),
+        *P.norm_rules(f"{block}.norm_2", ("layers", "mlp_norm"), bias),
+        *P.linear_rules(f"{block}.ffn.up_proj", "up", bias),
+        *P.linear_rules(f"{block}.ffn.down_proj", "down", bias),
     ]
-    if not config.tie_embeddings:
-        rules.append(TensorRule("lm_head.weight", ("lm_head",), np.transpose))
-    return rules
 
 
-def forward(
-    params: dict, cache: cache_lib.SinkCache, tokens: jax.Array, config: ModelConfig
-) -> tuple[jax.Array, cache_lib.SinkCache]:
-    """Feed tokens [B, T] to every stream: logits [B, T, V] (float32) and the advanced cache."""
-    return common.run_decoder(params, cache, tokens, config, common.layer_norm_decoder_layer)
+decoder_layer = layer_norm_decoder_layer
+final_norm = layer_norm_final

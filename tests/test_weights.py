@@ -10,9 +10,10 @@ from conftest import hf_logits, hf_state_dict, random_hf_llama
 from safetensors.numpy import save_file
 
 import streamjax
-from streamjax import decoding, sharding
-from streamjax.checkpoint import CheckpointError, read_hf_directory
+from streamjax import sharding
 from streamjax.config import UnsupportedConfigError
+from streamjax.model import check_tokens, jitted_forward
+from streamjax.weights import WeightsError, read_hf_directory
 
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(1, 24))
 
@@ -43,7 +44,7 @@ def test_load_onto_a_mesh_places_every_param_by_the_rules(model, tmp_path):
     mesh = sharding.make_mesh("data=1,model=1", devices=jax.devices()[:1])
     config, params = streamjax.load_hf_directory(tmp_path, jnp.bfloat16, mesh=mesh)
     _, plain = streamjax.load_hf_directory(tmp_path, jnp.bfloat16)
-    wanted = sharding.param_shardings(streamjax.models.family(config).param_specs(config), mesh)
+    wanted = sharding.param_shardings(streamjax.families.param_specs(config), mesh)
     for param, expected, sharded in zip(*map(jax.tree.leaves, (plain, params, wanted))):
         assert expected.sharding == sharded and expected.dtype == jnp.bfloat16
         np.testing.assert_array_equal(expected, param)
@@ -69,14 +70,14 @@ def test_missing_tensor_is_named(model, tmp_path):
     tensors = hf_state_dict(model)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     _write_checkpoint(tmp_path, model.config.to_dict(), tensors)
-    with pytest.raises(CheckpointError, match=r"missing .*model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(WeightsError, match=r"missing .*model\.layers\.1\.mlp\.up_proj\.weight"):
         streamjax.load_hf_directory(tmp_path)
 
 
 def test_unexpected_tensor_is_named(model, tmp_path):
     tensors = hf_state_dict(model) | {"model.layers.0.extra.weight": np.zeros(3, np.float32)}
     _write_checkpoint(tmp_path, model.config.to_dict(), tensors)
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.extra\.weight"):
+    with pytest.raises(WeightsError, match=r"model\.layers\.0\.extra\.weight"):
         streamjax.load_hf_directory(tmp_path)
 
 
@@ -84,7 +85,7 @@ def test_misshaped_tensor_is_named(model, tmp_path):
     tensors = hf_state_dict(model)
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 48), np.float32)
     _write_checkpoint(tmp_path, model.config.to_dict(), tensors)
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight \(8, 48\)"):
+    with pytest.raises(WeightsError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight \(8, 48\)"):
         streamjax.load_hf_directory(tmp_path)
 
 
@@ -111,29 +112,29 @@ def test_directory_without_weights(tmp_path):
 
 @pytest.mark.parametrize("bad", [[[97]], [[-1]], [[3, 200]]])
 def test_token_outside_the_vocabulary_is_refused_before_compiling(model, bad):
-    config, params = streamjax.models.config_from_hf(model.config.to_dict()), None
+    config, params = streamjax.families.config_from_hf(model.config.to_dict()), None
     cache = streamjax.init_cache(config, 1, 2, 4)
-    compiled = decoding._forward._cache_size()
+    compiled = jitted_forward._cache_size()
     for feed in (streamjax.step, streamjax.feed_tokens, streamjax.prefill):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             feed(params, cache, np.array(bad), config)
-    assert decoding._forward._cache_size() == compiled
+    assert jitted_forward._cache_size() == compiled
 
 
 def test_tokens_on_device_are_checked_by_shape_and_dtype_alone(model):
     """A jax.Array's ids are never read (that would copy it to the host every decode step); its metadata is."""
-    config = streamjax.models.config_from_hf(model.config.to_dict())
+    config = streamjax.families.config_from_hf(model.config.to_dict())
     cache = streamjax.init_cache(config, 1, 2, 4)
     outside = jnp.array([[5, config.vocab_size]])
     outside.delete()  # only its shape and dtype are left to read
-    decoding.check_tokens(outside, config, cache)
+    check_tokens(outside, config, cache)
     for tokens, message in [([1, 2], "shape"), ([[1], [2]], "batch"), ([[1.0]], "integer ids")]:
         with pytest.raises(ValueError, match=message):
-            decoding.check_tokens(jnp.array(tokens), config, cache)
+            check_tokens(jnp.array(tokens), config, cache)
 
 
 def test_tokens_of_the_wrong_shape_are_refused(model):
-    config = streamjax.models.config_from_hf(model.config.to_dict())
+    config = streamjax.families.config_from_hf(model.config.to_dict())
     with pytest.raises(ValueError, match="shape"):
         streamjax.step(None, streamjax.init_cache(config, 1, 2, 4), np.array([1, 2]), config)
     with pytest.raises(ValueError, match="batch"):

@@ -43,15 +43,19 @@ def get_config(arg=None):
     config.route_chunk_size = 512
     config.chunk_route_tokens = 2048  # predictions timed on the chunk route (a multiple of route_chunk_size)
     config.token_route_tokens = 128  # predictions timed on the token route (each is one forward pass)
+    # Predictions on which the two routes' NLL are compared (the token route runs once over them, untimed):
+    # more than num_sinks + route_window + route_chunk_size, so the cache has evicted and chunks followed chunks.
+    config.route_compare_tokens = 2048
     config.route_repeats = 2
     # Long streams (cache num_sinks + route_window): decode cost at the early vs the late position,
     # peak memory after the two memory positions (in increasing order).
     config.early_position = 1_000
     config.late_position = 100_000
     config.memory_positions = (10_000, 100_000)
-    # False: set the cache to the exact state after that many tokens (random keys and values);
-    # True: stream random tokens there with the chunk route (100k tokens: minutes on a GPU, an hour on a CPU).
-    config.long_stream_streamed = False
+    # True: stream random tokens there with the chunk route (100k SmolLM2 tokens: about 6 minutes on a 2-core CPU).
+    # False: set the cache to the exact state after that many tokens (random keys and values): quick, but the same
+    # shapes and program at every position, so the late/early ratios then cannot show a growing cost.
+    config.long_stream_streamed = True
     config.stream_chunk_size = 512
     config.long_stream_rounds = 7  # early and late decode costs timed alternately this many times (drift hits both)
     # Machine limits: bytes of the bandwidth kernels, size of the square matmul.
@@ -77,7 +81,7 @@ def _make_small(config: ml_collections.ConfigDict) -> None:
     config.target_cache_size = 32
     config.warmup, config.repeats, config.recompute_repeats, config.route_repeats = 1, 3, 2, 1
     config.route_window, config.route_chunk_size = 28, 16
-    config.chunk_route_tokens, config.token_route_tokens = 64, 32
+    config.chunk_route_tokens, config.token_route_tokens, config.route_compare_tokens = 64, 32, 64
     config.early_position, config.late_position, config.memory_positions = 100, 3_000, (1_000, 3_000)
-    config.long_stream_streamed, config.stream_chunk_size = True, 256
+    config.stream_chunk_size = 256
     config.bandwidth_bytes, config.matmul_size = 1 << 24, 256

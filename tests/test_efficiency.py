@@ -81,7 +81,8 @@ def test_targets_compare_each_value_with_its_bound():
     config = efficiency_config.get_config("small=True")
 
     def rows(seconds):
-        return [{"cache_size": 64, "timing": {"median_s": seconds}, "adjacent_bandwidth_fraction": 0.6}]
+        fractions = {"adjacent_bandwidth_fraction": 0.6, "bandwidth_fraction": 0.4}
+        return [{"cache_size": 64, "timing": {"median_s": seconds}, **fractions}]
 
     results = {
         "routes": {"speedup": 12.0},
@@ -90,6 +91,16 @@ def test_targets_compare_each_value_with_its_bound():
     }
     met = [target["met"] for target in benchmark.targets(results, config)]
     assert met == [True, False, False, True]  # target_cache_size 32 is not a measured size: no bandwidth target
+    config.target_cache_size = 64  # both bandwidth fractions, each against 0.5
+    assert [target["met"] for target in benchmark.targets(results, config)] == [True, False, False, True, True, False]
+
+
+@pytest.mark.parametrize("compare", [40, 65])  # within cache + one chunk (4 + 28 + 16 = 48); beyond the chunk route
+def test_route_comparison_must_reach_past_the_cache_and_several_chunks(compare):
+    config = efficiency_config.get_config("small=True")
+    config.route_compare_tokens = compare
+    with pytest.raises(ValueError, match="route_compare_tokens"):
+        benchmark.check_route_config(config)
 
 
 def test_small_config_runs_end_to_end(tmp_path):
@@ -111,9 +122,11 @@ def test_small_config_runs_end_to_end(tmp_path):
     assert all(row["memory"]["minor_page_faults_per_token"] >= 0 for row in results["decode"]["methods"]["dense"])
     routes = results["routes"]
     assert routes["token"]["num_predictions"] == 32 and routes["chunk"]["num_predictions"] == 64
-    assert routes["max_abs_nll_difference"] < 1e-4  # the routes agree on the predictions both made
+    assert routes["compared_predictions"] == 64  # past the 32-slot cache, over four chunks of 16
+    assert routes["max_abs_nll_difference"] < 1e-4 and routes["max_abs_nll_difference_past_cache"] < 1e-4
     assert {"100", "1000", "3000", "late_over_early", "memory_peak_ratio"} <= set(results["long_stream"])
     assert results["long_stream"]["state"].startswith("streamed")
-    assert len(results["targets"]) == 5 and all(isinstance(target["met"], bool) for target in results["targets"])
+    assert results["meta"]["made_by"].startswith("python -m experiments.efficiency --config=configs/efficiency.py")
+    assert len(results["targets"]) == 6 and all(isinstance(target["met"], bool) for target in results["targets"])
     for name in ("latency_vs_cache.png", "memory_vs_cache.png", "route_throughput.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -126,13 +126,9 @@ def test_errors(tmp_path, tokenizer):
 
 
 @pytest.mark.real_assets
-def test_austen_with_smollm2_tokenizer():
+def test_austen_with_smollm2_tokenizer(austen_text, smollm2_gguf):
     from streamjax import gguf
 
-    try:
-        austen, model = assets.austen_text_path(), assets.smollm2_gguf_path()
-    except assets.AssetError as error:
-        pytest.skip(f"assets not available: {error}")
     text = data.load_text("austen")
     assert text.startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen")
     assert "It is a truth universally acknowledged, that a single man in possession" in text[:1000]
@@ -141,10 +137,10 @@ def test_austen_with_smollm2_tokenizer():
     assert all(p > 0 for p in positions) and positions == sorted(positions), positions
     assert "\n\nPersuasion\n" in text[positions[-1] :]
     for name in assets.AUSTEN_NOVELS:
-        novel = (austen.parent / "austen" / f"{name}.txt").read_text(encoding="utf-8")
+        novel = (austen_text.parent / "austen" / f"{name}.txt").read_text(encoding="utf-8")
         assert novel in text, name
 
-    tokenizer = gguf.load_gguf_tokenizer(model)
+    tokenizer = gguf.load_gguf_tokenizer(smollm2_gguf)
     tokens = data.load_corpus_tokens("austen", tokenizer)
     assert 700_000 < len(tokens) < 1_300_000, len(tokens)
     assert tokenizer.decode(tokens[:20]).startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen")

@@ -256,7 +256,7 @@ def test_tiny_model_loads_with_its_tokenizer(tiny):
 
 
 @pytest.mark.real_assets
-def test_smollm2_streaming_beats_window_attention_on_pride_and_prejudice(tmp_path):
+def test_smollm2_streaming_beats_window_attention_on_pride_and_prejudice(smollm2_gguf, austen_text, tmp_path):
     """1,200 tokens of Pride and Prejudice, SmolLM2-135M, 4 + 124 cache (measured: 20.06 vs 42.26)."""
     config = ppl_config.get_config()
     config.update(

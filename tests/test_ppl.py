@@ -139,6 +139,56 @@ def test_sink_prefix_is_fed_first_and_not_scored(tiny, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), expected[3:])
 
 
+def _save_bos_model(tiny, directory: pathlib.Path, template: str) -> None:
+    """The tiny model with a word tokenizer whose post-processor adds <s> (id 96, in place of w96) and/or </s>
+    (id 95, in place of w95) to every call: `template` is "<s> $A", "<s> $A </s>" or "$A </s>"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).symlink_to(tiny[0] / name)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 95)}, "</s>": 95, "<s>": 96}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 96), ("</s>", 95)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("template, start", [("<s> $A", 1), ("<s> $A </s>", 1), ("$A </s>", 0)])
+def test_sink_prefix_goes_after_the_bos(tiny, tmp_path, template, start):
+    """[BOS, prefix, text]: the NLL kept is that of text tokens 1, 2, ..., as without prefix."""
+    _save_bos_model(tiny, tmp_path / "model", template)
+    config = tiny_config(
+        tiny, model=str(tmp_path / "model"), method="streaming", sink_prefix="w7 w8", sink_prefix_repeat=2
+    )
+    summary = experiment.run(config, tmp_path / "out", progress=False)["runs"][0]
+    assert summary["sink_prefix_tokens"] == [7, 8, 7, 8] and summary["sink_prefix_start"] == start
+    assert summary["num_tokens"] == NUM_TOKENS and summary["num_predictions"] == NUM_TOKENS - 1
+    model_config, params, tokenizer = loading.load_model(str(tmp_path / "model"))
+    text = tokenizer(tiny[1].read_text()).input_ids[:NUM_TOKENS]  # no </s>: the text is cut before its end
+    assert text[0] == 96 if start else text[0] != 96
+    fed = [*text[:start], 7, 8, 7, 8, *text[start:]]
+    expected = evaluation.evaluate(
+        params, model_config, np.asarray(fed), evaluation.EvalSpec("streaming", 2, 30, "chunk", 16)
+    )
+    # nll[i] predicts fed token i + 1: the four predictions dropped are those of the prefix after a BOS,
+    # else those of prefix tokens 2-4 and text token 0.
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "streaming" / "nll.npy"), expected[4:])
+
+
+def test_text_predictions_hand_example():
+    nll = np.arange(10.0)  # predictions of fed tokens 1..10
+    # [prefix x3, text 0..7]: the predictions of prefix tokens 2, 3 and of text token 0 are dropped.
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(0, 3)), [3, 4, 5, 6, 7, 8, 9])
+    # [BOS, prefix x3, text 1..7]: those of the three prefix tokens.
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(1, 4)), [3, 4, 5, 6, 7, 8, 9])
+    # [two leading specials, prefix x3, text 2..]: the second special token's prediction is kept.
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(2, 5)), [0, 4, 5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(0, 0)), nll)
+
+
 def test_variants_run_every_method_under_their_names(tiny, finished, tmp_path):
     variants = [{"num_sinks": 0, "window": 32}, {"name": "two", "num_sinks": 2, "window": 30}]
     summary = experiment.run(tiny_config(tiny, method="streaming", variants=variants), tmp_path, progress=False)

@@ -5,7 +5,8 @@ for each entry of `config.variants`) over the first `config.num_tokens` tokens o
 and is what `python -m experiments.ppl` calls. The config fields are documented in `configs/ppl.py`.
 
 Workdir layout:
-    config.json          the config the workdir belongs to (checked on every restart)
+    config.json          the config and the weights the workdir belongs to (checked on every restart,
+                         the weights whenever a run is left to compute)
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
         checkpoints/     orbax steps named by predictions done, while the run is in progress
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
@@ -21,6 +22,11 @@ uninterrupted one and ends with a bitwise equal `nll.npy`. Checkpoints are saved
 (the cache is donated to the next step) with orbax's default local-filesystem atomicity: each
 step is written to a `*.orbax-checkpoint-tmp*` directory and renamed once complete, so a kill
 during a save leaves the previous step intact and the temporary directory is removed on restart.
+
+Weights: the fingerprint in `config.json` holds a SHA-256 of the model's weight files (the .gguf
+file, or a checkpoint directory's config.json and *.safetensors), so a restart after other weights
+were saved under the same model path is refused. A finished workdir is reported without reading
+the model or hashing it.
 
 Sink prefix: with `sink_prefix` set, its tokens (without the special tokens the tokenizer adds to
 every call), repeated `sink_prefix_repeat` times, are fed right after the text's leading special
@@ -149,18 +155,22 @@ def build_mesh(config) -> Mesh | None:
         raise ValueError(f"config.mesh={config.mesh!r} does not fit this machine: {error}") from None
 
 
-def fingerprint(config) -> dict[str, Any]:
-    """The config fields that decide the numbers, as plain JSON values."""
+def fingerprint(config, weights: str | None = None) -> dict[str, Any]:
+    """The config fields that decide the numbers, as plain JSON values, and `weights`
+    (`loading.weights_sha256`) under "weights" when given."""
     values = json.loads(json.dumps(_plain(config)))
     fields = {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
     mesh = fields.pop("mesh")
     if mesh:  # one spelling per mesh ("model=8" is "data=1,model=8"); absent on one device, as before meshes
         fields["mesh"] = ",".join(f"{axis}={size}" for axis, size in sharding.parse_mesh(mesh).items())
+    if weights is not None:
+        fields["weights"] = weights
     return fields
 
 
-def check_workdir(workdir: pathlib.Path, config) -> bool:
-    """Raise if `workdir` is a file or holds a run of another config; True if it holds this config's run."""
+def check_workdir(workdir: pathlib.Path, config, weights: str | None = None) -> bool:
+    """Raise if `workdir` is a file or holds a run of another config, or (with `weights`, the model's
+    `loading.weights_sha256`) of other weights; True if it holds this config's run."""
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"workdir {workdir} is a file, not a directory; pass a directory path")
     saved_path = workdir / "config.json"
@@ -169,12 +179,18 @@ def check_workdir(workdir: pathlib.Path, config) -> bool:
     saved, current = json.loads(saved_path.read_text())["fingerprint"], fingerprint(config)
     differences = [
         f"{key}: {saved.get(key)!r} in the workdir, {current.get(key)!r} now"
-        for key in sorted(set(saved) | set(current))
+        for key in sorted((set(saved) | set(current)) - {"weights"})
         if saved.get(key) != current.get(key)
     ]
     if differences:
         raise ValueError(
             f"workdir {workdir} holds a run of a different config ({'; '.join(differences)}); "
+            "use another --workdir or delete this one"
+        )
+    if weights is not None and saved.get("weights") != weights:
+        raise ValueError(
+            f"workdir {workdir} holds a run of other weights: the weight files of model {config.model!r} have "
+            f"SHA-256 {weights} now, {saved.get('weights') or 'not recorded'} in the workdir; "
             "use another --workdir or delete this one"
         )
     return True
@@ -202,12 +218,15 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     if text.shape[0] < 2:
         raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
     fed = {item.name: with_sink_prefix(item, tokenizer, text) for item in runs}
+    weights = loading.weights_sha256(source)
+    if started:
+        check_workdir(workdir, config, weights)
     model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype), mesh)
     for tokens, _ in fed.values():
         evaluation.check_text_tokens(tokens, model_config)
     workdir.mkdir(parents=True, exist_ok=True)
     if not started:
-        _write_json(workdir / "config.json", {"fingerprint": fingerprint(config), "config": _plain(config)})
+        _write_json(workdir / "config.json", {"fingerprint": fingerprint(config, weights), "config": _plain(config)})
     for item in runs:
         run_one(item, *fed[item.name], workdir / item.name, config, model_config, params, progress, mesh)
     return report(config, workdir, runs)

@@ -53,8 +53,9 @@ def get_config(arg=None):
     config.mesh = ""
     # Save a checkpoint every this many predictions (a multiple of chunk_size); 0: never.
     config.checkpoint_every = 2048
-    # Text put before the data (its tokenization, without BOS, repeated sink_prefix_repeat times), so
-    # that it fills the sinks; its own predictions and that of the first text token are not scored.
+    # Text fed before the data, after the BOS if the tokenizer adds one (its tokens without special tokens,
+    # repeated sink_prefix_repeat times), so that it fills the sinks; its own predictions are not scored,
+    # nor (without a BOS) that of the first text token: the scored targets are those of a run without it.
     config.sink_prefix = ""
     config.sink_prefix_repeat = 1
     # Optional list of dicts, each a variant of the fields (name, num_sinks, window, sink_prefix,

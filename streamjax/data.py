@@ -84,9 +84,10 @@ def load_corpus_tokens(spec: str = "austen", tokenizer: Any = None, num_tokens: 
     GPT-2-style byte-level BPE (SmolLM2) this equals tokenizing the whole text at once, because the
     cuts fall where pre-tokenization splits anyway (tests/test_data.py checks it on Austen); a
     tokenizer that treats the start of each call specially (a SentencePiece dummy prefix space) can
-    differ by a token at each of the ~len(text) / 100k cuts. If the tokenizer adds its own prefix tokens to
-    every call (a BOS: what `tokenizer("")` returns), only the first piece keeps them. Reading stops
-    once `num_tokens` ids are collected.
+    differ by a token at each of the ~len(text) / 100k cuts. Special tokens the tokenizer adds to
+    every call (`special_tokens`) appear once, as in one call on the whole text: the leading ones
+    (a BOS) at the start, the trailing ones (an EOS) at the end. Reading stops once `num_tokens` ids
+    are collected.
     """
     if tokenizer is None:
         raise ValueError("load_corpus_tokens needs a tokenizer (e.g. streamjax.gguf.load_gguf_tokenizer(path))")
@@ -103,16 +104,48 @@ def load_corpus_tokens(spec: str = "austen", tokenizer: Any = None, num_tokens: 
     return np.concatenate(chunks)[:num_tokens]
 
 
+def special_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """(leading, trailing): the special token ids `tokenizer` adds before and after every call's tokens.
+
+    `tokenizer("")` is both together, e.g. [BOS], [EOS] or [BOS, EOS]. The leading ones are what it
+    shares at the start with the tokens of a one-character probe (the first non-space character of
+    `text`, which must tokenize to a token of its own), since such a token is not a special one.
+    """
+    specials = list(tokenizer("").input_ids)
+    probe = text.strip()[:1] or text[:1]
+    ids = list(tokenizer(probe).input_ids)
+    if len(ids) <= len(specials):
+        raise ValueError(f"cannot tell the tokenizer's special tokens: {probe!r} gives no token of its own")
+    shared = 0
+    while shared < len(specials) and ids[shared] == specials[shared]:
+        shared += 1
+    leading, trailing = specials[:shared], specials[shared:]
+    if ids[len(ids) - len(trailing) :] != trailing:
+        raise ValueError(f"the tokenizer does not add {specials} around the tokens of {probe!r} ({ids})")
+    return leading, trailing
+
+
+def strip_special_tokens(ids: list[int], leading: list[int], trailing: list[int]) -> list[int]:
+    """`ids` of one tokenizer call without the `leading` and `trailing` special tokens it added."""
+    end = len(ids) - len(trailing)
+    if ids[: len(leading)] != leading or ids[end:] != trailing or end < len(leading):
+        raise ValueError(f"tokens {ids[:8]}...{ids[-8:]} do not start with {leading} and end with {trailing}")
+    return ids[len(leading) : end]
+
+
 def _tokenize_pieces(pieces: Iterator[str], tokenizer: Any) -> Iterator[np.ndarray]:
-    """Ids [n] int32 of each piece; the tokenizer's per-call prefix (BOS) is kept on the first only.
+    """Ids [n] int32 of each piece without the tokenizer's per-call special tokens, the leading ones
+    (BOS) put before the first piece and the trailing ones (EOS) after the last, as one call would.
 
     Only the first piece can be blank: any later cut follows a non-space character in the first.
     """
-    prefix = list(tokenizer("").input_ids)
+    trailing: list[int] = []
     for index, piece in enumerate(pieces):
-        if index == 0 and not piece.strip():
-            raise ValueError("corpus is empty (no text besides whitespace)")
-        ids = list(tokenizer(piece).input_ids)
-        if index and prefix and ids[: len(prefix)] == prefix:
-            ids = ids[len(prefix) :]
-        yield np.asarray(ids, dtype=np.int32)
+        if index == 0:
+            if not piece.strip():
+                raise ValueError("corpus is empty (no text besides whitespace)")
+            leading, trailing = special_tokens(tokenizer, piece)
+        ids = strip_special_tokens(list(tokenizer(piece).input_ids), leading, trailing)
+        yield np.asarray((leading if index == 0 else []) + ids, dtype=np.int32)
+    if trailing:
+        yield np.asarray(trailing, dtype=np.int32)

@@ -5,7 +5,8 @@ for each entry of `config.variants`) over the first `config.num_tokens` tokens o
 and is what `python -m experiments.ppl` calls. The config fields are documented in `configs/ppl.py`.
 
 Workdir layout:
-    config.json          the config the workdir belongs to (checked on every restart)
+    config.json          the config and the weights the workdir belongs to (checked on every restart,
+                         the weights whenever a run is left to compute)
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
         checkpoints/     orbax steps named by predictions done, while the run is in progress
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
@@ -22,11 +23,19 @@ uninterrupted one and ends with a bitwise equal `nll.npy`. Checkpoints are saved
 step is written to a `*.orbax-checkpoint-tmp*` directory and renamed once complete, so a kill
 during a save leaves the previous step intact and the temporary directory is removed on restart.
 
-Sink prefix: with `sink_prefix` set, the tokens of `sink_prefix` (without the tokenizer's BOS),
-repeated `sink_prefix_repeat` times, are put before the text, so they are the first tokens the
-cache keeps as sinks. NLL is kept only for predictions of text tokens 1, 2, ..., exactly the
-targets of a run without prefix; the predictions of the prefix tokens and of text token 0 are
-dropped.
+Weights: the fingerprint in `config.json` holds a SHA-256 of the model's weight files (the .gguf
+file, or a checkpoint directory's config.json and *.safetensors), so a restart after other weights
+were saved under the same model path is refused. A finished workdir is reported without reading
+the model or hashing it.
+
+Sink prefix: with `sink_prefix` set, its tokens (without the special tokens the tokenizer adds to
+every call), repeated `sink_prefix_repeat` times, are fed right after the text's leading special
+tokens: [BOS, prefix, text] with a tokenizer that adds a BOS, else [prefix, text]. So the prefix
+fills the sinks after the BOS. NLL is kept only for the predictions of text tokens 1, 2, ...
+(text token 0 being the BOS, if any), exactly the targets of a run without prefix; dropped are the
+predictions of the prefix tokens (the first one is predicted from the BOS) and, without a BOS, that
+of text token 0, which follows the prefix. With several leading special tokens the prefix follows
+all of them, and the predictions of those after the first are kept.
 
 Devices: `config.mesh` "" runs on the default device; a mesh such as "data=1,model=8" loads every
 param straight onto its shards and shards each run's cache (`streamjax.sharding`), and checkpoints
@@ -147,18 +156,22 @@ def build_mesh(config) -> Mesh | None:
         raise ValueError(f"config.mesh={config.mesh!r} does not fit this machine: {error}") from None
 
 
-def fingerprint(config) -> dict[str, Any]:
-    """The config fields that decide the numbers, as plain JSON values."""
+def fingerprint(config, weights: str | None = None) -> dict[str, Any]:
+    """The config fields that decide the numbers, as plain JSON values, and `weights`
+    (`loading.weights_sha256`) under "weights" when given."""
     values = json.loads(json.dumps(_plain(config)))
     fields = {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
     mesh = fields.pop("mesh")
     if mesh:  # one spelling per mesh ("model=8" is "data=1,model=8"); absent on one device, as before meshes
         fields["mesh"] = ",".join(f"{axis}={size}" for axis, size in sharding.parse_mesh(mesh).items())
+    if weights is not None:
+        fields["weights"] = weights
     return fields
 
 
-def check_workdir(workdir: pathlib.Path, config) -> bool:
-    """Raise if `workdir` is a file or holds a run of another config; True if it holds this config's run."""
+def check_workdir(workdir: pathlib.Path, config, weights: str | None = None) -> bool:
+    """Raise if `workdir` is a file or holds a run of another config, or (with `weights`, the model's
+    `loading.weights_sha256`) of other weights; True if it holds this config's run."""
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"workdir {workdir} is a file, not a directory; pass a directory path")
     saved_path = workdir / "config.json"
@@ -167,12 +180,18 @@ def check_workdir(workdir: pathlib.Path, config) -> bool:
     saved, current = json.loads(saved_path.read_text())["fingerprint"], fingerprint(config)
     differences = [
         f"{key}: {saved.get(key)!r} in the workdir, {current.get(key)!r} now"
-        for key in sorted(set(saved) | set(current))
+        for key in sorted((set(saved) | set(current)) - {"weights"})
         if saved.get(key) != current.get(key)
     ]
     if differences:
         raise ValueError(
             f"workdir {workdir} holds a run of a different config ({'; '.join(differences)}); "
+            "use another --workdir or delete this one"
+        )
+    if weights is not None and saved.get("weights") != weights:
+        raise ValueError(
+            f"workdir {workdir} holds a run of other weights: the weight files of model {config.model!r} have "
+            f"SHA-256 {weights} now, {saved.get('weights') or 'not recorded'} in the workdir; "
             "use another --workdir or delete this one"
         )
     return True
@@ -199,36 +218,51 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     text = data.load_corpus_tokens(config.data, tokenizer, config.num_tokens)
     if text.shape[0] < 2:
         raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
-    prefixes = {item.name: _sink_prefix_tokens(item, tokenizer) for item in runs}
+    fed = {item.name: with_sink_prefix(item, tokenizer, text) for item in runs}
+    weights = loading.weights_sha256(source)
+    if started:
+        check_workdir(workdir, config, weights)
     model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype), mesh)
-    for prefix in prefixes.values():
-        evaluation.check_text_tokens(np.concatenate([prefix, text]), model_config)
+    for tokens, _ in fed.values():
+        evaluation.check_text_tokens(tokens, model_config)
     workdir.mkdir(parents=True, exist_ok=True)
     if not started:
-        _write_json(workdir / "config.json", {"fingerprint": fingerprint(config), "config": _plain(config)})
+        _write_json(workdir / "config.json", {"fingerprint": fingerprint(config, weights), "config": _plain(config)})
     for item in runs:
-        tokens = np.concatenate([prefixes[item.name], text]).astype(np.int32)
-        run_dir = workdir / item.name
-        run_one(item, tokens, len(prefixes[item.name]), run_dir, config, model_config, params, progress, mesh)
+        run_one(item, *fed[item.name], workdir / item.name, config, model_config, params, progress, mesh)
     return report(config, workdir, runs)
 
 
-def _sink_prefix_tokens(item: Run, tokenizer) -> np.ndarray:
-    """Token ids of the run's sink prefix, the tokenizer's per-call prefix (BOS) removed."""
+def with_sink_prefix(item: Run, tokenizer, text: np.ndarray) -> tuple[np.ndarray, slice]:
+    """(tokens [P + T] int32 the run feeds, where its P prefix tokens lie in them) for text tokens [T].
+
+    The prefix, the tokens of `item.sink_prefix` without the tokenizer's special tokens repeated
+    `item.sink_prefix_repeat` times, goes right after the text's leading special tokens (its BOS).
+    """
     if not item.sink_prefix:
-        return np.zeros((0,), np.int32)
-    bos = list(tokenizer("").input_ids)
+        return text.astype(np.int32), slice(0, 0)
     ids = list(tokenizer(item.sink_prefix).input_ids)
-    ids = ids[len(bos) :] if bos and ids[: len(bos)] == bos else ids
-    if not ids:
+    if len(ids) <= len(tokenizer("").input_ids):
         raise ValueError(f"sink_prefix {item.sink_prefix!r} of run {item.name} tokenizes to no tokens")
-    return np.asarray(ids * item.sink_prefix_repeat, np.int32)
+    leading, trailing = data.special_tokens(tokenizer, item.sink_prefix)
+    prefix = np.asarray(data.strip_special_tokens(ids, leading, trailing) * item.sink_prefix_repeat, np.int32)
+    start = len(leading)
+    tokens = np.concatenate([text[:start], prefix, text[start:]]).astype(np.int32)
+    return tokens, slice(start, start + len(prefix))
+
+
+def text_predictions(nll: np.ndarray, prefix: slice) -> np.ndarray:
+    """NLL [T - 1] of text tokens 1, 2, ... from the NLL [P + T - 1] of a run fed with its sink prefix at
+    `prefix`: dropped are the predictions of the prefix tokens and, when the prefix comes first, of text
+    token 0, since `nll[i]` predicts fed token i + 1."""
+    first = max(prefix.start - 1, 0)
+    return np.concatenate([nll[:first], nll[first + prefix.stop - prefix.start :]])
 
 
 def run_one(
     item: Run,
     tokens: np.ndarray,
-    num_prefix: int,
+    prefix: slice,
     run_dir: pathlib.Path,
     config,
     model_config: ModelConfig,
@@ -236,7 +270,8 @@ def run_one(
     progress: bool = True,
     mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one run over `tokens` [P + T] (P prefix tokens), resuming from `run_dir`; its summary.
+    """Evaluate one run over `tokens` [P + T] (the P sink prefix tokens at `prefix`, as `with_sink_prefix`
+    gives them), resuming from `run_dir`; its summary.
 
     With a `mesh`, `params` must be on its shards (`loading.load_weights(..., mesh)`); the cache is put there too.
     """
@@ -260,23 +295,23 @@ def run_one(
             _save(manager, state, nll, dict(meta, position=state.position, seconds=seconds))
     bar.close()
     manager.close()
-    text_nll = nll[num_prefix:]
-    summary = _run_summary(item, config, model_config, tokens, num_prefix, text_nll, seconds)
+    text_nll = text_predictions(nll, prefix)
+    summary = _run_summary(item, config, model_config, tokens, prefix, text_nll, seconds)
     _write_bytes(run_dir / "nll.npy", _npy_bytes(text_nll))
     _write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
 
 
-def _run_summary(item: Run, config, model_config, tokens, num_prefix, text_nll, seconds) -> dict[str, Any]:
+def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nll, seconds) -> dict[str, Any]:
     num_sinks, window = item.spec.cache_shape(tokens.shape[0])
     mean_nll = float(np.mean(text_nll, dtype=np.float64))
     return {
         "run": item.name, "method": item.spec.method, "num_sinks": item.spec.num_sinks, "window": item.spec.window,
         "cache": "all" if item.spec.method == "dense" else f"{num_sinks}+{window}",
         "sink_prefix": item.sink_prefix, "sink_prefix_repeat": item.sink_prefix_repeat,
-        "sink_prefix_tokens": tokens[:num_prefix].tolist(),
-        "num_tokens": int(tokens.shape[0] - num_prefix), "num_predictions": int(text_nll.shape[0]),
+        "sink_prefix_tokens": tokens[prefix].tolist(), "sink_prefix_start": prefix.start,
+        "num_tokens": int(tokens.shape[0] - (prefix.stop - prefix.start)), "num_predictions": int(text_nll.shape[0]),
         "mean_nll": mean_nll, "ppl": math.exp(mean_nll), "seconds": seconds,
         "tokens_per_second": (tokens.shape[0] - 1) / seconds if seconds > 0 else None,
         "model": config.model, "data": config.data, "route": item.spec.route, "chunk_size": item.spec.chunk_size,

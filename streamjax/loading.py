@@ -8,6 +8,7 @@ downloads from the hub: a hub id must already be in the local Hugging Face cache
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from typing import Any
 
@@ -81,6 +82,25 @@ def load_tokenizer(source: ModelSource) -> Any | None:
 
         return AutoTokenizer.from_pretrained(source.path)
     return None
+
+
+def weight_files(source: ModelSource) -> list[pathlib.Path]:
+    """The files `load_weights` reads: the .gguf file, or a checkpoint directory's config.json and *.safetensors."""
+    if source.kind == "gguf":
+        return [source.path]
+    config = [source.path / "config.json"] if (source.path / "config.json").is_file() else []
+    return config + sorted(source.path.glob("*.safetensors"))
+
+
+def weights_sha256(source: ModelSource) -> str:
+    """Hex SHA-256 of the source's `weight_files`: each file's name, size and bytes, in that order."""
+    digest = hashlib.sha256()
+    for path in weight_files(source):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_weights(source: ModelSource, dtype=jnp.float32, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:

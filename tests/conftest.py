@@ -1,11 +1,23 @@
-"""Shared fixtures: tiny random Hugging Face models built in memory, converted to streamjax params."""
+"""Shared fixtures: tiny random Hugging Face models built in memory, converted to streamjax params; the
+real assets (SmolLM2 GGUF, Austen text) for tests marked `real_assets`.
+
+Missing is a failure: torch, transformers and the other test extras are imported plainly (the test
+command installs them), and a real asset that cannot be fetched fails its test. Only with
+STREAMJAX_ALLOW_MISSING_ASSETS=1 do tests whose asset cannot be fetched skip instead.
+"""
 
 from __future__ import annotations
 
 import os
+import pathlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+
+from streamjax import assets
+
+ALLOW_MISSING_ASSETS = "STREAMJAX_ALLOW_MISSING_ASSETS"
 
 
 def pytest_configure(config):
@@ -18,13 +30,36 @@ def cpu_devices_env(count: int = 8) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
-def torch_or_skip():
-    return pytest.importorskip("torch", reason="torch is the test-only reference")
+def require_asset(locate: Callable[[], pathlib.Path]) -> pathlib.Path:
+    """`locate()` (a path function of `streamjax.assets`); if the asset cannot be fetched, fail the test,
+    or skip it when the environment sets STREAMJAX_ALLOW_MISSING_ASSETS=1."""
+    try:
+        return locate()
+    except assets.AssetError as error:
+        if os.environ.get(ALLOW_MISSING_ASSETS) == "1":
+            pytest.skip(f"asset missing, skipped as {ALLOW_MISSING_ASSETS}=1: {error}")
+        pytest.fail(
+            f"asset missing: {error}\nFetch it with `python -m streamjax.assets`; to skip the tests that need it "
+            f"instead, set {ALLOW_MISSING_ASSETS}=1.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF (`assets.smollm2_gguf_path`), fetched once."""
+    return require_asset(assets.smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def austen_text() -> pathlib.Path:
+    """The Austen corpus file (`assets.austen_text_path`), fetched once."""
+    return require_asset(assets.austen_text_path)
 
 
 def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
     """A tiny `LlamaForCausalLM` with random weights (large enough std that errors would show)."""
-    torch = torch_or_skip()
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings = {
@@ -43,7 +78,8 @@ def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
 
 def randomize_weights(model, std: float):
     """Every weight of a transformers model ~ N(0, std), LayerNorm weights 1 + N(0, std); eval mode."""
-    torch = torch_or_skip()
+    import torch
+
     with torch.no_grad():
         for module in model.modules():
             for name, parameter in module.named_parameters(recurse=False):
@@ -67,6 +103,7 @@ def to_streamjax(model):
 
 
 def hf_logits(model, tokens) -> np.ndarray:
-    torch = torch_or_skip()
+    import torch
+
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens))).logits.numpy()

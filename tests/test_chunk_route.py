@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import random_hf_llama, randomize_weights, to_streamjax, torch_or_skip
+from conftest import random_hf_llama, randomize_weights, to_streamjax
 
 import streamjax
 from streamjax import evaluation
@@ -35,7 +35,7 @@ TOLERANCE = 1e-4
 
 def random_hf_mpt(seed: int = 0, std: float = 0.2):
     """A tiny `MptForCausalLM` (ALiBi, tied embeddings) with random weights, LayerNorm weights 1 + noise."""
-    torch = torch_or_skip()
+    import torch
     from transformers import MptConfig, MptForCausalLM
 
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def test_batched_prefill_equals_batched_token_route(family):
 
 
 @pytest.mark.real_assets
-def test_smollm2_chunk_route_equals_token_route_on_austen():
+def test_smollm2_chunk_route_equals_token_route_on_austen(smollm2_gguf, austen_text):
     """5,000 tokens of Austen through SmolLM2 at 4 + 1020: chunks of 512 against one token per pass."""
     from streamjax import data, loading
 

@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from streamjax import assets, data
 
@@ -21,18 +22,25 @@ SAMPLE = (
 )
 
 
-class TinyTokenizer:
-    """The `tokenizer(text).input_ids` protocol over a byte-level BPE trained on SAMPLE."""
+BOS, EOS = 0, 1
+# Post-processor templates: what special tokens the tokenizer adds to every call.
+TEMPLATES = {"none": None, "bos": "<s> $A", "eos": "$A </s>", "bos+eos": "<s> $A </s>"}
 
-    def __init__(self, bos: bool = False):
+
+class TinyTokenizer:
+    """The `tokenizer(text).input_ids` protocol over a byte-level BPE trained on SAMPLE; `template` (a
+    TEMPLATES value) adds a BOS <s> (id 0) and/or an EOS </s> (id 1) to every call."""
+
+    def __init__(self, template: str | None = None):
         self.backend = Tokenizer(models.BPE())
         self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
         self.backend.train_from_iterator([SAMPLE] * 4, trainer)
-        if bos:
-            self.backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        if template:
+            specials = [("<s>", BOS), ("</s>", EOS)]
+            self.backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
         self.calls = 0
 
     def __call__(self, text: str):
@@ -53,24 +61,56 @@ def test_text_pieces_hand_example():
     assert list(data.text_pieces(iter(["no breaks at all"]), piece_chars=2)) == ["no breaks at all"]
 
 
+@pytest.fixture(scope="module", params=list(TEMPLATES))
+def any_tokenizer(request):
+    """The tiny tokenizer with each kind of special tokens added to every call."""
+    return TinyTokenizer(TEMPLATES[request.param])
+
+
 @pytest.mark.parametrize("piece_chars", [1, 40, 100, 10_000])
-def test_chunked_tokenization_equals_one_shot(tmp_path, tokenizer, monkeypatch, piece_chars):
+def test_chunked_tokenization_equals_one_shot(tmp_path, any_tokenizer, monkeypatch, piece_chars):
     (tmp_path / "sample.txt").write_text(SAMPLE * 3, encoding="utf-8")
     monkeypatch.setattr(data, "PIECE_CHARS", piece_chars)
     pieces = list(data.text_pieces(iter([SAMPLE * 3]), piece_chars))
     assert "".join(pieces) == SAMPLE * 3
-    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), tokenizer)
+    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), any_tokenizer)
     assert tokens.dtype == np.int32
-    np.testing.assert_array_equal(tokens, tokenizer(SAMPLE * 3).input_ids)
+    np.testing.assert_array_equal(tokens, any_tokenizer(SAMPLE * 3).input_ids)
 
 
-def test_bos_kept_only_at_start(tmp_path, monkeypatch):
-    bos_tokenizer = TinyTokenizer(bos=True)
+@pytest.mark.parametrize(
+    "template, leading, trailing", [("none", [], []), ("bos", [BOS], []), ("eos", [], [EOS]), ("bos+eos", [BOS], [EOS])]
+)
+def test_special_tokens_appear_once_where_one_call_puts_them(tmp_path, monkeypatch, template, leading, trailing):
+    special = TinyTokenizer(TEMPLATES[template])
+    assert data.special_tokens(special, SAMPLE) == (leading, trailing)
     (tmp_path / "sample.txt").write_text(SAMPLE, encoding="utf-8")
     monkeypatch.setattr(data, "PIECE_CHARS", 50)
-    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), bos_tokenizer)
-    np.testing.assert_array_equal(tokens, bos_tokenizer(SAMPLE).input_ids)
-    assert tokens[0] == 0 and np.count_nonzero(tokens == 0) == 1
+    assert len(list(data.text_pieces(iter([SAMPLE]), 50))) == 3  # tokenized in three calls
+    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), special)
+    np.testing.assert_array_equal(tokens, special(SAMPLE).input_ids)
+    body = special(SAMPLE).input_ids[len(leading) : len(tokens) - len(trailing)]
+    np.testing.assert_array_equal(tokens, leading + body + trailing)
+    assert not np.isin(body, [BOS, EOS]).any()
+    # Cut short, the tokens are the first ones of the whole: no EOS in the middle or at the cut.
+    np.testing.assert_array_equal(data.load_corpus_tokens(str(tmp_path / "sample.txt"), special, 30), tokens[:30])
+
+
+def test_hugging_face_tokenizer_with_bos_and_eos(tmp_path, monkeypatch):
+    """A word-level `PreTrainedTokenizerFast` whose post-processor adds <s> ... </s> to every call."""
+    words = SAMPLE.split()
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{word: 3 + i for i, word in enumerate(dict.fromkeys(words))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    assert data.special_tokens(tokenizer, SAMPLE) == ([1], [2])
+    (tmp_path / "sample.txt").write_text(SAMPLE * 2, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", 30)
+    tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), tokenizer)
+    assert tokens.tolist() == [1, *(vocab[word] for word in (SAMPLE * 2).split()), 2]
 
 
 def test_num_tokens_stops_early(tmp_path, monkeypatch):
@@ -81,7 +121,7 @@ def test_num_tokens_stops_early(tmp_path, monkeypatch):
     counting.calls = 0
     tokens = data.load_corpus_tokens(str(tmp_path / "sample.txt"), counting, num_tokens=30)
     np.testing.assert_array_equal(tokens, full[:30])
-    assert counting.calls <= 3  # the prefix probe plus the one or two pieces needed, not all ~40
+    assert counting.calls <= 4  # two probes of its special tokens plus the one or two pieces needed, not all ~40
 
 
 def test_directory_sorted_and_joined(tmp_path, tokenizer):
@@ -126,13 +166,9 @@ def test_errors(tmp_path, tokenizer):
 
 
 @pytest.mark.real_assets
-def test_austen_with_smollm2_tokenizer():
+def test_austen_with_smollm2_tokenizer(austen_text, smollm2_gguf):
     from streamjax import gguf
 
-    try:
-        austen, model = assets.austen_text_path(), assets.smollm2_gguf_path()
-    except assets.AssetError as error:
-        pytest.skip(f"assets not available: {error}")
     text = data.load_text("austen")
     assert text.startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen")
     assert "It is a truth universally acknowledged, that a single man in possession" in text[:1000]
@@ -141,10 +177,10 @@ def test_austen_with_smollm2_tokenizer():
     assert all(p > 0 for p in positions) and positions == sorted(positions), positions
     assert "\n\nPersuasion\n" in text[positions[-1] :]
     for name in assets.AUSTEN_NOVELS:
-        novel = (austen.parent / "austen" / f"{name}.txt").read_text(encoding="utf-8")
+        novel = (austen_text.parent / "austen" / f"{name}.txt").read_text(encoding="utf-8")
         assert novel in text, name
 
-    tokenizer = gguf.load_gguf_tokenizer(model)
+    tokenizer = gguf.load_gguf_tokenizer(smollm2_gguf)
     tokens = data.load_corpus_tokens("austen", tokenizer)
     assert 700_000 < len(tokens) < 1_300_000, len(tokens)
     assert tokenizer.decode(tokens[:20]).startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen")

@@ -10,7 +10,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import hf_logits, hf_state_dict, randomize_weights, torch_or_skip
+from conftest import hf_logits, hf_state_dict, randomize_weights
 from reference_families import falcon_stream_logits, gpt_neox_stream_logits, mpt_stream_logits
 
 import streamjax
@@ -78,7 +78,8 @@ VARIANTS = {  # name -> (family, settings); together they cover every layout opt
 def _graft_mpt_biases(model):
     """MPT with no_bias=False has a bias on every linear and LayerNorm (llm-foundry); transformers'
     MptForCausalLM drops them, so they are added here to its own modules, which then use them."""
-    torch = torch_or_skip()
+    import torch
+
     for module in model.transformer.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
             module.bias = torch.nn.Parameter(torch.zeros(module.weight.shape[0]))
@@ -87,7 +88,7 @@ def _graft_mpt_biases(model):
 @functools.cache
 def hf_model(variant: str, std: float = 0.2):
     """The variant's tiny transformers model with random weights (built once per test session)."""
-    torch = torch_or_skip()
+    import torch
     import transformers
 
     family, settings = VARIANTS[variant]
@@ -141,7 +142,8 @@ def test_logits_match_transformers(variant):
 def _stream_reference(variant: str, tokens, num_sinks: int, window: int) -> np.ndarray:
     """The family's numpy reference, with slopes / frequencies taken from transformers itself."""
     model = hf_model(variant)
-    torch = torch_or_skip()
+    import torch
+
     family, state_dict, hf_config = VARIANTS[variant][0], hf_state_dict(model), model.config
     if family == "mpt":
         alibi = model.transformer.build_mpt_alibi_tensor(hf_config.n_heads, 2)[:, 0].numpy()
@@ -220,7 +222,7 @@ def test_mpt_slopes_match_transformers():
 
 
 def test_falcon_slopes_are_transformers_bf16_slopes_over_sqrt_head_dim():
-    torch = torch_or_skip()
+    import torch
     from transformers import FalconConfig
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 

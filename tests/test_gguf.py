@@ -11,12 +11,13 @@ import pathlib
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
+import torch
+import transformers
 
-gguf = pytest.importorskip("gguf")
-
-from streamjax import assets, data
+from streamjax import data
 from streamjax import gguf as sj_gguf
 
 TINY = {"vocab_extra": ("Ġt", "he", "Ġthe"), "hidden": 32, "heads": 4, "kv_heads": 2, "inner": 64, "layers": 2}
@@ -180,8 +181,6 @@ def test_library_does_not_import_torch(tmp_path):
 
 
 def test_tiny_gguf_matches_transformers(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is needed for the transformers reference")
-    transformers = pytest.importorskip("transformers", reason="transformers is needed as the reference")
     write_tiny_gguf(tmp_path / "tiny.gguf", tie=False)
     checkpoint = sj_gguf.load_gguf(tmp_path / "tiny.gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
@@ -196,28 +195,11 @@ def test_tiny_gguf_matches_transformers(tmp_path):
 # ---------------------------------------------------------------- real assets (SmolLM2-135M-Instruct Q4_1)
 
 
-@pytest.fixture(scope="module")
-def smollm2_path() -> pathlib.Path:
-    try:
-        return assets.smollm2_gguf_path()
-    except assets.AssetError as error:
-        pytest.skip(f"SmolLM2 GGUF not available: {error}")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """transformers' GGUF loading, the reference; skips when torch/transformers are missing."""
-    torch = pytest.importorskip("torch", reason="torch is needed for the transformers reference")
-    transformers = pytest.importorskip("transformers", reason="transformers is needed as the reference")
-    return torch, transformers
-
-
 @pytest.mark.real_assets
-def test_smollm2_weights_and_config_match_transformers(smollm2_path, reference):
-    torch, transformers = reference
-    checkpoint = sj_gguf.load_gguf(smollm2_path)
+def test_smollm2_weights_and_config_match_transformers(smollm2_gguf):
+    checkpoint = sj_gguf.load_gguf(smollm2_gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     expected = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
     # The file has no output tensor: transformers ties lm_head to the embedding, we leave it out.
@@ -242,10 +224,9 @@ def test_smollm2_weights_and_config_match_transformers(smollm2_path, reference):
 
 
 @pytest.mark.real_assets
-def test_smollm2_tokenizer_matches_transformers(smollm2_path, reference):
-    _, transformers = reference
-    tokenizer = sj_gguf.load_gguf_tokenizer(smollm2_path)
-    expected = transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+def test_smollm2_tokenizer_matches_transformers(smollm2_gguf, austen_text):
+    tokenizer = sj_gguf.load_gguf_tokenizer(smollm2_gguf)
+    expected = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     assert json.loads(tokenizer.backend_tokenizer.to_str()) == json.loads(expected.backend_tokenizer.to_str())
     pride = data.load_text("austen")[:20_000]
     assert pride.startswith("PRIDE AND PREJUDICE")
@@ -261,17 +242,16 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_path, reference):
 
 
 @pytest.mark.real_assets
-def test_smollm2_logits_match_transformers_gguf_load(smollm2_path, reference):
+def test_smollm2_logits_match_transformers_gguf_load(smollm2_gguf, austen_text):
     """streamjax's torch-free load gives transformers' logits on the first 128 tokens of a real text."""
-    torch, transformers = reference
     import streamjax
     from streamjax import loading
 
-    config, params, tokenizer = loading.load_model(str(smollm2_path))
+    config, params, tokenizer = loading.load_model(str(smollm2_gguf))
     tokens = data.load_corpus_tokens("austen", tokenizer, num_tokens=128)[None]
     assert tokens.shape == (1, 128)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
     with torch.no_grad():
         expected = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()

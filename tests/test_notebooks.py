@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+import nbclient
+import nbformat
 import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
@@ -11,8 +13,6 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "attention_sinks.ipynb"])
 def test_notebook_runs_and_plots(name, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("STREAMJAX_NOTEBOOK_SMALL", "1")  # inherited by the kernel
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +141,56 @@ def test_sink_prefix_is_fed_first_and_not_scored(tiny, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), expected[3:])
 
 
+def _save_bos_model(tiny, directory: pathlib.Path, template: str) -> None:
+    """The tiny model with a word tokenizer whose post-processor adds <s> (id 96, in place of w96) and/or </s>
+    (id 95, in place of w95) to every call: `template` is "<s> $A", "<s> $A </s>" or "$A </s>"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).symlink_to(tiny[0] / name)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 95)}, "</s>": 95, "<s>": 96}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 96), ("</s>", 95)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("template, start", [("<s> $A", 1), ("<s> $A </s>", 1), ("$A </s>", 0)])
+def test_sink_prefix_goes_after_the_bos(tiny, tmp_path, template, start):
+    """[BOS, prefix, text]: the NLL kept is that of text tokens 1, 2, ..., as without prefix."""
+    _save_bos_model(tiny, tmp_path / "model", template)
+    config = tiny_config(
+        tiny, model=str(tmp_path / "model"), method="streaming", sink_prefix="w7 w8", sink_prefix_repeat=2
+    )
+    summary = experiment.run(config, tmp_path / "out", progress=False)["runs"][0]
+    assert summary["sink_prefix_tokens"] == [7, 8, 7, 8] and summary["sink_prefix_start"] == start
+    assert summary["num_tokens"] == NUM_TOKENS and summary["num_predictions"] == NUM_TOKENS - 1
+    model_config, params, tokenizer = loading.load_model(str(tmp_path / "model"))
+    text = tokenizer(tiny[1].read_text()).input_ids[:NUM_TOKENS]  # no </s>: the text is cut before its end
+    assert text[0] == 96 if start else text[0] != 96
+    fed = [*text[:start], 7, 8, 7, 8, *text[start:]]
+    expected = evaluation.evaluate(
+        params, model_config, np.asarray(fed), evaluation.EvalSpec("streaming", 2, 30, "chunk", 16)
+    )
+    # nll[i] predicts fed token i + 1: the four predictions dropped are those of the prefix after a BOS,
+    # else those of prefix tokens 2-4 and text token 0.
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "streaming" / "nll.npy"), expected[4:])
+
+
+def test_text_predictions_hand_example():
+    nll = np.arange(10.0)  # predictions of fed tokens 1..10
+    # [prefix x3, text 0..7]: the predictions of prefix tokens 2, 3 and of text token 0 are dropped.
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(0, 3)), [3, 4, 5, 6, 7, 8, 9])
+    # [BOS, prefix x3, text 1..7]: those of the three prefix tokens.
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(1, 4)), [3, 4, 5, 6, 7, 8, 9])
+    # [two leading specials, prefix x3, text 2..]: the second special token's prediction is kept.
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(2, 5)), [0, 4, 5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(experiment.text_predictions(nll, slice(0, 0)), nll)
+
+
 def test_variants_run_every_method_under_their_names(tiny, finished, tmp_path):
     variants = [{"num_sinks": 0, "window": 32}, {"name": "two", "num_sinks": 2, "window": 30}]
     summary = experiment.run(tiny_config(tiny, method="streaming", variants=variants), tmp_path, progress=False)
@@ -156,6 +208,7 @@ def test_variants_run_every_method_under_their_names(tiny, finished, tmp_path):
 def test_finished_workdir_is_reported_without_loading_the_model(finished, monkeypatch, capsys):
     config, workdir, summary = finished
     monkeypatch.setattr(loading, "load_weights", lambda *args: pytest.fail("a finished run loaded the model"))
+    monkeypatch.setattr(loading, "weights_sha256", lambda *args: pytest.fail("a finished run hashed the weights"))
     assert experiment.run(config, workdir, progress=False)["runs"] == summary["runs"]
     assert "holds a finished run" in capsys.readouterr().err
 
@@ -197,6 +250,131 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_nll(tiny, finished, tm
     for name, nll in _nll_files(tmp_path).items():
         np.testing.assert_array_equal(nll, np.load(uninterrupted / name / "nll.npy"))
     assert set(_nll_files(tmp_path)) == {"dense", "streaming"}
+
+
+# (moment of tests/killed_run.py, method, what the restart resumes from). Checkpoints every 32 predictions,
+# segments of 16: killed before segment 4, a run has done 48 predictions and saved after 32.
+KILL_MOMENTS = {
+    "during a dense run": ("segment:dense:4", "dense", "resuming dense from its checkpoint after 32 of 96"),
+    "during a recompute run": ("segment:recompute:4", "recompute", "resuming recompute from its checkpoint after 32 of 96"),
+    "between nll.npy and summary.json": ("summary:streaming", "streaming", "resuming streaming from its checkpoint after 64 of 96"),
+    "during an orbax save": ("save:64", "streaming", "resuming streaming from its checkpoint after 32 of 96"),
+}  # fmt: skip
+
+
+def _start_killed_run(moment: str, config, case: pathlib.Path) -> subprocess.Popen:
+    """tests/killed_run.py on workdir `case`/workdir: it touches `case`/ready at `moment` and waits there."""
+    fields = ("model", "data", "method", "num_tokens", "num_sinks", "window", "chunk_size", "checkpoint_every")
+    overrides = json.dumps({field: config[field] for field in fields})
+    command = [
+        sys.executable,
+        str(REPO / "tests" / "killed_run.py"),
+        overrides,
+        str(case / "workdir"),
+        moment,
+        str(case / "ready"),
+    ]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    with open(case / "child.log", "w") as log:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def killed(tiny, tmp_path_factory) -> dict[str, pathlib.Path | str]:
+    """Per KILL_MOMENTS case, the workdir of a run whose process got SIGKILL at that moment, or why it did not.
+
+    The child processes run side by side; each is killed as soon as it signals its moment.
+    """
+    root, children, outcome = tmp_path_factory.mktemp("killed"), {}, {}
+    for index, (when, (moment, method, _)) in enumerate(KILL_MOMENTS.items()):
+        (root / str(index)).mkdir()
+        children[when] = (
+            root / str(index),
+            _start_killed_run(moment, tiny_config(tiny, method=method), root / str(index)),
+        )
+    deadline = time.monotonic() + 300
+    while len(outcome) < len(children):
+        for when, (case, process) in children.items():
+            if when in outcome:
+                continue
+            if (case / "ready").exists():
+                process.send_signal(signal.SIGKILL)
+                killed_by = process.wait(timeout=60) == -signal.SIGKILL
+                outcome[when] = case / "workdir" if killed_by else f"exit {process.returncode} after the moment"
+            elif process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                outcome[when] = (
+                    f"not at its moment (exit {process.wait()}):\n{(case / 'child.log').read_text()[-3000:]}"
+                )
+        time.sleep(0.01)
+    return outcome
+
+
+@pytest.mark.parametrize("when", list(KILL_MOMENTS))
+def test_killed_at_any_moment_ends_with_the_uninterrupted_nll(tiny, finished, killed, capsys, when):
+    """A real process killed by SIGKILL at an exact moment, restarted on its workdir: bitwise the NLL of `finished`."""
+    moment, method, resumed = KILL_MOMENTS[when]
+    workdir = killed[when]
+    assert isinstance(workdir, pathlib.Path), workdir
+    run_dir = workdir / method
+    assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoints").is_dir()
+    assert (run_dir / "nll.npy").exists() == (moment == "summary:streaming")
+    left = [path.name for path in (run_dir / "checkpoints").iterdir()]
+    assert any(".orbax-checkpoint-tmp" in name for name in left) == (moment == "save:64"), left
+    capsys.readouterr()
+    experiment.run(tiny_config(tiny, method=method), workdir, progress=False)
+    assert resumed in capsys.readouterr().err
+    _, uninterrupted, _ = finished
+    np.testing.assert_array_equal(np.load(run_dir / "nll.npy"), np.load(uninterrupted / method / "nll.npy"))
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_swapped_weights_under_a_workdir_are_refused(tiny, tmp_path, monkeypatch):
+    """Another model saved to the same path after a run was interrupted: the restart refuses the workdir."""
+    model_dir, workdir = tmp_path / "model", tmp_path / "workdir"
+    shutil.copytree(tiny[0], model_dir)
+    config = tiny_config(tiny, model=str(model_dir), method="streaming")
+    save = experiment._save
+
+    class Interrupted(Exception):
+        pass
+
+    def save_and_stop(*args):  # interrupted right after its first checkpoint
+        save(*args)
+        raise Interrupted
+
+    monkeypatch.setattr(experiment, "_save", save_and_stop)
+    with pytest.raises(Interrupted):
+        experiment.run(config, workdir, progress=False)
+    monkeypatch.setattr(experiment, "_save", save)
+    saved = json.loads((workdir / "config.json").read_text())["fingerprint"]["weights"]
+    assert saved == loading.weights_sha256(loading.resolve_model(str(model_dir)))
+    random_hf_llama(seed=1, max_position_embeddings=1024).save_pretrained(model_dir)
+    message = rf"holds a run of other weights: the weight files of model '{re.escape(str(model_dir))}' have SHA-256 [0-9a-f]{{64}} now, {saved} in the workdir"
+    with pytest.raises(ValueError, match=message):
+        experiment.run(config, workdir, progress=False)
+    assert not (workdir / "streaming" / "summary.json").exists()
+
+
+def test_weights_hash_covers_the_config_and_every_safetensors_file(tiny, tmp_path):
+    model_dir = shutil.copytree(tiny[0], tmp_path / "model")
+    source = loading.resolve_model(str(model_dir))
+    assert [path.name for path in loading.weight_files(source)] == ["config.json", "model.safetensors"]
+    before = loading.weights_sha256(source)
+    (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text() + "\n")
+    assert loading.weights_sha256(source) == before  # not a weight file (the tokens are checked on their own)
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text() + "\n")
+    changed_config = loading.weights_sha256(source)
+    assert changed_config != before
+    (model_dir / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert loading.weights_sha256(source) not in (before, changed_config)
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    assert loading.weight_files(loading.resolve_model(str(gguf_file))) == [gguf_file]
 
 
 def test_entry_point_reports_bad_input_and_exits_nonzero(tiny, tmp_path):
@@ -256,7 +434,7 @@ def test_tiny_model_loads_with_its_tokenizer(tiny):
 
 
 @pytest.mark.real_assets
-def test_smollm2_streaming_beats_window_attention_on_pride_and_prejudice(tmp_path):
+def test_smollm2_streaming_beats_window_attention_on_pride_and_prejudice(smollm2_gguf, austen_text, tmp_path):
     """1,200 tokens of Pride and Prejudice, SmolLM2-135M, 4 + 124 cache (measured: 20.06 vs 42.26)."""
     config = ppl_config.get_config()
     config.update(

@@ -17,7 +17,7 @@ def python_example() -> str:
 
 
 @pytest.mark.real_assets
-def test_python_example_runs():
+def test_python_example_runs(smollm2_gguf, austen_text):
     namespace: dict = {}
     exec(compile(python_example(), str(README), "exec"), namespace)
     assert namespace["logits"].shape == (1, 1, namespace["config"].vocab_size)

@@ -124,7 +124,6 @@ def measure() -> dict:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    pytest.importorskip("torch", reason="torch is the test-only reference")
     if jax.device_count() >= 8:
         return measure()
     from conftest import cpu_devices_env

@@ -1,0 +1,92 @@
+"""A perplexity run (`streamjax.experiment.run`) that, at one chosen moment, touches a file and waits to be killed.
+
+The child process of the SIGKILL tests in tests/test_ppl.py:
+
+    python tests/killed_run.py CONFIG_JSON WORKDIR MOMENT READY_FILE
+
+CONFIG_JSON holds fields of configs/ppl.py to override. MOMENT is one of
+    segment:<method>:<n>  the n-th segment (call of `evaluation.advance`, from 1) of the run of <method> is
+                          about to be computed
+    summary:<run>         <run>/nll.npy is written, <run>/summary.json not yet
+    save:<step>           orbax has written the checkpoint of <step> into its temporary directory and is
+                          about to rename it into place
+Once there, the process touches READY_FILE and sleeps until it is killed. A run that never gets there
+finishes and exits 0, which the tests report as a failure.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import pathlib
+import sys
+import time
+
+from orbax.checkpoint._src.path import atomicity
+
+from configs import ppl as ppl_config
+from streamjax import evaluation, experiment
+
+
+def _wait_to_be_killed(ready: pathlib.Path) -> None:
+    ready.touch()
+    while True:
+        time.sleep(60)
+
+
+def _stop_before_segment(method: str, number: int, ready: pathlib.Path) -> None:
+    advance, calls = evaluation.advance, collections.Counter()
+
+    @functools.wraps(advance)
+    def counted(params, model_config, tokens, spec, *args, **kwargs):
+        calls[spec.method] += 1
+        if spec.method == method and calls[method] == number:
+            _wait_to_be_killed(ready)
+        return advance(params, model_config, tokens, spec, *args, **kwargs)
+
+    evaluation.advance = counted
+
+
+def _stop_before_summary(summary: pathlib.Path, ready: pathlib.Path) -> None:
+    write_json = experiment._write_json
+
+    def write(path: pathlib.Path, value) -> None:
+        if path == summary:
+            assert (path.parent / "nll.npy").is_file()
+            _wait_to_be_killed(ready)
+        write_json(path, value)
+
+    experiment._write_json = write
+
+
+def _stop_before_rename(step: int, ready: pathlib.Path) -> None:
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def rename(self) -> None:
+        if self.get_final().name == str(step):
+            assert self.get().is_dir() and self.get() != self.get_final()
+            _wait_to_be_killed(ready)
+        await finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = rename
+
+
+def main(config_json: str, workdir: str, moment: str, ready_file: str) -> None:
+    config = ppl_config.get_config()
+    config.update(json.loads(config_json))
+    ready = pathlib.Path(ready_file)
+    kind, *where = moment.split(":")
+    if kind == "segment":
+        _stop_before_segment(where[0], int(where[1]), ready)
+    elif kind == "summary":
+        _stop_before_summary(pathlib.Path(workdir).resolve() / where[0] / "summary.json", ready)
+    elif kind == "save":
+        _stop_before_rename(int(where[0]), ready)
+    else:
+        raise ValueError(f"unknown moment {moment!r}")
+    experiment.run(config, workdir, progress=False)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

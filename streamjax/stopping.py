@@ -206,8 +206,14 @@ class StopStrings:
     active: jax.Array
 
 
-def stop_strings(per_stream: Sequence[Sequence[str]]) -> StopStrings:
-    """The automaton of B streams' stop strings, `per_stream[b]` being stream b's (possibly none)."""
+def stop_strings(
+    per_stream: Sequence[Sequence[str]], num_states: int | None = None, num_strings: int | None = None
+) -> StopStrings:
+    """The automaton of B streams' stop strings, `per_stream[b]` being stream b's (possibly none).
+
+    `num_states` (S) and `num_strings` (K) pad the arrays to those sizes (padding is never reached
+    and never active), so that other stop strings need no new compilation; by default they fit.
+    """
     if isinstance(per_stream, str) or any(isinstance(strings, str) for strings in per_stream):
         raise ValueError(f"stop strings are given per stream, as a list of lists of strings; got {per_stream!r}")
     for stream, strings in enumerate(per_stream):
@@ -218,7 +224,18 @@ def stop_strings(per_stream: Sequence[Sequence[str]]) -> StopStrings:
     transitions, completes = _aho_corasick([pattern.encode("utf-8") for pattern in patterns])
     active = np.array([[pattern in strings for pattern in patterns] for strings in per_stream], bool)
     active = active.reshape(len(per_stream), len(patterns))
+    states = _padded_size("num_states", num_states, len(transitions))
+    strings = _padded_size("num_strings", num_strings, len(patterns))
+    transitions = np.pad(transitions, ((0, states - len(transitions)), (0, 0)))
+    completes = np.pad(completes, ((0, states - len(completes)), (0, strings - len(patterns))))
+    active = np.pad(active, ((0, 0), (0, strings - len(patterns))))
     return StopStrings(jnp.asarray(transitions), jnp.asarray(completes), jnp.asarray(active))
+
+
+def _padded_size(name: str, wanted: int | None, needed: int) -> int:
+    if wanted is not None and wanted < needed:
+        raise ValueError(f"{name}={wanted} is too small: these stop strings need {needed}")
+    return needed if wanted is None else wanted
 
 
 def _aho_corasick(patterns: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

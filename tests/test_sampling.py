@@ -221,6 +221,32 @@ def test_a_streams_draws_do_not_depend_on_the_batch():
     assert len(np.unique(together[:, 2])) > 5  # stream 2 really samples
 
 
+def test_one_program_for_any_settings_inside_a_loop():
+    """next_tokens in a fori_loop, the context the tokens drawn so far: equal to step-by-step draws,
+    and new setting values run the same compiled program."""
+    logits = _continuous_logits(vocab_size=300, seed=9)
+    steps = 12
+
+    @jax.jit
+    def generate(settings):
+        def step(n, tokens):
+            context, valid = tokens.T, jnp.broadcast_to(jnp.arange(steps) < n, (B, steps))
+            return tokens.at[n].set(sampling.next_tokens(logits, settings, context, valid, n))
+
+        return jax.lax.fori_loop(0, steps, step, jnp.zeros((steps, B), jnp.int32))
+
+    first = sampling.sampling_settings(B, temperature=1.5, top_k=[0, 5] * 4, repetition_penalty=1.3, seed=3)
+    second = sampling.sampling_settings(B, temperature=[0.0, 0.5] * 4, top_p=0.8, repetition_penalty=5.0, seed=4)
+    for settings in (first, second):
+        tokens = np.zeros((steps, B), np.int32)
+        for n in range(steps):
+            valid = np.broadcast_to(np.arange(steps) < n, (B, steps))
+            tokens[n] = jax.jit(sampling.next_tokens)(logits, settings, tokens.T, valid, n)
+        np.testing.assert_array_equal(generate(settings), tokens)
+    assert generate._cache_size() == 1
+    assert len(np.unique(tokens[:, 0])) == steps  # the penalised context made greedy stream 0 move on
+
+
 def _renormalised(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
     """Exact (float64) probabilities after temperature, top-k, top-p and min-p, from their definitions."""
     probs = np.exp(logits / temperature - np.max(logits / temperature))
@@ -233,19 +259,6 @@ def _renormalised(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.nd
     keep &= probs >= min_p * probs.max()  # min-p compares ratios, which renormalising keeps
     kept = np.where(keep, probs, 0)
     return kept / kept.sum()
-
-
-def _renormalised(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
-    """Exact (float64) probabilities after temperature, top-k, top-p and min-p, from their definitions."""
-    probs = np.exp(logits / temperature - np.max(logits / temperature))
-    probs /= probs.sum()
-    keep = probs >= np.sort(probs)[-top_k]
-    order = np.argsort(probs)  # no ties in these logits
-    cumulative = np.cumsum(np.where(keep, probs, 0)[order] / probs[keep].sum())
-    keep[order[cumulative <= 1 - top_p][:-1] if cumulative[-1] <= 1 - top_p else order[cumulative <= 1 - top_p]] = False
-    kept = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
-    keep &= kept >= min_p * kept.max()
-    return np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
 
 
 def test_draws_follow_the_renormalised_distribution():

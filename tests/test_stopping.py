@@ -98,6 +98,25 @@ def test_automaton_of_known_patterns():
     assert (np.asarray(stops.transitions)[:, ord("c")] == 0).all()
 
 
+def test_in_a_scan_padded_automata_share_one_program():
+    """advance inside lax.scan equals the step-by-step run; padded to one size, other stop strings reuse the program."""
+    table = stopping.pack_token_bytes(VOCAB)
+    ids = np.tile(np.array(TEXT_IDS, np.int32)[:, None], 2)
+
+    @jax.jit
+    def scan(stops, ids):
+        step = lambda state, tokens: stopping.advance(stops, table, state, tokens)
+        return jax.lax.scan(step, stopping.initial_state(2), ids)[1]
+
+    for per_stream in ([["lo wor"], ["日", "ab"]], [["本 "], ["d!", "<|end|>!", "bcab"]]):
+        padded = stopping.stop_strings(per_stream, num_states=40, num_strings=4)
+        np.testing.assert_array_equal(scan(padded, ids), _run(per_stream, table, ids))
+        assert padded.transitions.shape == (40, 256) and padded.active.shape == (2, 4)
+    assert scan._cache_size() == 1
+    with pytest.raises(ValueError, match=r"num_states=4 is too small: these stop strings need 7"):
+        stopping.stop_strings([["lo wor"]], num_states=4)
+
+
 def test_bad_stop_strings_raise():
     with pytest.raises(ValueError, match=r"per stream, as a list of lists"):
         stopping.stop_strings(["stop"])

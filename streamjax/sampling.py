@@ -15,9 +15,9 @@ names, with `min_tokens_to_keep=1` and filter value -inf, in the order `generate
 
 A stream with temperature 0 is greedy, as `generate(do_sample=False)`: only the repetition penalty
 applies and `sample` takes the argmax. Settings are float32; results equal transformers' processors
-given the same float32 values. Where tied logits straddle the top-p boundary, transformers keeps
-whichever its (unstable, for V > 16) sort puts last; here the sort is stable, so among the tied
-tokens the lower ids go first, as torch's sort does for V <= 16.
+given the same float32 values. Where tied logits straddle the top-p boundary, transformers removes
+whichever its sort (unstable for V > 16) puts first; here the sort is stable, so among the tied
+tokens the lower ids are removed first, as with torch's sort for V <= 16.
 
 Each stream draws with its own key (`stream_keys`: `fold_in(key(seed), step)`), so its tokens depend
 only on its seed, its step and its logits, not on what else is in the batch.

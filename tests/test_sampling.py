@@ -105,6 +105,21 @@ def test_each_processor_equals_transformers(name, kind):
             assert kept[1] == 1 and (kept[2:] < np.isfinite(logits[2:]).sum(-1)).all()
 
 
+def test_signed_zeros_are_ties():
+    """-0.0 == 0.0 for transformers' comparisons, so the two tie (hand-worked, and checked against it)."""
+    inf = np.inf
+    logits = np.array([[1.0, -0.0, 0.0, -1.0], [0.0, -0.0, -inf, -inf]], np.float32)
+    top_k = np.asarray(jax.jit(sampling.apply_top_k)(logits, np.array([2, 1], np.int32)))
+    np.testing.assert_array_equal(top_k, [[1.0, 0.0, 0.0, -inf], [0.0, 0.0, -inf, -inf]])
+    # Probabilities 1/2, 1/2: the first in id order reaches 1 - top_p = 0.5 and goes.
+    top_p = np.asarray(jax.jit(sampling.apply_top_p)(logits, np.float32([0.3, 0.5])))
+    np.testing.assert_array_equal(top_p[1], [-inf, 0.0, -inf, -inf])
+    assert np.signbit(top_p[1, 1])  # the kept one is id 1's -0.0
+    for b in range(2):
+        np.testing.assert_array_equal(top_k[b], _hf_reference("top_k", [2, 1][b], logits[b], np.zeros(0)))
+        np.testing.assert_array_equal(top_p[b], _hf_reference("top_p", [0.3, 0.5][b], logits[b], np.zeros(0)))
+
+
 def test_greedy_temperature_leaves_logits_unchanged():
     logits = _continuous_logits()
     ours = _ours("temperature", logits, np.zeros(B, np.float32), *_context(1000))

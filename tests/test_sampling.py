@@ -86,9 +86,13 @@ def _ours(name: str, logits: np.ndarray, values: np.ndarray, ids: np.ndarray, ma
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
-@pytest.mark.parametrize("kind", ["continuous", "tied"])
+@pytest.mark.parametrize("kind", ["continuous", "tied", "smollm2-sized"])
 def test_each_processor_equals_transformers(name, kind):
-    logits = _continuous_logits() if kind == "continuous" else _tied_logits()
+    logits = {
+        "continuous": _continuous_logits,
+        "tied": _tied_logits,
+        "smollm2-sized": lambda: _continuous_logits(49152),
+    }[kind]()
     ids, mask = _context(logits.shape[-1])
     dtype = np.int32 if name == "top_k" else np.float32
     values = np.asarray(SETTINGS[name], dtype)
@@ -97,7 +101,7 @@ def test_each_processor_equals_transformers(name, kind):
         # transformers is given the float32 setting, the value streamjax stores.
         expected = _hf_reference(name, values[b].item(), logits[b], ids[b][mask[b]])
         np.testing.assert_array_equal(ours[b], expected, err_msg=f"{name}={values[b]} (stream {b})")
-    if kind == "continuous":  # the edge values did filter: a wrong threshold would show
+    if kind != "tied":  # the edge values did filter: a wrong threshold would show
         kept = np.isfinite(ours).sum(-1)
         if name == "top_k":
             np.testing.assert_array_equal(kept[1:4], [1, 2, 5])

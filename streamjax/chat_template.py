@@ -1,0 +1,266 @@
+"""A model's own chat template, rendered with jinja2 as transformers' `apply_chat_template` renders it.
+
+Where a template comes from (`load_chat_template`), first found wins:
+    a file given by hand (the chat program's `--config.chat_template=FILE`)
+    a GGUF file: its `tokenizer.chat_template` metadata
+    a checkpoint directory: `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`
+        (a string, or a list of named templates of which "default" is used), as transformers prefers.
+
+Rendering matches transformers: a sandboxed jinja2 environment with trim_blocks and lstrip_blocks,
+the loopcontrols extension and a `{% generation %}` block that renders its body; `raise_exception`,
+`strftime_now`, `namespace` (no underscore names) and a `tojson` filter that keeps non-ASCII
+characters; the template sees `messages`, `tools`/`documents` (None), `add_generation_prompt` and the
+named special tokens (`bos_token`, `eos_token`, ...), as transformers passes `special_tokens_map`.
+
+A chat program feeds the model only what each turn adds: `turn_text` is the rendering with the new
+messages minus the rendering so far, and refuses templates for which the latter is not a prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+
+from streamjax.loading import ModelSource, resolve_model
+
+ROLES = ("system", "user", "assistant")
+# The named special tokens transformers passes to a template (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_GGUF_SPECIAL_TOKEN_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+TEMPLATE_OPTION = "--config.chat_template=FILE"
+
+
+class MissingChatTemplateError(ValueError):
+    """The model carries no chat template; the message says how to give one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A jinja chat template and the named special tokens it may use.
+
+    text: the template source.
+    special_tokens: e.g. {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, passed as variables.
+    origin: where the template came from, for error messages.
+    """
+
+    text: str
+    special_tokens: Mapping[str, str]
+    origin: str
+
+
+def load_chat_template(source: ModelSource | str, template_file: str | os.PathLike | None = None) -> ChatTemplate:
+    """The chat template of a model source or spec (see `loading.resolve_model`), or of `template_file`.
+
+    Raises MissingChatTemplateError when neither the model nor `template_file` gives one.
+    """
+    source = resolve_model(source) if isinstance(source, str) else source
+    if source.kind == "gguf":
+        text, origin, special_tokens = _from_gguf(source.path)
+    else:
+        text, origin, special_tokens = _from_directory(source.path)
+    if template_file is not None:
+        path = pathlib.Path(template_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"chat template file {path} does not exist")
+        text, origin = path.read_text(encoding="utf-8"), str(path)
+    if text is None:
+        raise MissingChatTemplateError(
+            f"model {source.spec!r} has no chat template (looked for {origin}). Give one as a Jinja file, e.g. the "
+            f"chat_template.jinja of a chat model of the same family: {TEMPLATE_OPTION}"
+        )
+    return ChatTemplate(text, special_tokens, origin)
+
+
+def _from_gguf(path: pathlib.Path) -> tuple[str | None, str, dict[str, str]]:
+    """(template or None, where it is or was looked for, special tokens) from a GGUF file's metadata."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    special_tokens = {}
+    if "tokenizer.ggml.tokens" in fields:
+        tokens = fields["tokenizer.ggml.tokens"]
+        for name, key in _GGUF_SPECIAL_TOKEN_IDS.items():
+            if key in fields:
+                special_tokens[name] = tokens.contents(fields[key].contents())
+    template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
+    return template, f"the metadata key tokenizer.chat_template of {path}", special_tokens
+
+
+def _from_directory(path: pathlib.Path) -> tuple[str | None, str, dict[str, str]]:
+    """(template or None, where it is or was looked for, special tokens) from a checkpoint directory."""
+    config = _read_json(path / "tokenizer_config.json")
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8"), str(jinja_file), _directory_special_tokens(path, config)
+    return (*_config_template(config.get("chat_template"), path), _directory_special_tokens(path, config))
+
+
+def _config_template(template: str | list | None, path: pathlib.Path) -> tuple[str | None, str]:
+    """(template or None, where) from tokenizer_config.json's `chat_template`: a string, or a list of
+    named templates of which transformers takes "default"."""
+    in_config = f"chat_template in {path / 'tokenizer_config.json'}"
+    if isinstance(template, str):
+        return template, in_config
+    if template is None:
+        return None, f"{path / 'chat_template.jinja'} or {in_config}"
+    named = {entry["name"]: entry["template"] for entry in template}
+    if "default" not in named:
+        return None, f"a 'default' among the named templates {sorted(named)} of {in_config}"
+    return named["default"], f"the 'default' {in_config}"
+
+
+def _directory_special_tokens(path: pathlib.Path, config: dict) -> dict[str, str]:
+    """Named special tokens from tokenizer_config.json, else the legacy special_tokens_map.json."""
+    legacy = _read_json(path / "special_tokens_map.json")
+    special_tokens = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        token = config.get(name, legacy.get(name))
+        if token is not None:  # a string, or an AddedToken written as {"content": ..., ...}
+            special_tokens[name] = token["content"] if isinstance(token, Mapping) else str(token)
+    return special_tokens
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def validate_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """Plain {"role", "content"} dicts; ValueError naming the first bad message (index and value)."""
+    if isinstance(messages, str | Mapping) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {messages!r}")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+            raise ValueError(f"message {index} must be a dict with exactly 'role' and 'content', got {message!r}")
+        if message["role"] not in ROLES:
+            raise ValueError(f"message {index} has role {message['role']!r}; the role must be one of {ROLES}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"message {index} has content {message['content']!r}; the content must be a string")
+        checked.append({"role": str(message["role"]), "content": str.__str__(message["content"])})
+    return checked
+
+
+def render(template: ChatTemplate, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """The text of a conversation as the template writes it, with the assistant's header if `add_generation_prompt`."""
+    messages = validate_messages(messages)
+    variables = dict(template.special_tokens, messages=messages, tools=None, documents=None)
+    try:
+        return _compile(template.text).render(**variables, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as error:
+        raise ValueError(f"the chat template ({template.origin}) refused the conversation: {error}") from error
+
+
+def turn_text(
+    template: ChatTemplate,
+    history: Sequence[Mapping[str, str]],
+    new_messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool = True,
+    history_prompted: bool = False,
+) -> str:
+    """The text `new_messages` add after `history`: render(history + new, add_generation_prompt) minus
+    render(history, history_prompted), the latter "" when history is empty.
+
+    `history_prompted`: the text so far ended with the generation prompt (history ends with the user
+    message the model then answered); `new_messages` then starts with that answer, and the result
+    starts with the answer's text as the template writes it: the chat program drops the part it
+    generated (for SmolLM2, "reply<|im_end|>") and feeds the rest ("\\n<|im_start|>user...").
+    Raises ValueError if the template is not prefix-stable for this conversation.
+    """
+    history, new_messages = validate_messages(history), validate_messages(new_messages)
+    before = render(template, history, history_prompted) if history else ""
+    after = render(template, history + new_messages, add_generation_prompt)
+    if not after.startswith(before):
+        at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+        raise ValueError(
+            f"the chat template ({template.origin}) is not prefix-stable: the conversation so far renders as "
+            f"...{before[max(0, at - 40) : at + 40]!r} but with the new messages as "
+            f"...{after[max(0, at - 40) : at + 40]!r} (they differ at character {at}), so a turn cannot be fed as "
+            "an increment; feed the whole rendering instead"
+        )
+    return after[len(before) :]
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text for transformers' masks): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """jinja's `namespace`, refusing underscore names as transformers does (no reach into Python internals)."""
+
+    def __init__(*args, **kwargs):  # jinja's own signature trick, so `namespace(self=...)` works
+        self, args = args[0], args[1:]
+        attributes = dict(*args, **kwargs)
+        for name in attributes:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attributes)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates may not set underscore names on a namespace: {name!r}"
+            )
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(pattern: str) -> str:
+    return datetime.datetime.now().strftime(pattern)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(text: str) -> jinja2.Template:
+    """The template compiled in transformers' environment (cached: a chat renders the same one every turn)."""
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace, dict=_TemplateDict()
+    )
+    return environment.from_string(text)
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without handing them the dict type itself."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs) -> dict:
+        return dict.fromkeys(*args, **kwargs)

@@ -1,0 +1,299 @@
+"""Stop conditions checked on device inside the decode loop: end-of-sequence ids and stop strings.
+
+Letters: B streams, V vocabulary, L the longest token in bytes, S automaton states, K stop strings.
+
+End of sequence (`eos_token_ids`, host): the ids a model's metadata names, plus the token its chat
+template closes an assistant turn with, so a chat reply ends where the model ends its turn.
+
+Stop strings are matched exactly, on the bytes of the generated text, with static shapes:
+- `token_bytes` (host): every token's bytes, [V, L] uint8 and lengths [V], exact for byte-level
+  BPE tokenizers (GPT-2's byte-to-unicode spelling) and SentencePiece-style ones ("▁" for a space,
+  `<0xNN>` byte-fallback tokens); special and added tokens are their content's UTF-8 bytes.
+- `stop_strings` (host): a byte-level Aho-Corasick automaton of all streams' stop strings, as a
+  transition table [S, 256], which strings each state completes [S, K], and which strings each
+  stream stops at [B, K].
+- `advance` (device): feeds each stream's new token's bytes through the automaton; a stream stops
+  at the token during which one of its stop strings completes, even if the string ends before the
+  token does (the token is kept), as transformers' StopStringCriteria decides.
+A stream's automaton state starts at `initial_state` (0: nothing seen), so stop strings match
+within the generated text only; advance over prompt tokens first to let a match begin there.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamjax import chat_template as chat_templates
+from streamjax.gguf import bytes_to_unicode
+from streamjax.loading import ModelSource, resolve_model
+
+_GGUF_END_IDS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+_GGUF_CONTROL = 3  # tokenizer.ggml.token_type of control tokens
+_PROBE_REPLY = "\x00reply\x00"  # an assistant message the template cannot have text for; its turn end follows
+
+
+# ---------------------------------------------------------------- end of sequence
+
+
+def eos_token_ids(source: ModelSource | str, template: chat_templates.ChatTemplate | None = None) -> frozenset[int]:
+    """End-of-sequence ids of a model source or spec.
+
+    GGUF: `tokenizer.ggml.eos_token_id` (and `eot_token_id`, `eom_token_id` where present).
+    Checkpoint directory: `generation_config.json`'s `eos_token_id` (an int or a list), else config.json's.
+    Both: plus the special token the chat template writes right after an assistant message (its
+    end-of-turn token), if the model has a template (`template`, else the model's own). Empty if
+    the model names none.
+    """
+    source = resolve_model(source) if isinstance(source, str) else source
+    ids, special_tokens = _gguf_end_ids(source) if source.kind == "gguf" else _directory_end_ids(source)
+    if template is None:
+        try:
+            template = chat_templates.load_chat_template(source)
+        except chat_templates.MissingChatTemplateError:
+            return frozenset(ids)
+    end_of_turn = _end_of_turn_token(template, special_tokens)
+    return frozenset(ids | ({special_tokens[end_of_turn]} if end_of_turn else set()))
+
+
+def _gguf_end_ids(source: ModelSource) -> tuple[set[int], dict[str, int]]:
+    """(end ids, special token -> id) from a GGUF file's metadata."""
+    import gguf
+
+    fields = gguf.GGUFReader(source.path).fields
+    ids = {int(fields[key].contents()) for key in _GGUF_END_IDS if key in fields}
+    if "tokenizer.ggml.token_type" not in fields:
+        return ids, {}
+    types = fields["tokenizer.ggml.token_type"].contents()
+    tokens = fields["tokenizer.ggml.tokens"]
+    return ids, {tokens.contents(i): i for i, kind in enumerate(types) if kind == _GGUF_CONTROL}
+
+
+def _directory_end_ids(source: ModelSource) -> tuple[set[int], dict[str, int]]:
+    """(end ids, special token -> id) from generation_config.json, else config.json, and tokenizer.json."""
+    ids = None
+    for name in ("generation_config.json", "config.json"):
+        if ids is None and (source.path / name).is_file():
+            ids = json.loads((source.path / name).read_text(encoding="utf-8")).get("eos_token_id")
+    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+    tokenizer_file = source.path / "tokenizer.json"
+    added = json.loads(tokenizer_file.read_text(encoding="utf-8"))["added_tokens"] if tokenizer_file.is_file() else []
+    return ids, {token["content"]: token["id"] for token in added if token.get("special")}
+
+
+def _end_of_turn_token(template: chat_templates.ChatTemplate, special_tokens: dict[str, int]) -> str | None:
+    """The special token the template writes right after an assistant message's content, if any."""
+    probe = [{"role": "user", "content": "question"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        rendered = chat_templates.render(template, probe, add_generation_prompt=False)
+    except ValueError:  # a template with demands of its own (say, a system message first): no probe
+        return None
+    after = rendered.partition(_PROBE_REPLY)[2]
+    return max((token for token in special_tokens if after.startswith(token)), key=len, default=None)
+
+
+# ---------------------------------------------------------------- token bytes
+
+
+@flax.struct.dataclass
+class TokenBytes:
+    """Every token's bytes: `table` [V, L] uint8 (zero-padded), `lengths` [V] int32."""
+
+    table: jax.Array
+    lengths: jax.Array
+
+
+def token_bytes(tokenizer: Any, vocab_size: int | None = None) -> TokenBytes:
+    """`TokenBytes` of a transformers fast tokenizer (see `token_byte_strings`), `vocab_size` rows if given."""
+    return pack_token_bytes(token_byte_strings(tokenizer), vocab_size)
+
+
+def pack_token_bytes(strings: Sequence[bytes], vocab_size: int | None = None) -> TokenBytes:
+    """`TokenBytes` of token byte strings, `vocab_size` rows (default one per string; the model's
+    vocabulary may be larger than the tokenizer's: ids past the strings have no bytes)."""
+    vocab_size = len(strings) if vocab_size is None else vocab_size
+    if vocab_size < len(strings):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(strings)} tokens")
+    lengths = np.zeros(vocab_size, np.int32)
+    lengths[: len(strings)] = [len(token) for token in strings]
+    table = np.zeros((vocab_size, max(1, lengths.max(initial=0))), np.uint8)
+    for index, token in enumerate(strings):
+        table[index, : len(token)] = np.frombuffer(token, np.uint8)
+    return TokenBytes(jnp.asarray(table), jnp.asarray(lengths))
+
+
+def token_byte_strings(tokenizer: Any) -> list[bytes]:
+    """The bytes of token 0 .. len(tokenizer) - 1, as its decoder writes them mid-text.
+
+    Byte-level BPE (decoder ByteLevel): each character of a token stands for one byte (GPT-2's
+    table). SentencePiece style (decoders among Replace "▁" -> " ", ByteFallback, Fuse, Strip,
+    Metaspace): "▁" is a space and `<0xNN>` the byte NN; the space a decoder strips at the very
+    start of a text is kept, since generated tokens never start the text. Special and added
+    tokens: their content. Other decoders raise ValueError.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        kind = type(tokenizer).__name__
+        raise ValueError(
+            f"stop strings need a fast (tokenizers-backed) tokenizer to know each token's bytes; got {kind}"
+        )
+    spec = json.loads(backend.to_str())
+    to_bytes = _byte_level_token if _decoder_kind(spec["decoder"]) == "byte_level" else _sentencepiece_token
+    added = {index: token.content.encode("utf-8") for index, token in tokenizer.added_tokens_decoder.items()}
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [added[i] if i in added else to_bytes(token) for i, token in enumerate(tokens)]
+
+
+_SENTENCEPIECE_DECODERS = {"ByteFallback", "Fuse", "Strip", "Metaspace"}
+
+
+def _decoder_kind(decoder: dict | None) -> str:
+    """ "byte_level" or "sentencepiece" from a tokenizer.json decoder; ValueError for anything else."""
+    steps = decoder.get("decoders", [decoder]) if decoder else []
+    if [step["type"] for step in steps] == ["ByteLevel"]:
+        return "byte_level"
+
+    def sentencepiece_step(step: dict) -> bool:
+        is_space = step["type"] == "Replace" and step["pattern"].get("String") == "▁" and step["content"] == " "
+        return is_space or step["type"] in _SENTENCEPIECE_DECODERS
+
+    if steps and all(sentencepiece_step(step) for step in steps):
+        return "sentencepiece"
+    raise ValueError(
+        f"stop strings need each token's exact bytes, which streamjax knows for byte-level BPE and "
+        f"SentencePiece-style (▁, <0xNN>) tokenizers; this tokenizer's decoder is {json.dumps(decoder)}"
+    )
+
+
+_BYTE_OF_CHARACTER = {character: byte for byte, character in bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_token(token: str) -> bytes:
+    try:
+        return bytes(_BYTE_OF_CHARACTER[character] for character in token)
+    except KeyError as error:
+        raise ValueError(f"byte-level token {token!r} has a character outside GPT-2's byte alphabet: {error}") from None
+
+
+def _sentencepiece_token(token: str) -> bytes:
+    fallback = _BYTE_FALLBACK.fullmatch(token)
+    return bytes([int(fallback[1], 16)]) if fallback else token.replace("▁", " ").encode("utf-8")
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+@flax.struct.dataclass
+class StopStrings:
+    """A byte-level Aho-Corasick automaton of K stop strings and which of them each of B streams uses.
+
+    transitions: [S, 256] int32, the state after reading a byte; state 0 is the start (nothing seen).
+    completes: [S, K] bool, reading into state s completes stop string k.
+    active: [B, K] bool, stream b stops at stop string k.
+    """
+
+    transitions: jax.Array
+    completes: jax.Array
+    active: jax.Array
+
+
+def stop_strings(
+    per_stream: Sequence[Sequence[str]], num_states: int | None = None, num_strings: int | None = None
+) -> StopStrings:
+    """The automaton of B streams' stop strings, `per_stream[b]` being stream b's (possibly none).
+
+    `num_states` (S) and `num_strings` (K) pad the arrays to those sizes (padding is never reached
+    and never active), so that other stop strings need no new compilation; by default they fit.
+    """
+    if isinstance(per_stream, str) or any(isinstance(strings, str) for strings in per_stream):
+        raise ValueError(f"stop strings are given per stream, as a list of lists of strings; got {per_stream!r}")
+    for stream, strings in enumerate(per_stream):
+        for string in strings:
+            if not isinstance(string, str) or not string:
+                raise ValueError(f"stop string {string!r} of stream {stream} is not a non-empty string")
+    patterns = sorted({string for strings in per_stream for string in strings})
+    transitions, completes = _aho_corasick([pattern.encode("utf-8") for pattern in patterns])
+    active = np.array([[pattern in strings for pattern in patterns] for strings in per_stream], bool)
+    active = active.reshape(len(per_stream), len(patterns))
+    states = _padded_size("num_states", num_states, len(transitions))
+    strings = _padded_size("num_strings", num_strings, len(patterns))
+    transitions = np.pad(transitions, ((0, states - len(transitions)), (0, 0)))
+    completes = np.pad(completes, ((0, states - len(completes)), (0, strings - len(patterns))))
+    active = np.pad(active, ((0, 0), (0, strings - len(patterns))))
+    return StopStrings(jnp.asarray(transitions), jnp.asarray(completes), jnp.asarray(active))
+
+
+def _padded_size(name: str, wanted: int | None, needed: int) -> int:
+    if wanted is not None and wanted < needed:
+        raise ValueError(f"{name}={wanted} is too small: these stop strings need {needed}")
+    return needed if wanted is None else wanted
+
+
+def _aho_corasick(patterns: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(transitions [S, 256] int32, completes [S, K] bool) of the automaton that finds every pattern."""
+    children, completes = _trie(patterns)
+    transitions = np.zeros((len(children), 256), np.int32)
+    fail = np.zeros(len(children), np.int32)
+    transitions[0, list(children[0])] = list(children[0].values())
+    queue = collections.deque(children[0].values())
+    while queue:  # breadth first: a state's failure state is shallower, so already complete
+        state = queue.popleft()
+        completes[state] |= completes[fail[state]]
+        transitions[state] = transitions[fail[state]]
+        for byte, child in children[state].items():
+            fail[child] = transitions[fail[state], byte]
+            transitions[state, byte] = child
+            queue.append(child)
+    return transitions, completes
+
+
+def _trie(patterns: list[bytes]) -> tuple[list[dict[int, int]], np.ndarray]:
+    """(children of each state, completes [S, K] without failure links) of the patterns' trie."""
+    children: list[dict[int, int]] = [{}]
+    ends = []
+    for pattern in patterns:
+        state = 0
+        for byte in pattern:
+            if byte not in children[state]:
+                children[state][byte] = len(children)
+                children.append({})
+            state = children[state][byte]
+        ends.append(state)
+    completes = np.zeros((len(children), len(patterns)), bool)
+    completes[ends, np.arange(len(patterns))] = True
+    return children, completes
+
+
+def initial_state(batch_size: int) -> jax.Array:
+    """[B] int32 automaton states of streams that have generated nothing yet."""
+    return jnp.zeros(batch_size, jnp.int32)
+
+
+def advance(
+    stops: StopStrings, token_table: TokenBytes, state: jax.Array, tokens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(state [B] int32, stopped [B] bool) after each stream's new token `tokens` [B] int32.
+
+    stopped[b]: one of stream b's stop strings completes within the token's bytes. The loop runs
+    over the longest of the B tokens, each stream masked to its own token's length.
+    """
+    token_bytes = token_table.table[tokens]  # [B, L]
+    lengths = token_table.lengths[tokens]
+
+    def read_byte(i, carry):
+        state, stopped = carry
+        following = stops.transitions[state, token_bytes[:, i]]
+        inside = i < lengths
+        completed = jnp.any(stops.completes[following] & stops.active, axis=-1)
+        return jnp.where(inside, following, state), stopped | (inside & completed)
+
+    return jax.lax.fori_loop(0, jnp.max(lengths), read_byte, (state, jnp.zeros(tokens.shape, bool)))

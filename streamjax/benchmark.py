@@ -411,14 +411,13 @@ def route_throughput(params: dict, config: ModelConfig, bench, matmul_flops: flo
     After one untimed call each (compilation), the routes are timed alternately, `route_repeats`
     times each, so that a machine whose speed drifts affects both alike.
     """
-    window, chunk_size, dtype = bench.route_window, bench.route_chunk_size, jax.tree.leaves(params)[0].dtype
+    window, chunk_size = bench.route_window, bench.route_chunk_size
     tokens = np.random.RandomState(bench.seed).randint(0, config.vocab_size, size=bench.chunk_route_tokens + 1)
     counts = {"token": bench.token_route_tokens, "chunk": bench.chunk_route_tokens}
     widths = {"token": bench.num_sinks + window + 1, "chunk": bench.num_sinks + window + chunk_size}
     specs = {r: evaluation.EvalSpec("streaming", bench.num_sinks, window, r, chunk_size) for r in counts}
     calls = {
-        r: functools.partial(evaluation.evaluate, params, config, tokens[: counts[r] + 1], specs[r], dtype)
-        for r in counts
+        r: functools.partial(evaluation.evaluate, params, config, tokens[: counts[r] + 1], specs[r]) for r in counts
     }
     results, nll, times = {}, {}, {route: [] for route in counts}
     for route, call in calls.items():
@@ -455,7 +454,7 @@ def route_agreement(params: dict, config: ModelConfig, bench, tokens: np.ndarray
     count = bench.route_compare_tokens
     _log(f"routes: token route over {count} predictions, compared with the chunk route")
     spec = evaluation.EvalSpec("streaming", bench.num_sinks, bench.route_window, "token", bench.route_chunk_size)
-    token_nll = evaluation.evaluate(params, config, tokens[: count + 1], spec, jax.tree.leaves(params)[0].dtype)
+    token_nll = evaluation.evaluate(params, config, tokens[: count + 1], spec)
     difference = np.abs(token_nll - chunk_nll[:count])
     return {
         "compared_predictions": count,

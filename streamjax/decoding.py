@@ -16,7 +16,7 @@ import numpy as np
 from streamjax.cache import SinkCache
 from streamjax.compile import model_jit
 from streamjax.config import ModelConfig
-from streamjax.model import ForwardOutput, apply, check_tokens, forward
+from streamjax.model import ForwardOutput, apply, check_cache_dtype, check_tokens, forward
 
 
 def step(params: dict, cache: SinkCache, tokens, config: ModelConfig) -> tuple[jax.Array, SinkCache]:
@@ -29,36 +29,51 @@ def step(params: dict, cache: SinkCache, tokens, config: ModelConfig) -> tuple[j
 
 
 def prefill(
-    params: dict, cache: SinkCache, tokens, config: ModelConfig, chunk_size: int = 256, logits: str = "all"
+    params: dict,
+    cache: SinkCache,
+    tokens,
+    config: ModelConfig,
+    chunk_size: int = 256,
+    logits: str = "all",
+    lengths=None,
 ) -> tuple[jax.Array | None, SinkCache]:
     """Feed tokens [B, T] in chunks of `chunk_size` (exact for any T, also T beyond the cache).
 
-    Returns the logits ("all": [B, T, V], equal to `feed_tokens`; "last": [B, V] of the last token;
-    "none": None) and the cache. The last chunk is padded to `chunk_size`, so every chunk runs one
-    compiled program (with "last" or "none", every chunk computes only its last logits).
+    Returns the logits ("all": [B, T, V], equal to `feed_tokens`; "last": [B, V] of each stream's last
+    token; "none": None) and the cache. `lengths` [B] (default all T) feeds stream b only its first
+    lengths[b] tokens (a ragged batch, padded at the end; the padding never enters the cache, and
+    its "all" logits mean nothing). Every chunk is padded to `chunk_size`, so all of them run one
+    compiled program (with "last" or "none", each computes only its last logits).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if logits not in ("all", "last", "none"):
         raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
     check_tokens(tokens, config, cache)
+    length = np.shape(tokens)[1]
+    lengths = np.full(np.shape(tokens)[0], length, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    if lengths.shape != (np.shape(tokens)[0],) or not np.all((lengths >= 0) & (lengths <= length)):
+        raise ValueError(f"lengths must be [batch] values in [0, {length}], got {lengths}")
     tokens = np.asarray(tokens, np.int32) if not isinstance(tokens, jax.Array) else tokens
-    pieces = []
-    for start in range(0, tokens.shape[1], chunk_size):
-        chunk, num_valid = pad_chunk(tokens[:, start : start + chunk_size], chunk_size)
+    pieces, last = [], None
+    for start in range(0, length, chunk_size):
+        chunk, _ = pad_chunk(tokens[:, start : start + chunk_size], chunk_size)
+        num_valid = np.clip(lengths - start, 0, chunk_size)
         out = forward(params, cache, chunk, config, num_valid=num_valid, logits="all" if logits == "all" else "last")
         cache = out.cache
-        pieces.append(out.logits)
+        if logits == "all":
+            pieces.append(out.logits)
+        elif logits == "last":  # a stream's last token lies in the last chunk it has tokens in
+            last = out.logits if last is None else jnp.where((num_valid > 0)[:, None], out.logits, last)
     if logits == "all":
-        return jnp.concatenate(pieces, axis=1)[:, : tokens.shape[1]], cache
-    return (pieces[-1] if logits == "last" else None), cache
+        return jnp.concatenate(pieces, axis=1)[:, :length], cache
+    return last, cache
 
 
-def pad_chunk(tokens, chunk_size: int) -> tuple[jax.Array, jax.Array | None]:
-    """tokens [B, n] padded with id 0 to [B, chunk_size] and the valid count [B] (None when n == chunk_size)."""
+def pad_chunk(tokens, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """tokens [B, n] (n <= chunk_size) padded with id 0 to [B, chunk_size], and the valid count [B]: a
+    full chunk and a partial one call `forward` alike, so they share one compiled program."""
     batch, count = tokens.shape
-    if count == chunk_size:
-        return tokens, None
     padded = jnp.zeros((batch, chunk_size), jnp.int32).at[:, :count].set(jnp.asarray(tokens, jnp.int32))
     return padded, jnp.full((batch,), count, jnp.int32)
 
@@ -86,6 +101,7 @@ def token_route(
     Returns logits [B, T, V] ("all") or None ("none"), the cache, and the NLL [B, T] of `targets` if given.
     """
     check_tokens(tokens, config, cache)
+    check_cache_dtype(params, cache)
     if targets is not None:
         check_tokens(targets, config, cache, name="targets")
     if logits not in ("all", "none"):

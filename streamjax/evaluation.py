@@ -116,13 +116,11 @@ def advance(
     return EvalState(stop, cache), np.asarray(jnp.concatenate(pieces), np.float32)
 
 
-def evaluate(params: dict, config: ModelConfig, tokens, spec: EvalSpec, dtype=None) -> np.ndarray:
-    """Float32 NLL [T - 1] of every next-token prediction over `tokens` [T], in one go.
-
-    The cache is in `dtype`, by default the params' dtype (bfloat16 params: a bfloat16 cache).
-    """
+def evaluate(params: dict, config: ModelConfig, tokens, spec: EvalSpec) -> np.ndarray:
+    """Float32 NLL [T - 1] of every next-token prediction over `tokens` [T], in one go (the cache in
+    the params' dtype)."""
     tokens = check_text_tokens(tokens, config)
-    state = init_state(config, spec, tokens.shape[0], params_dtype(params) if dtype is None else dtype)
+    state = init_state(config, spec, tokens.shape[0], params_dtype(params))
     _, nll = advance(params, config, tokens, spec, state, tokens.shape[0])
     return nll
 

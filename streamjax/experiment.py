@@ -11,7 +11,8 @@ Workdir layout:
         checkpoints/     orbax steps named by predictions done, while the run is in progress
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
         summary.json     the run's numbers; written last, so its presence means the run is done
-    summary.json         config and every run's summary
+    summary.json         config, every run's summary, and `made_by`: the command and commit that wrote the
+                         report (also under the plot)
     results.md           the comparison table (also printed)
     log_ppl.png          log perplexity vs tokens, one line per run
 
@@ -375,9 +376,10 @@ def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
     """Write the summary, table and plot of finished runs, print the table; the summary dict."""
     summaries = [json.loads((workdir / item.name / "summary.json").read_text()) for item in runs]
     nll = {item.name: np.load(workdir / item.name / "nll.npy") for item in runs}
-    table = markdown_table(summaries)
-    plotting.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=_plot_title(config))
-    summary = {"workdir": str(workdir), "config": _plain(config), "runs": summaries, "table": table}
+    table, made_by = markdown_table(summaries), plotting.provenance()
+    title = _plot_title(config)
+    plotting.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=title, footer=made_by)
+    summary = {"workdir": str(workdir), "config": _plain(config), "runs": summaries, "table": table, "made_by": made_by}
     _write_json(workdir / "summary.json", summary)
     _write_bytes(workdir / "results.md", (table + "\n").encode())
     print(table, flush=True)

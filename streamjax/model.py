@@ -127,6 +127,7 @@ def forward(
     again (it is donated); compiles once per (config, cache shape, T, arguments given).
     """
     check_forward_inputs(tokens, config, cache, num_valid, targets, logits)
+    check_cache_dtype(params, cache)
     tokens = jnp.asarray(tokens, jnp.int32)
     num_valid = None if num_valid is None else jnp.asarray(num_valid, jnp.int32)
     targets = None if targets is None else jnp.asarray(targets, jnp.int32)
@@ -156,6 +157,19 @@ def check_tokens(tokens, config: ModelConfig, cache: SinkCache | None = None, na
     _check_ids(array, config, name, on_device)
     if cache is not None and array.shape[0] != cache.batch_size:
         raise ValueError(f"{name} have batch {array.shape[0]} but the cache holds {cache.batch_size} streams")
+
+
+def check_cache_dtype(params: dict, cache: SinkCache | None) -> None:
+    """Raise ValueError when the cache's keys and values are not in the params' dtype: a cache of another
+    dtype would be a silent cast of every key and value written (bfloat16 params: a bfloat16 cache)."""
+    if cache is None:
+        return
+    wanted, held = jnp.dtype(params["embed"].dtype), jnp.dtype(cache.keys[0].dtype)
+    if wanted != held:
+        raise ValueError(
+            f"the cache holds {held.name} keys and values but the params are {wanted.name}: create the cache "
+            f"in the params' dtype, e.g. init_cache(config, batch_size, num_sinks, window, dtype=jnp.{wanted.name})"
+        )
 
 
 def _check_ids(array, config: ModelConfig, name: str, on_device: bool) -> None:

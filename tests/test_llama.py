@@ -44,3 +44,21 @@ def test_config_records_hf_fields():
     assert (config.num_heads, config.num_kv_heads, config.head_dim, config.rope_theta) == (6, 1, 8, 50000.0)
     assert config.rope_scaling_dict["rope_type"] == "llama3"
     assert hash(config) == hash(to_streamjax(model)[0])  # static jit argument
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_type": "linear", "factor": 2.0, "attention_factor": 1.5}, "does not handle: attention_factor"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "lacks the fields high_freq_factor"),
+        ({"rope_type": "yarn", "factor": 4.0}, "rope type 'yarn'"),
+        ({"type": "linear", "factor": 2.0, "finetuned": True}, "does not handle: finetuned"),
+    ],
+)
+def test_rope_fields_streamjax_does_not_compute_are_refused(rope, message):
+    from streamjax.config import UnsupportedConfigError
+
+    hf = random_hf_llama().config.to_dict()
+    hf.pop("rope_parameters", None)
+    with pytest.raises(UnsupportedConfigError, match=message):
+        streamjax.families.config_from_hf({**hf, "rope_scaling": rope})

@@ -250,6 +250,8 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_nll(tiny, finished, tm
     for name, nll in _nll_files(tmp_path).items():
         np.testing.assert_array_equal(nll, np.load(uninterrupted / name / "nll.npy"))
     assert set(_nll_files(tmp_path)) == {"dense", "streaming"}
+    made_by = json.loads((tmp_path / "summary.json").read_text())["made_by"]  # also written under the plot
+    assert made_by.startswith("python -m experiments.ppl --config=configs/ppl.py") and " @ " in made_by
 
 
 # (moment of tests/killed_run.py, method, what the restart resumes from). Checkpoints every 32 predictions,

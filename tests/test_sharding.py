@@ -150,6 +150,18 @@ def test_sharded_logits_cache_and_nll_equal_single_device(measured, case, route)
     assert result[f"nll/{route}"] < TOLERANCE
 
 
+def test_largest_relative_difference_to_a_single_device_run(measured):
+    """The figure the README quotes: printed (pytest -s or -rP shows it) and held under TOLERANCE."""
+    largest = max(
+        measured[case][f"{what}/{route}"]
+        for case in CASES
+        for what in ("logits", "cache", "nll")
+        for route in ("token", "chunk")
+    )
+    print(f"largest relative difference of a sharded run to the single-device run: {largest:.1e}")
+    assert 0 < largest < TOLERANCE  # 0 would mean nothing was split: the comparison would show nothing
+
+
 @pytest.mark.parametrize("case", ["even/2x4", "odd/2x4"])
 def test_bfloat16_sharded_run_matches_single_device_and_keeps_dtypes(measured, case):
     result = measured[case]["bf16"]

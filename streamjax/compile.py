@@ -8,8 +8,8 @@ On CPU:
 - The default scheduler starts every layer's RoPE rotation of its cached keys at once, at the start
   of a step, so all of them are alive together in fresh memory that the OS maps in again each step.
   The memory-optimised scheduler rotates each layer's keys where that layer needs them, in memory
-  reused from layer to layer (the benchmark's page faults per decode step at cache 4096 fell from
-  about 23,000 to about 70 when it was introduced).
+  reused from layer to layer (`experiments.efficiency` counts the minor page faults of every decode
+  step, `memory.minor_page_faults_per_token`, which shows it).
 The options are chosen for the backend in use at the first call (nothing is initialised at import).
 Compiler options are allowed on a top-level jit only: a function jitted this way cannot be called
 inside another jit; loops call the plain function (`streamjax.model.apply`) inside their own.
@@ -59,3 +59,48 @@ class ModelJit:
 def model_jit(**jit_kwargs) -> Callable[[Callable], ModelJit]:
     """Decorator: `@model_jit(static_argnames=..., donate_argnames=...)` takes `jax.jit`'s arguments."""
     return lambda fun: ModelJit(fun, **jit_kwargs)
+
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileClock:
+    """Seconds JAX spent tracing, lowering and compiling while the context was active (every time it
+    was entered): what a run's timings report apart from its steady speed. A program the persistent
+    compilation cache (`enable_persistent_cache`) already holds costs only its tracing and lowering."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _record(self, event: str, duration: float, **_) -> None:
+        if event in _COMPILE_EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> CompileClock:
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+        return self
+
+    def __exit__(self, *_) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._record)
+
+
+def enable_persistent_cache(directory: str | None = None) -> str:
+    """Keep compiled programs on disk, so running the same configuration again does not compile again.
+
+    `directory` defaults to `$STREAMJAX_COMPILATION_CACHE`, else `compilation_cache/` under streamjax's
+    cache directory (`streamjax.assets.cache_dir`). Returns the directory used.
+    """
+    import os
+
+    from streamjax import assets
+
+    directory = (
+        directory or os.environ.get("STREAMJAX_COMPILATION_CACHE") or str(assets.cache_dir() / "compilation_cache")
+    )
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory

@@ -297,3 +297,67 @@ def advance(
         return jnp.where(inside, following, state), stopped | (inside & completed)
 
     return jax.lax.fori_loop(0, jnp.max(lengths), read_byte, (state, jnp.zeros(tokens.shape, bool)))
+
+
+# ---------------------------------------------------------------- every condition of a generation
+
+NO_LIMIT = 2**31 - 1  # max_new_tokens of a stream that only an end id or a stop string (or its caller) ends
+REASONS = (None, "end_id", "stop_string", "max_new_tokens")  # `StopConditions.check` codes 0..3
+
+
+@flax.struct.dataclass
+class StopConditions:
+    """When each of B streams stops, as arrays, so one compiled decode program serves any values.
+
+    end_ids: [E] int32 ids that end every stream (padded with -1, which is no token).
+    max_new_tokens: [B] int32 tokens a stream generates at most (`NO_LIMIT`: no limit).
+    strings: the streams' stop strings (K = 0: none); token_bytes: the vocabulary's bytes they read.
+    """
+
+    end_ids: jax.Array
+    max_new_tokens: jax.Array
+    strings: StopStrings
+    token_bytes: TokenBytes
+
+    def check(self, tokens: jax.Array, generated: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(reason [B] int32, automaton state [B]) for each stream's new token `tokens` [B], its
+        `generated`-th (1-based) token: the index in `REASONS` of why it is the stream's last, 0 if not."""
+        hit_string = jnp.zeros(tokens.shape, bool)
+        if self.strings.completes.shape[1]:  # static: no automaton to run without stop strings
+            state, hit_string = advance(self.strings, self.token_bytes, state, tokens)
+        hit_end = jnp.any(tokens[:, None] == self.end_ids[None, :], axis=-1)
+        hit_limit = generated >= self.max_new_tokens
+        return jnp.where(hit_end, 1, jnp.where(hit_string, 2, jnp.where(hit_limit, 3, 0))).astype(jnp.int32), state
+
+
+def stop_conditions(
+    batch_size: int,
+    *,
+    end_ids: Sequence[int] = (),
+    max_new_tokens: int | None | Sequence[int | None] = None,
+    stop: Sequence[str] | Sequence[Sequence[str]] = (),
+    tokenizer: Any = None,
+    vocab_size: int | None = None,
+) -> StopConditions:
+    """Stop conditions of `batch_size` streams, checked on the host before anything is traced.
+
+    end_ids: ids that end every stream (`eos_token_ids` of the model); max_new_tokens: one for all or
+    one per stream, None for no limit (endless generation), else >= 0; stop: stop strings for all, or
+    a list per stream; `tokenizer` and `vocab_size` (the model's) are needed with stop strings.
+    """
+    limits = [max_new_tokens] * batch_size if max_new_tokens is None or np.ndim(max_new_tokens) == 0 else max_new_tokens
+    if len(limits) != batch_size:
+        raise ValueError(f"max_new_tokens has {len(limits)} values for {batch_size} streams")
+    for stream, limit in enumerate(limits):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | np.integer) or limit < 0):
+            raise ValueError(f"max_new_tokens of stream {stream} is {limit!r}: give an int >= 0, or None for no limit")
+    per_stream = [list(stop)] * batch_size if all(isinstance(s, str) for s in stop) else [list(s) for s in stop]
+    if len(per_stream) != batch_size:
+        raise ValueError(f"stop strings are given for {len(per_stream)} streams, the batch has {batch_size}")
+    strings = stop_strings(per_stream)
+    if strings.completes.shape[1] and (tokenizer is None or vocab_size is None):
+        raise ValueError("stop strings need the tokenizer and the model's vocab_size, to read generated tokens' bytes")
+    table = token_bytes(tokenizer, vocab_size) if strings.completes.shape[1] else pack_token_bytes([b""])
+    ids = np.asarray(sorted({int(i) for i in end_ids}) or [-1], np.int32)
+    limits_array = np.asarray([NO_LIMIT if limit is None else min(int(limit), NO_LIMIT) for limit in limits], np.int32)
+    return StopConditions(jnp.asarray(ids), jnp.asarray(limits_array), strings, table)

@@ -1,0 +1,218 @@
+"""Streaming generation (`streamjax.generation`) on a tiny random Llama, and on SmolLM2.
+
+Greedy generation is checked against an independent loop of single `streamjax.step` calls with an
+argmax on the host; ragged batches against each stream run alone; the cache a generation leaves
+against the tokens it was fed; endless generation by counting compilations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_hf_llama, to_streamjax
+
+import streamjax
+from streamjax import generation, sampling, stopping
+from streamjax.model import jitted_forward
+
+VOCAB = 97
+
+
+@functools.cache
+def tiny():
+    return to_streamjax(random_hf_llama(seed=9, rope_theta=500.0))
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return np.random.RandomState(seed).randint(0, VOCAB, length).tolist()
+
+
+def greedy_by_steps(config, params, prompt_ids, num_sinks, window, count):
+    """Tokens and cache of greedy decoding with one `streamjax.step` per token, argmax on the host."""
+    cache = streamjax.init_cache(config, 1, num_sinks, window)
+    for token in prompt_ids:
+        logits, cache = streamjax.step(params, cache, np.array([[token]]), config)
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(np.argmax(logits[0, -1])))
+        logits, cache = streamjax.step(params, cache, np.array([[tokens[-1]]]), config)
+    return tokens, cache
+
+
+def run(config, params, prompts, num_sinks, window, **stops):
+    cache = streamjax.init_cache(config, len(prompts), num_sinks, window)
+    conditions = stopping.stop_conditions(len(prompts), **stops)
+    return generation.generate(params, cache, prompts, config, None, conditions, chunk_size=8, block_size=16)
+
+
+BOOKKEEPING = ("slot_positions", "slot_tokens", "length", "cursor", "next_position")
+
+
+def assert_same_cache(got, expected, row=0):
+    for field in BOOKKEEPING:
+        np.testing.assert_array_equal(getattr(got, field)[row], getattr(expected, field)[0], err_msg=field)
+    for got_layer, expected_layer in zip(got.keys + got.values, expected.keys + expected.values):
+        np.testing.assert_allclose(got_layer[row], expected_layer[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_sinks", [0, 4])
+def test_greedy_generation_equals_a_loop_of_steps_with_argmax(num_sinks):
+    """60 new tokens through a 12-slot cache: many evictions, the prompt long gone."""
+    config, params = tiny()
+    ids = prompt(1, 5)
+    expected, expected_cache = greedy_by_steps(config, params, ids, num_sinks, 12 - num_sinks, 60)
+    result = run(config, params, [ids], num_sinks, 12 - num_sinks, max_new_tokens=60)
+    assert result.tokens[0].tolist() == expected and result.reasons == ["max_new_tokens"]
+    assert_same_cache(result.cache, expected_cache)
+
+
+def test_the_cache_holds_exactly_the_prompt_and_every_generated_token():
+    config, params = tiny()
+    ids = prompt(2, 6)
+    result = run(config, params, [ids], 2, 5, max_new_tokens=9)
+    stream = ids + result.tokens[0].tolist()  # 15 tokens: sinks 0, 1 and the last 5, 10..14
+    cache = result.cache
+    assert int(cache.next_position[0]) == 15 and int(cache.length[0]) == 7
+    held = dict(zip(np.asarray(cache.slot_positions[0]).tolist(), np.asarray(cache.slot_tokens[0]).tolist()))
+    assert held == {position: stream[position] for position in (0, 1, 10, 11, 12, 13, 14)}
+
+
+def test_a_ragged_batch_gives_each_stream_what_it_gives_alone():
+    """Prompts of 3, 11 and 7 tokens; the second stream stops after 4 tokens while the others go on."""
+    config, params = tiny()
+    prompts, limits = [prompt(3, 3), prompt(4, 11), prompt(5, 7)], [30, 4, 30]
+    batch = run(config, params, prompts, 2, 10, max_new_tokens=limits)
+    assert [len(tokens) for tokens in batch.tokens] == limits
+    for row, (ids, limit) in enumerate(zip(prompts, limits)):
+        alone = run(config, params, [ids], 2, 10, max_new_tokens=limit)
+        assert batch.tokens[row].tolist() == alone.tokens[0].tolist()
+        assert_same_cache(batch.cache, alone.cache, row)
+
+
+def test_end_ids_and_stop_strings_end_a_stream_on_the_token_that_hits_them():
+    config, params = tiny()
+    ids = prompt(6, 4)
+    free = run(config, params, [ids], 2, 10, max_new_tokens=40).tokens[0].tolist()
+    end = free[7]
+    by_end = run(config, params, [ids], 2, 10, max_new_tokens=40, end_ids=[end])
+    assert by_end.tokens[0].tolist() == free[: free.index(end) + 1] and by_end.reasons == ["end_id"]
+    # A byte-per-token vocabulary (`_ByteTokenizer`): a stop string is a sequence of tokens' bytes.
+    tokenizer = _ByteTokenizer()
+    text = "".join(_ByteTokenizer.text(t) for t in free)
+    stop = text[10:13]
+    by_string = run(config, params, [ids], 2, 10, max_new_tokens=40, stop=[stop], tokenizer=tokenizer, vocab_size=VOCAB)
+    first_end = text.index(stop) + len(stop)
+    assert by_string.tokens[0].tolist() == free[:first_end] and by_string.reasons == ["stop_string"]
+
+
+class _ByteTokenizer:
+    """Just enough of a tokenizer for `stopping.token_bytes`: id i is one printable ASCII character."""
+
+    @staticmethod
+    def text(token: int) -> str:
+        return chr(ord("!") + token % 94)
+
+    def __len__(self):
+        return VOCAB
+
+
+@pytest.fixture(autouse=True)
+def _byte_tokens(monkeypatch):
+    real = stopping.token_byte_strings
+    monkeypatch.setattr(
+        stopping,
+        "token_byte_strings",
+        lambda tokenizer: (
+            [_ByteTokenizer.text(i).encode() for i in range(VOCAB)]
+            if isinstance(tokenizer, _ByteTokenizer)
+            else real(tokenizer)
+        ),
+    )
+
+
+def test_sampling_with_a_seed_is_reproducible_and_differs_by_seed():
+    config, params = tiny()
+    ids = prompt(7, 5)
+
+    def sampled(seed):
+        cache = streamjax.init_cache(config, 1, 2, 10)
+        settings = sampling.sampling_settings(1, temperature=1.0, top_k=20, top_p=0.9, seed=seed)
+        stops = stopping.stop_conditions(1, max_new_tokens=25)
+        return generation.generate(params, cache, [ids], config, settings, stops).tokens[0].tolist()
+
+    assert sampled(3) == sampled(3)
+    assert sampled(3) != sampled(4)
+
+
+def test_endless_generation_compiles_the_decode_program_once():
+    config, params = tiny()
+    seen = []
+
+    def enough(new):
+        seen.append(len(new[0]))
+        return sum(seen) < 2000
+
+    cache = streamjax.init_cache(config, 1, 4, 28)
+    before = generation._decode_block._cache_size()
+    stops = stopping.stop_conditions(1, max_new_tokens=None)
+    result = generation.generate(params, cache, [prompt(8, 3)], config, None, stops, block_size=64, on_tokens=enough)
+    assert len(result.tokens[0]) >= 2000 and result.reasons == [None]  # stopped by the caller, not by a limit
+    assert generation._decode_block._cache_size() - before == 1
+    assert int(result.cache.next_position[0]) == 3 + len(result.tokens[0])  # the last sampled token was fed too
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty prompt", "prompt of stream 1 is empty"),
+        ("id outside the vocabulary", "outside the vocabulary"),
+        ("prompts and cache disagree", "2 prompts for a cache of 3 streams"),
+        ("settings and cache disagree", "sampling settings are for 2 streams"),
+        ("negative max_new_tokens", "max_new_tokens of stream 0 is -1"),
+        ("negative temperature", "temperature"),
+        ("top_p outside (0, 1]", "top_p"),
+        ("negative top_k", "top_k"),
+        ("stop strings without a tokenizer", "need the tokenizer"),
+    ],
+)
+def test_bad_input_is_refused_before_compiling(case, message):
+    config, params = tiny()
+    prompts, batch = [prompt(9, 3), [], prompt(10, 2)], 3
+    before = jitted_forward._cache_size(), generation._decode_block._cache_size()
+    with pytest.raises(ValueError, match=message):
+        settings, stops = sampling.sampling_settings(batch), stopping.stop_conditions(batch, max_new_tokens=4)
+        if case == "id outside the vocabulary":
+            prompts[1] = [3, VOCAB]
+        elif case != "empty prompt":
+            prompts[1] = [3]
+        if case == "prompts and cache disagree":
+            prompts = prompts[:2]
+        elif case == "settings and cache disagree":
+            settings = sampling.sampling_settings(2)
+        elif case == "negative max_new_tokens":
+            stops = stopping.stop_conditions(batch, max_new_tokens=-1)
+        elif case == "negative temperature":
+            settings = sampling.sampling_settings(batch, temperature=-0.5)
+        elif case == "top_p outside (0, 1]":
+            settings = sampling.sampling_settings(batch, top_p=1.5)
+        elif case == "negative top_k":
+            settings = sampling.sampling_settings(batch, top_k=-1)
+        elif case == "stop strings without a tokenizer":
+            stops = stopping.stop_conditions(batch, stop=["x"])
+        generation.generate(params, streamjax.init_cache(config, batch, 2, 6), prompts, config, settings, stops)
+    assert (jitted_forward._cache_size(), generation._decode_block._cache_size()) == before
+
+
+@pytest.mark.real_assets
+def test_smollm2_greedy_generation_equals_a_loop_of_steps(smollm2_gguf):
+    from streamjax import loading
+
+    config, params, tokenizer = loading.load_model(str(smollm2_gguf))
+    ids = tokenizer("It is a truth universally acknowledged, that").input_ids
+    expected, _ = greedy_by_steps(config, params, ids, 4, 28, 40)  # 40 tokens through a 32-slot cache
+    result = run(config, params, [ids], 4, 28, max_new_tokens=40)
+    assert result.tokens[0].tolist() == expected
+    assert jax.tree.leaves(result.cache)[0].shape[-1] == 32

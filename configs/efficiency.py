@@ -47,6 +47,12 @@ def get_config(arg=None):
     # more than num_sinks + route_window + route_chunk_size, so the cache has evicted and chunks followed chunks.
     config.route_compare_tokens = 2048
     config.route_repeats = 2
+    # Generation (`streamjax.generation`, greedy) on a full num_sinks + route_window cache: a decode block of
+    # generation_block steps against as many bare jitted steps (batch 1), and batch generation_batch against batch 1,
+    # timed alternately for generation_rounds rounds; and from the long stream's early and late positions.
+    config.generation_block = 32
+    config.generation_rounds = 5
+    config.generation_batch = 8
     # Long streams (cache num_sinks + route_window): decode cost at the early vs the late position,
     # peak memory after the two memory positions (in increasing order).
     config.early_position = 1_000
@@ -84,4 +90,5 @@ def _make_small(config: ml_collections.ConfigDict) -> None:
     config.chunk_route_tokens, config.token_route_tokens, config.route_compare_tokens = 64, 32, 64
     config.early_position, config.late_position, config.memory_positions = 100, 3_000, (1_000, 3_000)
     config.stream_chunk_size = 256
+    config.generation_block, config.generation_rounds = 8, 2
     config.bandwidth_bytes, config.matmul_size = 1 << 24, 256

@@ -12,6 +12,8 @@ documented in `configs/efficiency.py`. It measures, on the default JAX backend:
   (one token per forward pass in a `lax.scan`) and the chunk route, at S + W = num_sinks + route_window,
   and the two routes' NLL compared over `route_compare_tokens` predictions (past the cache, over
   several chunks).
+- generation: `generation.decode_block` (greedy) on a full cache, per token against the bare jitted
+  step at batch 1, and tokens per second at batch `generation_batch` against batch 1.
 - long_stream: the per-token decode cost early in a stream against far into it, and the memory after
   many tokens against after fewer. The cache is either set to the exact state streaming leaves after
   that many tokens (`filled_cache`: the same bookkeeping, random keys and values, which do not change
@@ -49,8 +51,12 @@ Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_
     routes       {num_sinks, window, chunk_size, token and chunk: {num_predictions, first_call_s,
                  timing, tokens_per_s, flops_per_token, flops_per_s, matmul_fraction}, speedup,
                  compared_predictions, max_abs_nll_difference, max_abs_nll_difference_past_cache}
+    generation   {num_sinks, window, block_steps, step, batch_1, batch_<n>: {per_step_s, median_s,
+                 tokens_per_s}, over_step, batch_speedup}
     long_stream  {num_sinks, window, state, "<position>": {position, timing, memory}, late_over_early,
-                 memory_peak_ratio}
+                 memory_peak_ratio, generation: {block_steps, "<position>": {per_token_s,
+                 phase_peak_bytes}, late_over_early, memory_peak_ratio}} (generation from the stream's
+                 state at the early and the late position)
     targets      [{name, value, target, met}]
 """
 
@@ -75,7 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import streamjax
-from streamjax import evaluation, families, loading, plotting
+from streamjax import evaluation, families, generation, loading, plotting, sampling, stopping
 from streamjax.cache import SinkCache, check_cache_shape, init_cache
 from streamjax.config import ModelConfig
 from streamjax.model import jitted_forward
@@ -518,6 +524,78 @@ def long_stream(params: dict, config: ModelConfig, bench) -> dict[str, Any]:
         result[str(position)]["memory"]["runtime"]["phase_peak_bytes"] for position in sorted(bench.memory_positions)
     )
     result.update(late_over_early=late / early, memory_peak_ratio=high / low)
+    result["generation"] = _generation_early_late(params, config, bench, kept)
+    return result
+
+
+def _generation_early_late(params, config: ModelConfig, bench, kept: dict) -> dict[str, Any]:
+    """Generation's per-token cost and memory from the stream's state at the early and the late position
+    (`decode_block`, greedy, no limit), timed alternately for `generation_rounds` rounds."""
+    states, times, memory = {}, {position: [] for position in kept}, {}
+    for position, cache in kept.items():
+        states[position] = _generation_state(params, config, jax.tree.map(jnp.copy, cache))
+    for _ in range(bench.generation_rounds):
+        for position in kept:
+            with sampled_memory() as runtime:
+                states[position], seconds = _time_block(params, config, states[position], bench.generation_block)
+            times[position].append(seconds / bench.generation_block)
+            memory[position] = max(memory.get(position, 0), runtime["phase_peak_bytes"] or 0)
+    early, late = (statistics.median(times[p]) for p in (bench.early_position, bench.late_position))
+    return {
+        "block_steps": bench.generation_block,
+        **{str(p): {"per_token_s": times[p], "phase_peak_bytes": memory[p]} for p in kept},
+        "late_over_early": late / early,
+        "memory_peak_ratio": memory[bench.late_position] / memory[bench.early_position],
+    }
+
+
+def _generation_state(params, config: ModelConfig, cache: SinkCache) -> generation.DecodeState:
+    """A greedy generation without limit, started from `cache` with one token, its first block run (compiled)."""
+    batch = cache.batch_size
+    settings = sampling.sampling_settings(batch, temperature=0.0)
+    stops = stopping.stop_conditions(batch, max_new_tokens=None)
+    state, _, _ = generation.start(params, cache, [[1]] * batch, config, settings, stops, chunk_size=1)
+    return generation.decode_block(params, state, config, settings, stops, 2)[0]
+
+
+def _time_block(params, config: ModelConfig, state, steps: int) -> tuple[generation.DecodeState, float]:
+    """(state, seconds) of one `decode_block` of `steps` steps, tokens on the host."""
+    batch = state.pending.shape[0]
+    settings = sampling.sampling_settings(batch, temperature=0.0)
+    stops = stopping.stop_conditions(batch, max_new_tokens=None)
+    start = time.perf_counter()
+    state, tokens, _ = generation.decode_block(params, state, config, settings, stops, steps)
+    return state, time.perf_counter() - start
+
+
+def generation_speed(params: dict, config: ModelConfig, bench) -> dict[str, Any]:
+    """Generation against the bare step on a full cache of num_sinks + route_window slots: per-token
+    cost at batch 1 (a `decode_block` of `generation_block` steps against as many jitted steps, timed
+    alternately for `generation_rounds` rounds) and tokens per second at batch `generation_batch`."""
+    num_sinks, window, steps = bench.num_sinks, bench.route_window, bench.generation_block
+    dtype = jax.tree.leaves(params)[0].dtype
+    result: dict[str, Any] = {"num_sinks": num_sinks, "window": window, "block_steps": steps}
+    step_cache = filled_cache(config, num_sinks, window, num_sinks + window, dtype, seed=1)
+    _, step_cache = time_decode(params, config, step_cache, repeats=1, warmup=1)
+    states = {batch: _generation_state(params, config, filled_cache(config, num_sinks, window, num_sinks + window,
+                                                                  dtype, batch_size=batch, seed=2))
+              for batch in (1, bench.generation_batch)}  # fmt: skip
+    times: dict[str, list[float]] = {"step": [], "batch_1": [], f"batch_{bench.generation_batch}": []}
+    _log(f"generation: batch 1 and {bench.generation_batch} against the bare step, {bench.generation_rounds} rounds")
+    for _ in range(bench.generation_rounds):
+        measured, step_cache = time_decode(params, config, step_cache, repeats=steps, warmup=0)
+        times["step"].append(sum(measured["timing"]["times_s"]) / steps)
+        for batch in states:
+            states[batch], seconds = _time_block(params, config, states[batch], steps)
+            times[f"batch_{batch}"].append(seconds / steps)
+    for name, values in times.items():
+        batch = 1 if name == "step" else int(name.split("_")[1])
+        median = statistics.median(values)
+        result[name] = {"per_step_s": values, "median_s": median, "tokens_per_s": batch / median}
+    result["over_step"] = result["batch_1"]["median_s"] / result["step"]["median_s"]
+    result["batch_speedup"] = (
+        result[f"batch_{bench.generation_batch}"]["tokens_per_s"] / result["batch_1"]["tokens_per_s"]
+    )
     return result
 
 
@@ -557,6 +635,13 @@ def targets(results: dict[str, Any], bench) -> list[dict[str, Any]]:
         claims.append((f"re-computation over StreamingLLM per-token latency at cache {largest}", ratio, ">=", 20.0))
     claims.append(("|late / early per-token cost - 1|", abs(results["long_stream"]["late_over_early"] - 1), "<=", 0.10))
     claims.append(("|peak memory late / early - 1|", abs(results["long_stream"]["memory_peak_ratio"] - 1), "<=", 0.05))
+    gen, late_gen = results["generation"], results["long_stream"]["generation"]
+    claims += [
+        ("generation per-token cost at batch 1 over the bare jitted step", gen["over_step"], "<=", 1.05),
+        (f"generation tokens/s at batch {bench.generation_batch} over batch 1", gen["batch_speedup"], ">=", 4.0),
+        ("|generation late / early per-token cost - 1|", abs(late_gen["late_over_early"] - 1), "<=", 0.10),
+        ("|generation peak memory late / early - 1|", abs(late_gen["memory_peak_ratio"] - 1), "<=", 0.05),
+    ]
     if "streaming" in decode and bench.target_cache_size in sizes:
         row = next(row for row in decode["streaming"] if row["cache_size"] == bench.target_cache_size)
         prefix = f"StreamingLLM decode at cache {bench.target_cache_size}: bytes / latency over"
@@ -611,6 +696,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     matmul = results["machine"]["matmul"][jnp.dtype(loading.parse_dtype(config.dtype)).name]["flops_per_s"]
     results["decode"] = decode_vs_cache_size(params, model_config, config, bandwidth, matmul)
     results["routes"] = route_throughput(params, model_config, config, matmul)
+    results["generation"] = generation_speed(params, model_config, config)
     results["long_stream"] = long_stream(params, model_config, config)
     results["targets"] = targets(results, config)
     results["meta"].update(load_average_before=load_before, load_average_after=_load_average())

@@ -107,3 +107,15 @@ def hf_logits(model, tokens) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens))).logits.numpy()
+
+
+def save_word_tokenizer(directory, vocab_size: int) -> None:
+    """A word-level tokenizer whose words "w1".."w{vocab_size - 1}" are token ids 1.. (0 is [UNK]), saved
+    with `save_pretrained`, so a text of such words is its own token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)

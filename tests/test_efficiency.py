@@ -87,12 +87,17 @@ def test_targets_compare_each_value_with_its_bound():
     results = {
         "routes": {"speedup": 12.0},
         "decode": {"cache_sizes": [64], "methods": {"streaming": rows(1.0), "recompute": rows(19.0)}},
-        "long_stream": {"late_over_early": 1.12, "memory_peak_ratio": 1.0},
+        "generation": {"over_step": 1.04, "batch_speedup": 3.9},
+        "long_stream": {
+            "late_over_early": 1.12,
+            "memory_peak_ratio": 1.0,
+            "generation": {"late_over_early": 0.95, "memory_peak_ratio": 1.06},
+        },
     }
     met = [target["met"] for target in benchmark.targets(results, config)]
-    assert met == [True, False, False, True]  # target_cache_size 32 is not a measured size: no bandwidth target
+    assert met == [True, False, False, True, True, False, True, False]  # no bandwidth target: 32 is not measured
     config.target_cache_size = 64  # both bandwidth fractions, each against 0.5
-    assert [target["met"] for target in benchmark.targets(results, config)] == [True, False, False, True, True, False]
+    assert [target["met"] for target in benchmark.targets(results, config)][-2:] == [True, False]
 
 
 @pytest.mark.parametrize("compare", [40, 65])  # within cache + one chunk (4 + 28 + 16 = 48); beyond the chunk route
@@ -111,7 +116,7 @@ def test_small_config_runs_end_to_end(tmp_path):
     completed = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((tmp_path / "efficiency.json").read_text())
-    assert list(results) == ["meta", "machine", "decode", "routes", "long_stream", "targets"]
+    assert list(results) == ["meta", "machine", "decode", "routes", "generation", "long_stream", "targets"]
     assert set(results["machine"]["bandwidth"]) == {"reduce", "copy", "matvec", "best_bytes_per_s"}
     assert set(results["machine"]["matmul"]) == {"float32", "bfloat16"}
     assert set(results["decode"]["methods"]) == {"streaming", "recompute", "dense"}
@@ -127,6 +132,10 @@ def test_small_config_runs_end_to_end(tmp_path):
     assert {"100", "1000", "3000", "late_over_early", "memory_peak_ratio"} <= set(results["long_stream"])
     assert results["long_stream"]["state"].startswith("streamed")
     assert results["meta"]["made_by"].startswith("python -m experiments.efficiency --config=configs/efficiency.py")
-    assert len(results["targets"]) == 6 and all(isinstance(target["met"], bool) for target in results["targets"])
+    generation = results["generation"]
+    assert generation["block_steps"] == 8 and len(generation["batch_8"]["per_step_s"]) == 2
+    assert generation["over_step"] > 0 and generation["batch_speedup"] > 0
+    assert {"100", "3000", "late_over_early", "memory_peak_ratio"} <= set(results["long_stream"]["generation"])
+    assert len(results["targets"]) == 10 and all(isinstance(target["met"], bool) for target in results["targets"])
     for name in ("latency_vs_cache.png", "memory_vs_cache.png", "route_throughput.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import pytest
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "attention_sinks.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "attention_sinks.ipynb", "streaming_chat.ipynb"])
 def test_notebook_runs_and_plots(name, tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMJAX_NOTEBOOK_SMALL", "1")  # inherited by the kernel
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

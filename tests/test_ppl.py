@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cpu_devices_env, random_hf_llama
+from conftest import cpu_devices_env, random_hf_llama, save_word_tokenizer
 
 from configs import ppl as ppl_config
 from streamjax import evaluation, experiment, families, loading, sharding
@@ -32,23 +32,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_TOKENS = 97  # 96 predictions: six chunks of 16, one compilation per cache shape
 
 
-def _save_word_tokenizer(directory: pathlib.Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model directory, text file, token ids of the text) for a tiny random Llama."""
     root = tmp_path_factory.mktemp("tiny")
     model = random_hf_llama(max_position_embeddings=1024)
     model.save_pretrained(root / "model")
-    _save_word_tokenizer(root / "model", model.config.vocab_size)
+    save_word_tokenizer(root / "model", model.config.vocab_size)
     ids = np.random.default_rng(0).integers(1, model.config.vocab_size, 400)
     (root / "text.txt").write_text(" ".join(f"w{i}" for i in ids))
     return root / "model", root / "text.txt", ids.astype(np.int32)

@@ -1,0 +1,75 @@
+"""The streaming dialogue experiment (`streamjax.dialogue`): its script, its token stream, and a run on a
+tiny random Llama with a word-level tokenizer (the chat template of `test_chat`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_chat import tiny  # noqa: F401  (the module fixture: a tiny chat model directory and template)
+
+from configs import dialogue as dialogue_config
+from streamjax import chat, dialogue, evaluation
+
+TEXT = "\n\n".join(
+    ["CHAPTER I", "w5 w6 w7.", "w8 w9.", "Chapter 2", "w10 w11 w12. w13 w14. w15 w16.", "w17.", "w18 w19.", "w20."]
+)
+
+
+def test_script_turns_pair_consecutive_paragraphs_and_cut_long_ones():
+    turns = dialogue.script_turns(TEXT, num_turns=3, max_chars=12)
+    assert turns == [("w5 w6 w7.", "w8 w9."), ("w10 w11 w12.", "w17."), ("w18 w19.", "w20.")]  # headings skipped
+    with pytest.raises(ValueError, match="8 are needed for 4 turns"):
+        dialogue.script_turns(TEXT, num_turns=4, max_chars=12)
+
+
+def test_the_stream_is_what_the_chat_program_feeds_with_the_references_as_replies(tiny):  # noqa: F811
+    model = chat.load_chat_model(str(tiny[0]), template_file=str(tiny[1]))
+    turns = [("w5 w6", "w7 w8 w9"), ("w10", "w11"), ("w12 w13", "w14")]
+    stream = dialogue.dialogue_stream(model, turns, end_id=2)
+    expected = [90, 92, 5, 6, 2, 90, 93, 7, 8, 9, 2, 90, 92, 10, 2, 90, 93, 11, 2, 90, 92, 12, 13, 2, 90, 93, 14, 2]
+    assert stream.tokens.tolist() == expected
+    assert stream.inputs == [(0, 7), (11, 17), (19, 26)] and stream.replies == [(7, 11), (17, 19), (26, 28)]
+    nll = np.arange(len(expected) - 1, dtype=np.float32)  # nll[i] predicts token i + 1
+    assert dialogue.reply_nll(nll, stream) == [np.mean([6, 7, 8, 9]), np.mean([16, 17]), np.mean([25, 26])]
+    assert dialogue.reply_nll(nll[:20], stream)[2] is None
+
+
+def test_a_run_writes_its_tables_and_streaming_equals_dense_while_nothing_is_evicted(tiny, tmp_path):  # noqa: F811
+    (tmp_path / "text.txt").write_text("\n\n".join(f"w{3 + i % 80} w{4 + i % 70} w{5 + i % 60}" for i in range(40)))
+    config = dialogue_config.get_config()
+    config.update({
+        "model": str(tiny[0]), "chat_template": str(tiny[1]), "data": str(tmp_path / "text.txt"), "num_turns": 12,
+        "num_sinks": 2, "window": 30, "chunk_size": 16, "sample_turns": (1, 6, 11), "sample_tokens": 5,
+        "dense_max_tokens": 60,
+    })  # fmt: skip
+    summary = dialogue.run(config, tmp_path / "out")
+    assert set(summary["methods"]) == {"streaming", "window", "dense"} and summary["num_tokens"] > 3 * 32
+    dense = summary["methods"]["dense"]
+    assert dense["num_tokens"] == 60 and [s["turn"] for s in dense["samples"]] == [1]  # turn 6 lies past 60 tokens
+    for method in ("streaming", "window"):
+        samples = summary["methods"][method]["samples"]
+        assert [s["turn"] for s in samples] == [1, 6, 11] and all(s["decode_ms_per_token"] > 0 for s in samples)
+    for turn in summary["turns"]:
+        if turn["reply_start"] < 20:  # within the 32-slot caches: the three methods see the same tokens
+            assert turn["streaming_nll"] == pytest.approx(turn["dense_nll"], abs=1e-5)
+            assert turn["window_nll"] == pytest.approx(turn["dense_nll"], abs=1e-5)
+    saved = json.loads((tmp_path / "out" / "dialogue.json").read_text())
+    assert saved["turns"] == summary["turns"]
+    assert "| turns |" in (tmp_path / "out" / "results.md").read_text()
+    assert "### Turn 6" in (tmp_path / "out" / "replies.md").read_text()
+    for name in ("reply_ppl.png", "decode.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_config_is_refused_before_loading(tmp_path):
+    config = dialogue_config.get_config()
+    for field, value, message in [("method", "dense,sliding", "choose from"), ("sample_turns", (400,), "sample_turns"),
+                                  ("window", 0, "window must be >= 1")]:  # fmt: skip
+        bad = config.copy_and_resolve_references()
+        bad[field] = value
+        with pytest.raises(ValueError, match=message):
+            dialogue.run(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert evaluation.METHODS  # the methods are evaluation's

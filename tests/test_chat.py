@@ -185,7 +185,7 @@ def test_smollm2_chats_past_its_cache(smollm2_gguf, tmp_path):
                    "temperature": 0.0, "script": script(tmp_path / "turns.txt", turns)})  # fmt: skip
     conversation, returned = chat.run_chat(config, tmp_path / "out", write=lambda text: None)
     records = [turn.record() for turn in returned]
-    assert len(records) == 6 and records[-1]["stream_position"] > 2 * 128
+    assert len(records) == 6 and records[-1]["stream_position"] > 1.5 * 128  # 4 + 124 slots, far past them
     assert records[0]["input_token_ids"][0] == 1  # <|im_start|> of the template's system message
     assert any(r["finish_reason"] == "end_id" and r["reply_token_ids"][-1] == 2 for r in records)  # <|im_end|>
     assert all(r["reply"].strip() for r in records)

@@ -23,6 +23,9 @@ def test_python_example_runs(smollm2_gguf, austen_text):
     assert namespace["logits"].shape == (1, 1, namespace["config"].vocab_size)
     nll = namespace["nll"]
     assert nll.shape == (1999,) and 2.0 < float(np.mean(nll)) < 4.0
+    result = namespace["result"]
+    fed = len(namespace["prompts"][0]) + len(result.tokens[0])
+    assert 1 <= len(result.tokens[0]) <= 20 and int(result.cache.next_position[0]) == fed
 
 
 def test_readme_set_up_commands_point_at_real_files():

@@ -3,28 +3,18 @@
 python -m experiments.chat --config=configs/chat.py --workdir=/tmp/streamjax/chat
 """
 
-import sys
+from absl import app
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from experiments import common
+from streamjax import chat
 
-from streamjax import chat, compile
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/chat*.py file (fields: configs/chat.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for transcript.jsonl and summary.json.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG, _WORKDIR = common.define_flags(
+    "A configs/chat*.py file (fields: configs/chat.py).", "Directory for transcript.jsonl and summary.json."
+)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    compile.enable_persistent_cache()
-    try:
-        chat.run_chat(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, OSError) as error:  # user errors: bad config, script, model or workdir
-        sys.exit(f"error: {error}")
+    common.run(argv, chat.run_chat, _CONFIG, _WORKDIR)
 
 
 if __name__ == "__main__":

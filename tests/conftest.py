@@ -119,3 +119,29 @@ def save_word_tokenizer(directory, vocab_size: int) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_byte_tokenizer(directory) -> dict[str, int]:
+    """A byte-level tokenizer without merges (ids 0..255 are the bytes, in GPT-2's byte-to-unicode order)
+    with "<|im_start|>" (256) and "<|im_end|>" (257), saved with `save_pretrained`; any text tokenizes.
+    Returns the special tokens' ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from streamjax.gguf import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
+    vocab = {alphabet[byte]: byte for byte in range(256)}
+    backend = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>"]
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>").save_pretrained(directory)
+    return {token: 256 + index for index, token in enumerate(specials)}

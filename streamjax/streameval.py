@@ -1,0 +1,323 @@
+"""StreamEval (the paper's Figure 9 and Table 7): questions answered inside an endless stream.
+
+Lines of text stream in, each holding a value (LongEval's line retrieval: `line 17: REGISTER_CONTENT is
+<38193>`); every `query_every` lines the model is asked for the value of the line `answer_distance`
+lines back, and answers inside the stream, greedily, through the same cache (no re-computation, no
+dense fallback). The stream is a conversation through the model's chat template (`streamjax.chat`):
+an instruction and a worked example first (the first tokens: the sinks), then one user turn per block
+of lines ending with the question, the model's answer the assistant's turn. An answer is correct when
+the first number in it is the line's value. StreamingLLM does not extend memory: once the line has left
+the cache (more than W tokens back), the answer cannot be recalled, which the accuracy against answer
+distance shows.
+
+`run(config, workdir)` is what `python -m experiments.streameval` calls (fields: configs/streameval.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import sys
+from typing import Any
+
+import numpy as np
+
+from streamjax import chat, evaluation, plotting, sampling, stopping
+
+METHODS = ("dense", "window", "streaming")
+INSTRUCTION = (
+    "Below is a record of lines I want you to remember. Each line begins with 'line <line index>' and contains "
+    "a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each line index, memorize its "
+    "corresponding <REGISTER_CONTENT>. When I ask for the REGISTER_CONTENT of a line, answer with its number only."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """A question after line `asked_after` (0-based) about line `line`, whose value is `expected`."""
+
+    line: int
+    asked_after: int
+    expected: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One StreamEval stream: its lines' values and its queries, and the worked example before it."""
+
+    values: list[int]
+    queries: list[Query]
+    example: tuple[str, str]  # (user message, assistant answer) shown first
+
+
+def line_text(index: int, value: int) -> str:
+    return f"line {index}: REGISTER_CONTENT is <{value}>"
+
+
+def question(index: int) -> str:
+    return f"What is the REGISTER_CONTENT in line {index}?"
+
+
+def make_stream(num_lines: int, query_every: int, answer_distance: int, seed: int) -> Stream:
+    """A seeded stream: 5-digit values, a query after every `query_every`-th line once `answer_distance`
+    lines exist before it, about the line `answer_distance` lines back (line i - answer_distance + 1
+    after line i, so the answer is `answer_distance` lines from the end of the block, counting itself)."""
+    check_stream_shape(num_lines, query_every, answer_distance)
+    rng = np.random.default_rng(seed)
+    values = rng.integers(10_000, 100_000, size=num_lines).tolist()
+    queries = [
+        Query(line=after - answer_distance + 1, asked_after=after, expected=values[after - answer_distance + 1])
+        for after in range(query_every - 1, num_lines, query_every)
+        if after - answer_distance + 1 >= 0
+    ]
+    example_values = rng.integers(10_000, 100_000, size=3).tolist()
+    example_lines = "\n".join(line_text(1000 + i, value) for i, value in enumerate(example_values))
+    example = (f"{INSTRUCTION}\n\n{example_lines}\n{question(1001)}", str(example_values[1]))
+    return Stream(values, queries, example)
+
+
+def check_stream_shape(num_lines: int, query_every: int, answer_distance: int) -> None:
+    """ValueError for a stream shape that can ask no question."""
+    if answer_distance < 1:
+        raise ValueError(f"answer_distance must be >= 1 (1: the last line before the question), got {answer_distance}")
+    if query_every < 1:
+        raise ValueError(f"query_every must be >= 1, got {query_every}")
+    if num_lines <= answer_distance:
+        raise ValueError(
+            f"num_lines ({num_lines}) must exceed answer_distance ({answer_distance}): no query could be asked"
+        )
+
+
+def turns(stream: Stream, query_every: int) -> list[tuple[str, range, Query | None]]:
+    """The user turns after the worked example: (message, its lines, its question): each block of
+    lines, ended by a question when one is due (a block ends at each question and at the last line)."""
+    asked = {query.asked_after: query for query in stream.queries}
+    blocks, start = [], 0
+    for after in range(len(stream.values)):
+        if after in asked or after == len(stream.values) - 1:
+            lines = "\n".join(line_text(i, stream.values[i]) for i in range(start, after + 1))
+            query = asked.get(after)
+            blocks.append((lines + (f"\n{question(query.line)}" if query else ""), range(start, after + 1), query))
+            start = after + 1
+    return blocks
+
+
+def first_number(text: str) -> int | None:
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+def run_stream(model: chat.ChatModel, stream: Stream, query_every: int, num_sinks: int, window: int,
+               max_tokens: int | None, sample: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Feed one stream through a cache of num_sinks + window, answering every question greedily inside
+    it; one record per query. With `max_tokens`, stop before the stream would pass that many tokens
+    (dense attention: its cache must never evict)."""
+    conversation = chat.new_conversation(model, num_sinks, window)
+    greedy = sampling.sampling_settings(1, temperature=0.0)
+    stops = stopping.stop_conditions(1, end_ids=model.end_ids, max_new_tokens=ANSWER_TOKENS)
+    conversation = _teach(model, conversation, *stream.example)
+    line_positions: dict[int, int] = {}
+    records = []
+    for message, lines, query in turns(stream, query_every):
+        position = int(conversation.cache.next_position[0])
+        inputs = chat.turn_input(model, conversation, message)
+        if max_tokens is not None and position + len(inputs) + ANSWER_TOKENS > max_tokens:
+            break
+        line_positions.update(_line_positions(model, inputs, position, lines, stream.values))
+        conversation, turn = chat.chat_turn(model, conversation, message, greedy, stops)
+        if query is not None:
+            asked_at = position + len(inputs)
+            records.append({
+                "sample": sample, "line": query.line, "asked_after": query.asked_after, "stream_position": asked_at,
+                "answer_distance_tokens": asked_at - line_positions[query.line], "expected": query.expected,
+                "generated": turn.reply, "correct": first_number(turn.reply) == query.expected,
+            })  # fmt: skip
+    return records
+
+
+ANSWER_TOKENS = 12  # an answer is a 5-digit number and the end of the turn: a few tokens
+
+
+def _teach(model: chat.ChatModel, conversation: chat.Conversation, user: str, answer: str) -> chat.Conversation:
+    """The worked example fed as a turn whose reply is the right answer (teacher-forced, then the end id)."""
+    from streamjax.decoding import prefill
+
+    inputs = chat.turn_input(model, conversation, user)
+    reply_ids = [*model.tokenizer(answer, add_special_tokens=False).input_ids, min(model.end_ids)]
+    tokens = np.asarray([inputs + reply_ids], np.int32)
+    _, cache = prefill(model.params, conversation.cache, tokens, model.config, 256, logits="none")
+    written = model.tokenizer.decode(reply_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    messages = [*conversation.messages, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return chat.Conversation(cache, messages, written)
+
+
+def _line_positions(model, inputs: list[int], position: int, lines: range, values: list[int]) -> dict[int, int]:
+    """Stream position of the first token of each line of a turn whose input starts at `position`."""
+    text = model.tokenizer.decode(inputs, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    positions = {}
+    for index in lines:
+        before = text[: text.index(line_text(index, values[index]))]
+        positions[index] = position + len(model.tokenizer(before, add_special_tokens=False).input_ids)
+    return positions
+
+
+# ---------------------------------------------------------------- the experiment (`experiments.streameval`)
+
+
+def _runs(config) -> list[dict[str, Any]]:
+    """Every (method, window, answer distance) of a config, validated before anything is loaded."""
+    methods = [name.strip() for name in str(config.method).split(",") if name.strip()]
+    if not methods or any(name not in METHODS for name in methods):
+        raise ValueError(f"method {config.method!r}: choose from {', '.join(METHODS)}")
+    windows, distances = _int_list(config.window, "window"), _int_list(config.answer_distance, "answer_distance")
+    runs = []
+    for method in methods:
+        for window in windows if method != "dense" else windows[:1]:
+            evaluation.EvalSpec("streaming", config.num_sinks, window)  # checks the cache shape
+            for distance in distances:
+                check_stream_shape(config.num_lines, config.query_every, distance)
+                cache = "all" if method == "dense" else f"{0 if method == 'window' else config.num_sinks}+{window}"
+                name = f"{method}-{cache}-d{distance}" if method != "dense" else f"dense-d{distance}"
+                runs.append({"name": name, "method": method, "window": window, "answer_distance": distance})
+    if config.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
+    return runs
+
+
+def _int_list(value, name: str) -> list[int]:
+    items = [item.strip() for item in str(value).split(",") if item.strip()]
+    try:
+        return [int(item) for item in items] or [][0]
+    except (ValueError, IndexError):
+        raise ValueError(f"{name} must be an int or comma-separated ints, got {value!r}") from None
+
+
+def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Every run of the config over `num_samples` seeded streams; per run `queries.jsonl` and
+    `summary.json`, then `results.md` and the plots in `workdir`."""
+    runs = _runs(config)
+    workdir = pathlib.Path(workdir).expanduser()
+    model = chat.load_chat_model(config.model, config.dtype, template_file=config.chat_template or None)
+    _check_windows(model, config, runs)
+    dense_tokens = min(config.dense_max_tokens, model.config.max_position_embeddings)
+    summaries = []
+    for spec in runs:
+        run_dir = workdir / spec["name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        records = []
+        for sample in range(config.num_samples):
+            stream = make_stream(config.num_lines, config.query_every, spec["answer_distance"], config.seed + sample)
+            sinks, window, limit = _cache(spec, config.num_sinks, dense_tokens)
+            records += run_stream(model, stream, config.query_every, sinks, window, limit, sample)
+            _log(f"{spec['name']} sample {sample}: {sum(r['correct'] for r in records)}/{len(records)} correct so far")
+        (run_dir / "queries.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        summary = {
+            **spec, "queries": len(records),
+            "accuracy": float(np.mean([r["correct"] for r in records])) if records else None,
+            "cache": spec["name"].split("-")[1] if spec["method"] != "dense" else f"all (up to {dense_tokens})",
+            "max_stream_position": max((r["stream_position"] for r in records), default=0),
+        }  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summaries.append(summary)
+    report = {"config": config.to_dict(), "made_by": plotting.provenance(), "runs": summaries}
+    (workdir / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+    (workdir / "results.md").write_text(results_table(summaries) + "\n")
+    plot(workdir, summaries, report["made_by"])
+    print(results_table(summaries), flush=True)
+    return report
+
+
+def _check_windows(model: chat.ChatModel, config, runs: list[dict]) -> None:
+    """ValueError for a run whose recent window cannot hold one line with its question and the answer."""
+    text = f"{line_text(99_999, 99_999)}\n{question(99_999)}"
+    needed = len(model.tokenizer(text, add_special_tokens=False).input_ids) + ANSWER_TOKENS
+    for spec in runs:
+        window = spec["window"] + (config.num_sinks if spec["method"] == "window" else 0)
+        if spec["method"] != "dense" and window < needed:
+            raise ValueError(
+                f"run {spec['name']}: a window of {window} tokens is too small to hold one line with its question "
+                f"and the answer ({needed} tokens with this tokenizer); use a window of at least {needed}"
+            )
+
+
+def _cache(spec: dict, num_sinks: int, dense_tokens: int) -> tuple[int, int, int | None]:
+    """(sinks, window, token limit) of a run's cache."""
+    if spec["method"] == "dense":
+        return 0, dense_tokens, dense_tokens
+    if spec["method"] == "window":
+        return 0, num_sinks + spec["window"], None
+    return num_sinks, spec["window"], None
+
+
+def results_table(summaries: list[dict]) -> str:
+    lines = ["| run | method | cache | answer distance (lines) | queries | accuracy | stream reached (tokens) |",
+             "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for s in summaries:
+        accuracy = "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
+        lines.append(f"| {s['name']} | {s['method']} | {s['cache']} | {s['answer_distance']} | {s['queries']} "
+                     f"| {accuracy} | {s['max_stream_position']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _records(workdir: pathlib.Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (workdir / name / "queries.jsonl").read_text().splitlines()]
+
+
+def plot(workdir: pathlib.Path, summaries: list[dict], made_by: str) -> None:
+    """accuracy_vs_position.png (Figure 9: accuracy in bins of stream position, each run at the config's
+    first answer distance) and accuracy_vs_distance.png (Table 7: accuracy against the answer distance
+    in tokens, per method and cache)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first = summaries[0]["answer_distance"]
+    figure = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for summary in (s for s in summaries if s["answer_distance"] == first):
+        records = _records(workdir, summary["name"])
+        if not records:
+            continue
+        positions = np.array([r["stream_position"] for r in records])
+        edges = np.linspace(0, positions.max() + 1, 9)
+        bins = np.digitize(positions, edges) - 1
+        centres = [(edges[b] + edges[b + 1]) / 2 for b in range(8) if (bins == b).any()]
+        accuracy = [
+            np.mean([r["correct"] for r, rb in zip(records, bins) if rb == b]) for b in range(8) if (bins == b).any()
+        ]
+        axes.plot(centres, accuracy, marker="o", label=f"{summary['method']} ({summary['cache']})")
+    axes.set_xlabel("stream position of the question (tokens)")
+    axes.set_ylabel(f"accuracy (answer {first} lines back)")
+    axes.set_ylim(-0.03, 1.03)
+    _finish(figure, axes, workdir / "accuracy_vs_position.png", made_by)
+    figure = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for summary in summaries:
+        records = _records(workdir, summary["name"])
+        if records:
+            distance = float(np.mean([r["answer_distance_tokens"] for r in records]))
+            groups.setdefault(f"{summary['method']} ({summary['cache']})", []).append((distance, summary["accuracy"]))
+    for label, points in groups.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xlabel("answer distance (tokens between the line and the question, mean)")
+    axes.set_ylabel("accuracy")
+    axes.set_ylim(-0.03, 1.03)
+    _finish(figure, axes, workdir / "accuracy_vs_distance.png", made_by)
+
+
+def _finish(figure, axes, path: pathlib.Path, made_by: str) -> None:
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    plotting.add_footer(figure, made_by)
+    figure.savefig(os.fspath(path))
+
+
+def _log(message: str) -> None:
+    print(f"[streameval] {message}", file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ LLAMA_VARIANTS = {
     "llama_rope_llama3": dict(rope_scaling=LLAMA3_SCALING, rope_theta=1000.0),
 }
 VARIANTS = sorted(LLAMA_VARIANTS) + sorted(FAMILY_VARIANTS)
-TOLERANCE = 1e-4
+TOLERANCE = 2.9e-5  # about 3x the largest difference measured, 9.5e-6 (the logits reach 8)
 
 
 @functools.cache
@@ -84,4 +84,4 @@ def test_the_reference_really_evicts(variant):
     runs = [reference_logits(variant, num_sinks, 0) for num_sinks in (0, 1, 4)]
     assert all(np.abs(a - b)[WINDOW + 5 :].max() > 1e-2 for a, b in zip(runs, runs[1:]))
     # ... and agree while nothing is evicted (the first WINDOW + 1 tokens see everything before them).
-    assert all(np.abs(a - b)[: WINDOW + 1].max() < 1e-9 for a, b in zip(runs, runs[1:]))
+    assert all(np.array_equal(a[: WINDOW + 1], b[: WINDOW + 1]) for a, b in zip(runs, runs[1:]))

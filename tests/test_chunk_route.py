@@ -8,7 +8,6 @@ the check on SmolLM2 over 5,000 tokens of Austen at the paper's 4 + 1020.
 from __future__ import annotations
 
 import functools
-import time
 
 import numpy as np
 import pytest
@@ -30,7 +29,8 @@ CASES = {
     ("alibi", 1, 8): (7,),
     ("alibi", 0, 16): (7,),
 }
-TOLERANCE = 1e-4
+TOLERANCE = 6.4e-6  # about 3x the largest difference measured on the tiny models, 2.1e-6
+SMOLLM2_TOLERANCE = 1e-4  # NLL over 1,800 SmolLM2 predictions; measured 7.3e-5
 
 
 def random_hf_mpt(seed: int = 0, std: float = 0.2):
@@ -105,20 +105,18 @@ def test_batched_prefill_equals_batched_token_route(family):
 
 @pytest.mark.real_assets
 def test_smollm2_chunk_route_equals_token_route_on_austen(smollm2_gguf, austen_text):
-    """5,000 tokens of Austen through SmolLM2 at 4 + 1020: chunks of 512 against one token per pass."""
+    """1,800 tokens of Austen through SmolLM2 at 4 + 1020: chunks of 512 (the last one partial) against one
+    token per pass, past the cache (776 predictions after its first eviction) and over four chunks."""
     from streamjax import data, loading
 
     config, params, tokenizer = loading.load_model("smollm2")
-    tokens = data.load_corpus_tokens("austen", tokenizer, num_tokens=5000)
-    assert tokens.shape == (5000,)
-    seconds = {}
+    tokens = data.load_corpus_tokens("austen", tokenizer, num_tokens=1800)
+    assert tokens.shape == (1800,)
     nll = {}
     for route in ("chunk", "token"):
-        start = time.perf_counter()
         nll[route] = evaluation.evaluate(params, config, tokens, evaluation.EvalSpec(route=route, chunk_size=512))
-        seconds[route] = time.perf_counter() - start
-    print(
-        f"SmolLM2, 5,000 Austen tokens at 4+1020: chunk route {seconds['chunk']:.1f} s, token {seconds['token']:.1f} s"
-    )
-    np.testing.assert_allclose(nll["chunk"], nll["token"], atol=TOLERANCE, rtol=0)
+    difference = np.abs(nll["chunk"] - nll["token"])
+    print(f"SmolLM2 chunk against token route: largest NLL difference {difference.max():.2e}, past the cache "
+          f"{difference[1024:].max():.2e}")  # fmt: skip
+    np.testing.assert_allclose(nll["chunk"], nll["token"], atol=SMOLLM2_TOLERANCE, rtol=0)
     assert 1.0 < nll["chunk"].mean() < 5.0  # a real language model on English text

@@ -51,10 +51,10 @@ def test_a_run_writes_its_tables_and_streaming_equals_dense_while_nothing_is_evi
     for method in ("streaming", "window"):
         samples = summary["methods"][method]["samples"]
         assert [s["turn"] for s in samples] == [1, 6, 11] and all(s["decode_ms_per_token"] > 0 for s in samples)
-    for turn in summary["turns"]:
-        if turn["reply_start"] < 20:  # within the 32-slot caches: the three methods see the same tokens
-            assert turn["streaming_nll"] == pytest.approx(turn["dense_nll"], abs=1e-5)
-            assert turn["window_nll"] == pytest.approx(turn["dense_nll"], abs=1e-5)
+    early = [turn for turn in summary["turns"] if turn["reply_start"] < 20]  # within the 32-slot caches
+    difference = max(abs(t[f"{method}_nll"] - t["dense_nll"]) for t in early for method in ("streaming", "window"))
+    print(f"largest difference of a reply's mean NLL to dense attention before any eviction: {difference:.1e}")
+    assert early and difference < 1.5e-6  # measured 4.8e-7
     saved = json.loads((tmp_path / "out" / "dialogue.json").read_text())
     assert saved["turns"] == summary["turns"]
     assert "| turns |" in (tmp_path / "out" / "results.md").read_text()

@@ -66,9 +66,9 @@ def test_a_family_registered_through_the_protocol_matches_its_reference(toy):
     cache = streamjax.init_cache(config, 2, num_sinks=2, window=30)  # holds every token: dense attention
     logits = streamjax.forward(params, cache, TOKENS, config).logits
     for row in range(2):
-        np.testing.assert_allclose(logits[row], dense_reference(config, params, TOKENS[row]), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(logits[row], dense_reference(config, params, TOKENS[row]), atol=6.7e-6, rtol=0)
     no_cache = streamjax.forward(params, None, TOKENS, config).logits  # a plain causal pass
-    np.testing.assert_allclose(no_cache, logits, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(no_cache, logits, atol=4.8e-6, rtol=0)  # measured 2.2e-6 and 1.6e-6
 
 
 def test_a_registered_family_loads_by_its_own_tensor_rules(toy):

@@ -257,4 +257,4 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2_gguf, austen_text):
         expected = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     cache = streamjax.init_cache(config, 1, num_sinks=4, window=1020)
     logits, _ = streamjax.prefill(params, cache, tokens, config, chunk_size=64)
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=5.5e-4, rtol=0)  # measured 1.8e-4

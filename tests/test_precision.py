@@ -13,7 +13,7 @@ from streamjax import evaluation
 from streamjax.model import jitted_forward
 from streamjax.weights import convert_tensors
 
-HALF_TOLERANCE = {"bfloat16": 0.03, "float16": 0.03}  # NLL, absolute
+HALF_TOLERANCE = {"bfloat16": 0.016, "float16": 0.0018}  # NLL, absolute: 3x the measured 5.1e-3 and 6.0e-4
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ MODELS = {
 }  # fmt: skip
 CASES = ["even/2x4", "even/1x8", "even/4x2", "odd/2x4"]
 BATCH, LENGTH, TEXT_LENGTH, NUM_SINKS, WINDOW, CHUNK = 4, 24, 25, 2, 6, 6  # every chunk is CHUNK long
-TOLERANCE = 1e-5  # max |sharded - single| / max |single|, float32
+TOLERANCE = 1.3e-6  # max |sharded - single| / max |single|, float32: about 3x the measured 4.4e-7
+BF16_TOLERANCE = 2.4e-2  # bfloat16 logits: about 3x the measured 8.1e-3
 
 
 # ---------------------------------------------------------------- what the 8-device child measures
@@ -166,7 +167,8 @@ def test_largest_relative_difference_to_a_single_device_run(measured):
 def test_bfloat16_sharded_run_matches_single_device_and_keeps_dtypes(measured, case):
     result = measured[case]["bf16"]
     assert result["dtypes"] == ["float32", "bfloat16"]  # logits, cache
-    assert result["logits"] < 3e-2  # bfloat16 partial sums are added in another order across shards
+    print(f"{case}: largest relative difference of bfloat16 sharded logits: {result['logits']:.1e}")
+    assert result["logits"] < BF16_TOLERANCE  # bfloat16 partial sums are added in another order across shards
 
 
 @pytest.mark.parametrize("case", CASES)

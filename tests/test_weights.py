@@ -29,7 +29,7 @@ def test_saved_directory_loads_to_the_same_logits(model, tmp_path, shard_size):
     model.save_pretrained(tmp_path, **kwargs)
     config, params = streamjax.load_hf_directory(tmp_path)
     logits, _ = streamjax.prefill(params, streamjax.init_cache(config, 1, 4, 60), TOKENS, config)
-    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=8.1e-7, rtol=0)  # measured 2.7e-7
 
 
 def test_sharded_save_really_has_several_files(model, tmp_path):
@@ -57,7 +57,7 @@ def test_bfloat16_load(model, tmp_path):
     cache = streamjax.init_cache(config, 1, 4, 60, dtype=jnp.bfloat16)
     logits, _ = streamjax.prefill(params, cache, TOKENS, config)
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=0.1, rtol=0)
+    np.testing.assert_allclose(logits, hf_logits(model, TOKENS), atol=0.022, rtol=0)  # measured 7.2e-3
 
 
 def _write_checkpoint(directory, hf_config: dict, tensors: dict):

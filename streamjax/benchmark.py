@@ -52,7 +52,9 @@ Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_
                  timing, tokens_per_s, flops_per_token, flops_per_s, matmul_fraction}, speedup,
                  compared_predictions, max_abs_nll_difference, max_abs_nll_difference_past_cache}
     generation   {num_sinks, window, block_steps, step, batch_1, batch_<n>: {per_step_s, median_s,
-                 tokens_per_s}, over_step, batch_speedup}
+                 tokens_per_s}, over_step, batch_speedup, weight_matmuls {batch_1_s, batch_<n>_s,
+                 ratio} (every layer's weight matmuls alone at 1 and n rows: what the backend's matrix
+                 multiply charges for more rows, the ceiling on batch_speedup)}
     long_stream  {num_sinks, window, state, "<position>": {position, timing, memory}, late_over_early,
                  memory_peak_ratio, generation: {block_steps, "<position>": {per_token_s,
                  phase_peak_bytes}, late_over_early, memory_peak_ratio}} (generation from the stream's
@@ -533,7 +535,7 @@ def _generation_early_late(params, config: ModelConfig, bench, kept: dict) -> di
     (`decode_block`, greedy, no limit), timed alternately for `generation_rounds` rounds."""
     states, times, memory = {}, {position: [] for position in kept}, {}
     for position, cache in kept.items():
-        states[position] = _generation_state(params, config, jax.tree.map(jnp.copy, cache))
+        states[position] = _generation_state(params, config, jax.tree.map(jnp.copy, cache), bench.generation_block)
     for _ in range(bench.generation_rounds):
         for position in kept:
             with sampled_memory() as runtime:
@@ -549,13 +551,14 @@ def _generation_early_late(params, config: ModelConfig, bench, kept: dict) -> di
     }
 
 
-def _generation_state(params, config: ModelConfig, cache: SinkCache) -> generation.DecodeState:
-    """A greedy generation without limit, started from `cache` with one token, its first block run (compiled)."""
+def _generation_state(params, config: ModelConfig, cache: SinkCache, steps: int) -> generation.DecodeState:
+    """A greedy generation without limit, started from `cache` with one token, after one block of `steps`
+    steps (so the program the timed blocks run is compiled before they start)."""
     batch = cache.batch_size
     settings = sampling.sampling_settings(batch, temperature=0.0)
     stops = stopping.stop_conditions(batch, max_new_tokens=None)
     state, _, _ = generation.start(params, cache, [[1]] * batch, config, settings, stops, chunk_size=1)
-    return generation.decode_block(params, state, config, settings, stops, 2)[0]
+    return generation.decode_block(params, state, config, settings, stops, steps)[0]
 
 
 def _time_block(params, config: ModelConfig, state, steps: int) -> tuple[generation.DecodeState, float]:
@@ -578,7 +581,7 @@ def generation_speed(params: dict, config: ModelConfig, bench) -> dict[str, Any]
     step_cache = filled_cache(config, num_sinks, window, num_sinks + window, dtype, seed=1)
     _, step_cache = time_decode(params, config, step_cache, repeats=1, warmup=1)
     states = {batch: _generation_state(params, config, filled_cache(config, num_sinks, window, num_sinks + window,
-                                                                  dtype, batch_size=batch, seed=2))
+                                                                  dtype, batch_size=batch, seed=2), steps)
               for batch in (1, bench.generation_batch)}  # fmt: skip
     times: dict[str, list[float]] = {"step": [], "batch_1": [], f"batch_{bench.generation_batch}": []}
     _log(f"generation: batch 1 and {bench.generation_batch} against the bare step, {bench.generation_rounds} rounds")
@@ -596,6 +599,36 @@ def generation_speed(params: dict, config: ModelConfig, bench) -> dict[str, Any]
     result["batch_speedup"] = (
         result[f"batch_{bench.generation_batch}"]["tokens_per_s"] / result["batch_1"]["tokens_per_s"]
     )
+    result["weight_matmuls"] = _weight_matmul_cost(params, config, (1, bench.generation_batch), bench.repeats)
+    return result
+
+
+def _weight_matmuls(params: dict, x: jax.Array) -> jax.Array:
+    """Every layer's weight matrices (each leaf of 2 or more dimensions, as a matrix whose rows are
+    the hidden width where its first dimension is, else whose columns are its last dimension) applied
+    to `x` [B, rows]: the decode step's weight matmuls alone, with no attention and no cache."""
+    hidden = x.shape[1]
+    total = jnp.zeros((), x.dtype)
+    for layer in params["layers"]:
+        for weight in jax.tree.leaves(layer):
+            if weight.ndim < 2:
+                continue
+            matrix = weight.reshape(hidden, -1) if weight.shape[0] == hidden else weight.reshape(-1, weight.shape[-1])
+            rows = x if matrix.shape[0] == hidden else jnp.ones((x.shape[0], matrix.shape[0]), x.dtype)
+            total = total + jnp.sum(rows @ matrix)
+    return total
+
+
+def _weight_matmul_cost(params: dict, config: ModelConfig, batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Median seconds of the layers' weight matmuls alone (`_weight_matmuls`, one jitted program) at
+    each batch size: what the backend's matrix multiply charges for more rows over the same weights."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    result: dict[str, Any] = {}
+    for batch in batches:
+        x = jnp.ones((batch, config.hidden_size), dtype)
+        compiled = jax.jit(_weight_matmuls).lower(params, x).compile()
+        result[f"batch_{batch}_s"] = time_calls(lambda: compiled(params, x), repeats, warmup=2)["median_s"]
+    result["ratio"] = result[f"batch_{max(batches)}_s"] / result[f"batch_{min(batches)}_s"]
     return result
 
 

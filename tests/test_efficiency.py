@@ -135,6 +135,7 @@ def test_small_config_runs_end_to_end(tmp_path):
     generation = results["generation"]
     assert generation["block_steps"] == 8 and len(generation["batch_8"]["per_step_s"]) == 2
     assert generation["over_step"] > 0 and generation["batch_speedup"] > 0
+    assert generation["weight_matmuls"]["batch_8_s"] > 0 and generation["weight_matmuls"]["ratio"] > 0
     assert {"100", "3000", "late_over_early", "memory_peak_ratio"} <= set(results["long_stream"]["generation"])
     assert len(results["targets"]) == 10 and all(isinstance(target["met"], bool) for target in results["targets"])
     for name in ("latency_vs_cache.png", "memory_vs_cache.png", "route_throughput.png"):

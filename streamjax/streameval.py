@@ -6,7 +6,8 @@ lines back, and answers inside the stream, greedily, through the same cache (no 
 dense fallback). The stream is a conversation through the model's chat template (`streamjax.chat`):
 an instruction and a worked example first (the first tokens: the sinks), then one user turn per block
 of lines ending with the question, the model's answer the assistant's turn. An answer is correct when
-the first number in it is the line's value. StreamingLLM does not extend memory: once the line has left
+the last number in it is the line's value (as LongEval scores: "The REGISTER_CONTENT in line 17 is
+<38193>" gives 38193). StreamingLLM does not extend memory: once the line has left
 the cache (more than W tokens back), the answer cannot be recalled, which the accuracy against answer
 distance shows.
 
@@ -105,9 +106,10 @@ def turns(stream: Stream, query_every: int) -> list[tuple[str, range, Query | No
     return blocks
 
 
-def first_number(text: str) -> int | None:
-    match = re.search(r"\d+", text)
-    return int(match.group()) if match else None
+def answered_value(text: str) -> int | None:
+    """The value an answer gives: its last number (None without one)."""
+    numbers = re.findall(r"\d+", text)
+    return int(numbers[-1]) if numbers else None
 
 
 def run_stream(model: chat.ChatModel, stream: Stream, query_every: int, num_sinks: int, window: int,
@@ -133,12 +135,15 @@ def run_stream(model: chat.ChatModel, stream: Stream, query_every: int, num_sink
             records.append({
                 "sample": sample, "line": query.line, "asked_after": query.asked_after, "stream_position": asked_at,
                 "answer_distance_tokens": asked_at - line_positions[query.line], "expected": query.expected,
-                "generated": turn.reply, "correct": first_number(turn.reply) == query.expected,
+                "generated": turn.reply, "answered": answered_value(turn.reply),
+                "correct": answered_value(turn.reply) == query.expected,
             })  # fmt: skip
     return records
 
 
-ANSWER_TOKENS = 12  # an answer is a 5-digit number and the end of the turn: a few tokens
+# An answer is a 5-digit number and the end of the turn, or a sentence around it ("The REGISTER_CONTENT
+# in line 17 is <38193>.", 19 SmolLM2 tokens): room for the sentence, cut short of rambling.
+ANSWER_TOKENS = 24
 
 
 def _teach(model: chat.ChatModel, conversation: chat.Conversation, user: str, answer: str) -> chat.Conversation:

@@ -34,6 +34,15 @@ def test_the_stream_is_seeded_and_every_answer_is_its_line_s_value():
 
 
 @pytest.mark.parametrize(
+    ("reply", "value"),
+    [("38193", 38193), ("The REGISTER_CONTENT in line 17 is <38193>.", 38193), ("line 17: 38193", 38193),
+     ("The REGISTER_CONTENT in line 17 is", 17), ("I do not know.", None)],
+)  # fmt: skip
+def test_an_answer_gives_its_last_number(reply, value):
+    assert streameval.answered_value(reply) == value
+
+
+@pytest.mark.parametrize(
     "shape, message",
     [((20, 10, 0), "answer_distance must be >= 1"), ((20, 0, 5), "query_every must be >= 1"),
      ((20, 10, 20), "must exceed answer_distance")],
@@ -95,7 +104,7 @@ def test_the_experiment_writes_complete_records_and_their_accuracy(tiny, tmp_pat
     for run in report["runs"]:
         records = [json.loads(line) for line in (tmp_path / run["name"] / "queries.jsonl").read_text().splitlines()]
         fields = {"sample", "line", "asked_after", "stream_position", "answer_distance_tokens", "expected",
-                  "generated", "correct"}  # fmt: skip
+                  "generated", "answered", "correct"}  # fmt: skip
         assert all(set(record) == fields for record in records) and {r["sample"] for r in records} == {0, 1}
         assert run["accuracy"] == np.mean([r["correct"] for r in records])
         assert json.loads((tmp_path / run["name"] / "summary.json").read_text()) == run
@@ -128,4 +137,4 @@ def test_smollm2_answers_a_few_questions_inside_the_stream(smollm2_gguf, tmp_pat
     records = [json.loads(line) for line in (tmp_path / run["name"] / "queries.jsonl").read_text().splitlines()]
     assert run["queries"] == len(records) == 4 and run["accuracy"] == np.mean([r["correct"] for r in records])
     assert records[-1]["stream_position"] > 256  # the stream has outgrown the 4 + 252 cache
-    assert all(r["correct"] == (streameval.first_number(r["generated"]) == r["expected"]) for r in records)
+    assert all(r["correct"] == (streameval.answered_value(r["generated"]) == r["expected"]) for r in records)

@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -137,7 +137,7 @@ def chat_turn(
     comes), and return the conversation after it (its cache donated) and the turn's record."""
     chat_template.validate_messages([{"role": "user", "content": user_message}])
     inputs = turn_input(model, conversation, user_message)
-    printer = _TextPrinter(model.tokenizer, on_text)
+    printer = _TextPrinter(model.tokenizer, on_text, hidden_ids=model.end_ids)
     result = generation.generate(
         model.params, conversation.cache, [inputs], model.config, settings, stops,
         chunk_size=chunk_size, block_size=block_size, on_tokens=printer,
@@ -175,15 +175,16 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 class _TextPrinter:
     """`generate`'s `on_tokens` for one stream: hands `on_text` the reply's new text block by block,
-    holding back an incomplete UTF-8 character until its last byte arrives."""
+    holding back an incomplete UTF-8 character until its last byte arrives. `hidden_ids` (the end
+    ids, which end the reply) are not shown, so the text shown is the reply's content."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text, self.ids, self.shown = tokenizer, on_text, [], 0
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, hidden_ids: Collection[int] = ()):
+        self.tokenizer, self.on_text, self.hidden, self.ids, self.shown = tokenizer, on_text, hidden_ids, [], 0
 
     def __call__(self, new: list[np.ndarray]) -> None:
         if self.on_text is None:
             return
-        self.ids.extend(new[0].tolist())
+        self.ids.extend(token for token in new[0].tolist() if token not in self.hidden)
         text = _decode(self.tokenizer, self.ids).rstrip("\ufffd")
         if len(text) > self.shown:
             self.on_text(text[self.shown :])

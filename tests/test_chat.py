@@ -90,6 +90,16 @@ def test_a_scripted_chat_writes_a_transcript_that_accounts_for_the_cache(tiny, t
     assert summary["turns"] == 5 and summary["tokens_generated"] == sum(len(r["reply_token_ids"]) for r in records)
 
 
+def test_the_text_shown_as_it_streams_is_the_reply_without_its_end_id(tiny):
+    config = tiny_config(tiny)
+    model = chat.load_chat_model(config.model, template_file=config.chat_template)
+    shown: list[str] = []
+    printer = chat._TextPrinter(model.tokenizer, shown.append, hidden_ids=model.end_ids)
+    printer([np.array([5, 6])])
+    printer([np.array([7, 2])])  # the reply ends with the end id 2
+    assert "".join(shown) == model.tokenizer.decode([5, 6, 7]) and len(shown) == 2
+
+
 def test_typed_commands_reset_report_and_quit(tiny, tmp_path):
     written: list[str] = []
     lines = ["w5 w6", "/stats", "/reset", "w7", "/quit", "w8"]

@@ -368,7 +368,7 @@ def decode_vs_cache_size(params: dict, config: ModelConfig, bench, bandwidth: fl
     `bandwidth` (bytes/s) and `matmul` (FLOP/s) are the machine's limits each row is compared with.
     """
     dtype = jax.tree.leaves(params)[0].dtype
-    methods = {method: [] for method in _parse_methods(bench.methods)}
+    methods = {method: [] for method in evaluation.parse_methods(bench.methods, METHODS)}
     for size in bench.cache_sizes:  # methods side by side at each size, so drift hits them alike
         for method, rows in methods.items():
             _log(f"decode: {method} at cache size {size}")
@@ -399,14 +399,6 @@ def _decode_row(params, config: ModelConfig, bench, method: str, size: int, dtyp
         flops_per_token=flops_per_token(params, config, keys_per_query=size + 1),
     )
     return row
-
-
-def _parse_methods(methods: str) -> list[str]:
-    names = [name.strip() for name in methods.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(METHODS))
-    if unknown or not names:
-        raise ValueError(f"decode methods {unknown or methods!r} are not among {', '.join(METHODS)}")
-    return names
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,10 +114,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_config(config) -> list[str]:
-    methods = [name.strip() for name in config.method.split(",") if name.strip()]
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"method {config.method!r}: choose from {', '.join(METHODS)}")
+    methods = evaluation.parse_methods(config.method, METHODS)
     if config.num_turns < 2 or config.max_message_chars < 20:
         raise ValueError("num_turns must be >= 2 and max_message_chars >= 20")
     evaluation.EvalSpec("streaming", config.num_sinks, config.window, "chunk", config.chunk_size)

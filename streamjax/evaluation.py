@@ -29,6 +29,20 @@ METHODS = ("dense", "window", "streaming", "recompute")
 ROUTES = ("chunk", "token")
 
 
+def parse_methods(method: str, allowed: tuple[str, ...] = METHODS) -> list[str]:
+    """The methods of a comma-separated list such as "dense,window,streaming", each one of `allowed`
+    and none twice; ValueError naming the problem otherwise."""
+    methods = [name.strip() for name in str(method).split(",") if name.strip()]
+    if not methods:
+        raise ValueError(f"method {method!r} names no method; choose from {', '.join(allowed)}")
+    unknown = [name for name in methods if name not in allowed]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"method {method!r} lists a method twice")
+    return methods
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
     """What to evaluate: a method, the cache budget S + W and how tokens are fed."""

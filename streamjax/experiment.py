@@ -88,19 +88,6 @@ class Run:
     sink_prefix_repeat: int = 1
 
 
-def parse_methods(method: str) -> list[str]:
-    """Methods of a comma-separated list such as "dense,window,recompute,streaming"."""
-    methods = [name.strip() for name in str(method).split(",") if name.strip()]
-    if not methods:
-        raise ValueError(f"method {method!r} names no method; choose from {', '.join(evaluation.METHODS)}")
-    unknown = [name for name in methods if name not in evaluation.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(evaluation.METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"method {method!r} lists a method twice")
-    return methods
-
-
 def plan_runs(config) -> list[Run]:
     """The runs of a config, validated (methods, cache shapes, variant fields) before any work."""
     variants = list(config.variants) or [{}]
@@ -113,7 +100,7 @@ def plan_runs(config) -> list[Run]:
         if fields["sink_prefix_repeat"] < 1:
             raise ValueError(f"sink_prefix_repeat must be >= 1, got {fields['sink_prefix_repeat']}")
         variant_name = variant.get("name") or f"{fields['num_sinks']}+{fields['window']}"
-        for method in parse_methods(config.method):
+        for method in evaluation.parse_methods(config.method):
             spec = evaluation.EvalSpec(method, fields["num_sinks"], fields["window"], config.route, config.chunk_size)
             name = f"{method}-{variant_name}" if config.variants else method
             runs.append(Run(name, spec, fields["sink_prefix"], fields["sink_prefix_repeat"]))

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from streamjax import chat, evaluation, plotting, sampling, stopping
+from streamjax import chat, decoding, evaluation, plotting, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
 INSTRUCTION = (
@@ -148,12 +148,10 @@ ANSWER_TOKENS = 24
 
 def _teach(model: chat.ChatModel, conversation: chat.Conversation, user: str, answer: str) -> chat.Conversation:
     """The worked example fed as a turn whose reply is the right answer (teacher-forced, then the end id)."""
-    from streamjax.decoding import prefill
-
     inputs = chat.turn_input(model, conversation, user)
     reply_ids = [*model.tokenizer(answer, add_special_tokens=False).input_ids, min(model.end_ids)]
     tokens = np.asarray([inputs + reply_ids], np.int32)
-    _, cache = prefill(model.params, conversation.cache, tokens, model.config, 256, logits="none")
+    _, cache = decoding.prefill(model.params, conversation.cache, tokens, model.config, 256, logits="none")
     written = model.tokenizer.decode(reply_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     messages = [*conversation.messages, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return chat.Conversation(cache, messages, written)
@@ -174,9 +172,7 @@ def _line_positions(model, inputs: list[int], position: int, lines: range, value
 
 def _runs(config) -> list[dict[str, Any]]:
     """Every (method, window, answer distance) of a config, validated before anything is loaded."""
-    methods = [name.strip() for name in str(config.method).split(",") if name.strip()]
-    if not methods or any(name not in METHODS for name in methods):
-        raise ValueError(f"method {config.method!r}: choose from {', '.join(METHODS)}")
+    methods = evaluation.parse_methods(config.method, METHODS)
     windows, distances = _int_list(config.window, "window"), _int_list(config.answer_distance, "answer_distance")
     runs = []
     for method in methods:
@@ -184,9 +180,10 @@ def _runs(config) -> list[dict[str, Any]]:
             evaluation.EvalSpec("streaming", config.num_sinks, window)  # checks the cache shape
             for distance in distances:
                 check_stream_shape(config.num_lines, config.query_every, distance)
-                cache = "all" if method == "dense" else f"{0 if method == 'window' else config.num_sinks}+{window}"
-                name = f"{method}-{cache}-d{distance}" if method != "dense" else f"dense-d{distance}"
-                runs.append({"name": name, "method": method, "window": window, "answer_distance": distance})
+                cache = None if method == "dense" else f"{0 if method == 'window' else config.num_sinks}+{window}"
+                name = f"{method}-{cache}-d{distance}" if cache else f"dense-d{distance}"
+                runs.append({"name": name, "method": method, "window": window, "answer_distance": distance,
+                             "cache": cache})  # fmt: skip
     if config.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
     return runs
@@ -194,10 +191,9 @@ def _runs(config) -> list[dict[str, Any]]:
 
 def _int_list(value, name: str) -> list[int]:
     items = [item.strip() for item in str(value).split(",") if item.strip()]
-    try:
-        return [int(item) for item in items] or [][0]
-    except (ValueError, IndexError):
-        raise ValueError(f"{name} must be an int or comma-separated ints, got {value!r}") from None
+    if not items or not all(item.lstrip("-").isdigit() for item in items):
+        raise ValueError(f"{name} must be an int or comma-separated ints, got {value!r}")
+    return [int(item) for item in items]
 
 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -222,7 +218,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         summary = {
             **spec, "queries": len(records),
             "accuracy": float(np.mean([r["correct"] for r in records])) if records else None,
-            "cache": spec["name"].split("-")[1] if spec["method"] != "dense" else f"all (up to {dense_tokens})",
+            "cache": spec["cache"] or f"all (up to {dense_tokens})",
             "max_stream_position": max((r["stream_position"] for r in records), default=0),
         }  # fmt: skip
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -5,8 +5,9 @@ A corpus spec is one of:
 - "mobydick": Moby Dick (`streamjax.assets`);
 - a path to a text file (read as UTF-8);
 - a PG19 directory, recognised by its `test/*.txt` books, of which those are used;
-- any other directory: its `*.txt` files (not recursive).
-Several files are read in sorted file-name order and joined with "\\n\\n".
+- any other directory: its `*.txt` files (not recursive);
+- several of these joined by "+", read in that order, e.g. "austen+mobydick" (the long stream).
+Several files are read in sorted file-name order (a directory's) and joined with "\\n\\n".
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _SAFE_CUT = re.compile(r"(?<=\S)\n\n")
 
 def corpus_files(spec: str = "austen") -> list[pathlib.Path]:
     """The text files a corpus spec names, in reading order."""
+    if "+" in spec and not pathlib.Path(spec).expanduser().exists():
+        return [file for part in spec.split("+") for file in corpus_files(part)]
     if spec in NAMED_CORPORA:
         return [NAMED_CORPORA[spec]()]
     path = pathlib.Path(spec).expanduser()

@@ -58,10 +58,13 @@ def get_config(arg=None):
     # nor (without a BOS) that of the first text token: the scored targets are those of a run without it.
     config.sink_prefix = ""
     config.sink_prefix_repeat = 1
-    # Optional list of dicts, each a variant of the fields (name, num_sinks, window, sink_prefix,
-    # sink_prefix_repeat); every method is run for every variant, as run "<method>-<name>". Empty:
-    # one variant made of the fields above, runs named by the method alone.
+    # Optional list of dicts, each a variant of the fields (name, method, num_sinks, window, num_tokens
+    # (at most config.num_tokens), sink_prefix, sink_prefix_repeat); each method of the variant's
+    # `method` is run, as run "<method>-<name>". Empty: one variant made of the fields above, runs
+    # named by the method alone.
     config.variants = []
-    # Plot: log PPL as the mean NLL of the last plot_window predictions, or cumulative (0).
-    config.plot_window = 0
+    # log_ppl.png: log PPL as the cumulative mean NLL and, beside it, the mean of the last plot_window.
+    config.plot_window = 256
+    # segments.json / segments.png: log PPL, ms per token and resident memory every segment_tokens predictions.
+    config.segment_tokens = 1024
     return config

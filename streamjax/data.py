@@ -3,11 +3,17 @@
 A corpus spec is one of:
 - "austen" (default): Jane Austen's six novels, Pride and Prejudice first (`streamjax.assets`);
 - "mobydick": Moby Dick (`streamjax.assets`);
-- a path to a text file (read as UTF-8);
+- a path to a text file;
 - a PG19 directory, recognised by its `test/*.txt` books, of which those are used;
 - any other directory: its `*.txt` files (not recursive);
 - several of these joined by "+", read in that order, e.g. "austen+mobydick" (the long stream).
 Several files are read in sorted file-name order (a directory's) and joined with "\\n\\n".
+
+Decoding policy: every file is strict UTF-8, nothing guessed or replaced. A file that is not raises
+CorpusError naming it and the byte offset of the first invalid byte (convert it first, e.g.
+`iconv -f LATIN1 -t UTF-8`); a file with a NUL byte (a binary file, or UTF-16 text) raises CorpusError
+naming it. Line ends "\\r\\n" and "\\r" become "\\n" (Python's universal newlines); a leading byte-order
+mark is kept as U+FEFF.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ PIECE_CHARS = 100_000
 _SAFE_CUT = re.compile(r"(?<=\S)\n\n")
 
 
+class CorpusError(ValueError):
+    """A corpus file or directory that cannot be read as text; the message names it."""
+
+
 def corpus_files(spec: str = "austen") -> list[pathlib.Path]:
     """The text files a corpus spec names, in reading order."""
     if "+" in spec and not pathlib.Path(spec).expanduser().exists():
@@ -47,7 +57,7 @@ def corpus_files(spec: str = "austen") -> list[pathlib.Path]:
     pg19_books = sorted((path / "test").glob("*.txt"))
     files = pg19_books or sorted(path.glob("*.txt"))
     if not files:
-        raise ValueError(f"directory {path} has no .txt files (nor a PG19 test/ folder with .txt files)")
+        raise CorpusError(f"directory {path} has no .txt files (nor a PG19 test/ folder with .txt files)")
     return files
 
 
@@ -61,7 +71,25 @@ def load_text(spec: str = "austen") -> str:
 
 def _read_documents(spec: str) -> Iterator[str]:
     for file in corpus_files(spec):
-        yield file.read_text(encoding="utf-8")
+        yield read_text_file(file)
+
+
+def read_text_file(path: pathlib.Path) -> str:
+    """The text of one corpus file by the module's decoding policy (strict UTF-8, no NUL bytes)."""
+    raw = path.read_bytes()
+    if (nul := raw.find(b"\0")) >= 0:
+        raise CorpusError(
+            f"{path} is not a text file: it has a NUL byte at offset {nul} (a binary file, or UTF-16 text: "
+            f"convert that with `iconv -f UTF-16 -t UTF-8`)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusError(
+            f"{path} is not UTF-8: {error.reason} at byte offset {error.start} (0x{raw[error.start]:02x}). "
+            f"Convert it first, e.g. `iconv -f LATIN1 -t UTF-8 {path} > converted.txt`"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def text_pieces(documents: Iterator[str], piece_chars: int = PIECE_CHARS) -> Iterator[str]:

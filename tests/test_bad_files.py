@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import resource
 import shutil
+import types
 
 import gguf
 import numpy as np
 import pytest
 from conftest import random_hf_llama, save_word_tokenizer
 
-from streamjax import assets, loading, weights
+from streamjax import assets, data, loading, weights
 from streamjax import gguf as sj_gguf
 from streamjax.config import UnsupportedConfigError
 
@@ -338,3 +340,52 @@ def test_default_asset_with_a_flipped_weight_byte_fails_its_sha256(gguf_layout, 
         loading.resolve_model("smollm2")
     bad.write_bytes(original)  # the same path, repaired: accepted
     assert loading.resolve_model("smollm2").path == bad
+
+
+# ---------------------------------------------------------------- text corpora (from the Austen text)
+
+
+@pytest.fixture
+def austen_head(austen_text) -> bytes:
+    return austen_text.read_bytes()[:20_000]
+
+
+@pytest.mark.real_assets
+def test_text_that_is_not_utf8(austen_head, tmp_path):
+    offset = austen_head.index(b"Bennet")
+    latin1 = _write(
+        tmp_path / "latin1.txt", austen_head[:offset] + "Bénnet".encode("latin-1") + austen_head[offset + 6 :]
+    )
+    with _raises_naming(data.CorpusError, latin1, rf"is not UTF-8: invalid continuation byte at byte offset {offset + 1} \(0xe9\).*iconv"):  # fmt: skip
+        data.load_text(str(latin1))
+
+
+@pytest.mark.real_assets
+def test_binary_file_among_text_files(austen_head, smollm2_gguf, tmp_path):
+    _write(tmp_path / "a.txt", austen_head)
+    binary = _write(tmp_path / "b.txt", smollm2_gguf.read_bytes()[:4096])  # valid UTF-8 up to its first NUL
+    _write(tmp_path / "c.txt", austen_head)
+    with _raises_naming(data.CorpusError, binary, r"is not a text file: it has a NUL byte at offset 5"):
+        data.load_text(str(tmp_path))
+
+
+def test_empty_corpus_directory(tmp_path):
+    with pytest.raises(data.CorpusError, match=rf"^directory {re.escape(str(tmp_path))} has no \.txt files"):
+        data.load_text(str(tmp_path))
+
+
+@pytest.mark.real_assets
+def test_thousands_of_small_files_with_few_file_descriptors(austen_head, tmp_path):
+    lines = austen_head.decode().splitlines()
+    for index in range(3000):
+        (tmp_path / f"{index:05d}.txt").write_text(f"{index}: {lines[index % len(lines)]}", encoding="utf-8")
+    expected = "\n\n".join(f"{index}: {lines[index % len(lines)]}" for index in range(3000))
+    byte_tokenizer = lambda text: types.SimpleNamespace(input_ids=list(text.encode()))  # noqa: E731
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, limits[1]))  # far fewer than the files: each is closed
+    try:
+        assert data.load_text(str(tmp_path)) == expected
+        tokens = data.load_corpus_tokens(str(tmp_path), byte_tokenizer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    np.testing.assert_array_equal(tokens, list(expected.encode()))

@@ -8,7 +8,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from streamjax import compile
+from streamjax import compile, experiment
 
 
 def define_flags(config_help: str, workdir_help: str):
@@ -20,7 +20,9 @@ def define_flags(config_help: str, workdir_help: str):
 
 
 def run(argv: list[str], function: Callable[[Any, str], Any], config, workdir) -> Any:
-    """`function(config, workdir)` with the flags' values; a ValueError or OSError ends the program with its message."""
+    """`function(config, workdir)` with the flags' values. A ValueError or OSError (a user error: bad config, data,
+    model or workdir, a full disk) ends the program with its message and exit code 1; a run stopped by SIGTERM
+    or SIGINT after saving (`experiment.Interrupted`) with its message and 128 + the signal's number."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save step at INFO
@@ -28,5 +30,8 @@ def run(argv: list[str], function: Callable[[Any, str], Any], config, workdir) -
     compile.enable_persistent_cache()
     try:
         return function(config.value, workdir.value)
-    except (ValueError, OSError) as error:  # user errors: bad config, data, model or workdir
+    except experiment.Interrupted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")

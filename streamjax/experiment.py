@@ -46,14 +46,21 @@ changes its float rounding, so a run resumes only on the mesh it started on, to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import pathlib
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -203,7 +210,8 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     started = check_workdir(workdir, config)
     if started and all((workdir / item.name / "summary.json").is_file() for item in runs):
         _note(f"{workdir} holds a finished run of this config; reporting it")
-        return report(config, workdir, runs)
+        with workdir_lock(workdir):
+            return report(config, workdir, runs)
     mesh = build_mesh(config)
     data.corpus_files(config.data)
     source = loading.resolve_model(config.model)
@@ -221,11 +229,87 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     for tokens, _ in fed.values():
         evaluation.check_text_tokens(tokens, model_config)
     workdir.mkdir(parents=True, exist_ok=True)
-    if not started:
-        _write_json(workdir / "config.json", {"fingerprint": fingerprint(config, weights), "config": _plain(config)})
-    for item in runs:
-        run_one(item, *fed[item.name], workdir / item.name, config, model_config, params, progress, mesh)
-    return report(config, workdir, runs)
+    with workdir_lock(workdir), StopRequests() as stop:
+        if not check_workdir(workdir, config, weights):  # again: another process may have started it meanwhile
+            _write_json(
+                workdir / "config.json", {"fingerprint": fingerprint(config, weights), "config": _plain(config)}
+            )
+        for item in runs:
+            run_one(item, *fed[item.name], workdir / item.name, config, model_config, params, progress, mesh, stop)
+        return report(config, workdir, runs)
+
+
+class WorkdirInUse(OSError):
+    """Another process holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+    """Hold an exclusive lock on `workdir` (an flock on `workdir/lock`) or raise `WorkdirInUse` at once.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a dead run
+    never leaves the workdir locked. The file says which process holds it; it is never deleted.
+    """
+    handle = open(workdir / "lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise WorkdirInUse(
+            errno.EBUSY,
+            f"workdir {workdir} is in use by another run ({holder}); wait for it to end or stop it, "
+            "or use another --workdir",
+        ) from None
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM or SIGINT after saving its state; `exit_code` is 128 + the signal's number."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class StopRequests:
+    """Catches SIGTERM and SIGINT (preemption, Ctrl-C) while runs compute: the first one asks the run to save
+    its state at the end of the segment it is computing and stop (`Interrupted`); a second SIGINT stops at
+    once (KeyboardInterrupt, as a kill: the last checkpoint stays). Handlers are only installed from the
+    main thread (Python's rule), and the previous ones come back on exit."""
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._request)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _request(self, number: int, frame) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        _note(f"{signal.Signals(number).name} received: saving at the end of this segment, then stopping")
+
+    def check(self, what: str) -> None:
+        """Raise `Interrupted` (saying `what` was saved) if a signal asked to stop."""
+        if self.signal_number is not None:
+            name = signal.Signals(self.signal_number).name
+            raise Interrupted(f"stopped by {name}: {what}; run the same command to resume", self.signal_number)
 
 
 def with_sink_prefix(item: Run, tokenizer, text: np.ndarray) -> tuple[np.ndarray, slice]:
@@ -264,41 +348,68 @@ def run_one(
     params: dict,
     progress: bool = True,
     mesh: Mesh | None = None,
+    stop: StopRequests | None = None,
 ) -> dict[str, Any]:
     """Evaluate one run over `tokens` [P + T] (the P sink prefix tokens at `prefix`, as `with_sink_prefix`
     gives them), resuming from `run_dir`; its summary.
 
     With a `mesh`, `params` must be on its shards (`loading.load_weights(..., mesh)`); the cache is put there too.
+    A non-finite NLL stops the run (`NonFiniteError`) before anything of the segment is saved; a signal
+    caught by `stop` saves the state at the end of the segment and raises `Interrupted`.
     """
+    stop = stop or StopRequests()
     if (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # left by a kill right after finishing
         return json.loads((run_dir / "summary.json").read_text())
     meta = {"fingerprint": fingerprint(config), "run": item.name, "tokens_sha256": _sha256(tokens)}
     dtype = loading.parse_dtype(config.dtype)
     total = tokens.shape[0] - 1
+    state, nll, seconds, timeline = _restore_or_init(
+        run_dir / "checkpoints", meta, model_config, item.spec, tokens, dtype, mesh
+    )
     manager = _checkpoint_manager(run_dir / "checkpoints")
-    state, nll, seconds, timeline = _restore_or_init(manager, meta, model_config, item.spec, tokens, dtype, mesh)
     timeline["starts"].append(state.position)
     bar = tqdm(total=total, initial=state.position, unit="tok", desc=item.name, disable=not progress)
     while state.position < total:
         start, clock = state.position, time.perf_counter()
         state, segment = evaluation.advance(params, model_config, tokens, item.spec, state, item.spec.chunk_size)
+        check_finite(segment, start, item.name, config.dtype)
         nll[start : state.position] = segment
         seconds += time.perf_counter() - clock
         _record(timeline, state.position, seconds)
         bar.set_postfix(ppl=f"{math.exp(float(np.mean(nll[: state.position], dtype=np.float64))):.3f}")
         bar.update(state.position - start)
-        if config.checkpoint_every and state.position % config.checkpoint_every == 0 and state.position < total:
+        due = config.checkpoint_every and state.position % config.checkpoint_every == 0
+        if (due or stop.signal_number is not None) and state.position < total:
             _save(manager, state, nll, dict(meta, position=state.position, seconds=seconds, timeline=timeline))
+            stop.check(f"run {item.name} saved after {state.position} of {total} predictions in {run_dir}")
     bar.close()
     manager.close()
     text_nll = text_predictions(nll, prefix)
     summary = _run_summary(item, config, model_config, tokens, prefix, text_nll, seconds)
+    summary["nll_sha256"] = hashlib.sha256(_npy_bytes(text_nll)).hexdigest()
     _write_bytes(run_dir / "nll.npy", _npy_bytes(text_nll))
     _write_json(run_dir / "timeline.json", timeline)
     _write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
+
+
+class NonFiniteError(ValueError):
+    """A run computed a NaN or infinite NLL."""
+
+
+def check_finite(segment: np.ndarray, start: int, run: str, dtype: str) -> None:
+    """Raise `NonFiniteError` naming the first prediction of `segment` (predictions start, start + 1, ...)
+    whose NLL is NaN or infinite, rather than let it into a perplexity."""
+    bad = np.flatnonzero(~np.isfinite(segment))
+    if bad.size:
+        first = start + int(bad[0])
+        raise NonFiniteError(
+            f"run {run}: the NLL of prediction {first} (of fed token {first + 1}) is {segment[bad[0]]}, and "
+            f"{bad.size} of the {segment.size} predictions from {start} are not finite (dtype {dtype}; float16 "
+            "overflows easily: try bfloat16 or float32). The run stopped without a result; its checkpoints are kept"
+        )
 
 
 def _record(timeline: dict, position: int, seconds: float) -> None:
@@ -351,14 +462,52 @@ def _state_tree(state: evaluation.EvalState, nll: np.ndarray) -> dict:
     return tree
 
 
+def state_digest(tree) -> str:
+    """SHA-256 of every array of a checkpoint's tree (shape, dtype and bytes, in tree order): saved
+    with each checkpoint and checked on restore, so flipped or missing bytes are never resumed from."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def _save(manager: ocp.CheckpointManager, state, nll: np.ndarray, meta: dict) -> None:
-    items = {"state": ocp.args.StandardSave(_state_tree(state, nll)), "meta": ocp.args.JsonSave(meta)}
-    manager.save(state.position, args=ocp.args.Composite(**items))
+    """Save a checkpoint of `state` at `state.position`; a full disk ends the run with a clear OSError
+    (the checkpoints saved before stay intact, the partial one is removed)."""
+    tree = _state_tree(state, nll)
+    items = {"state": ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(dict(meta, digest=state_digest(tree)))}
+    try:
+        manager.save(state.position, args=ocp.args.Composite(**items))
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        for partial in manager.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = [step for step in manager.all_steps() if step != state.position]
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the device while saving the checkpoint after {state.position} predictions in "
+            f"{manager.directory} ({error.__class__.__name__}); the checkpoint(s) saved before "
+            f"({', '.join(map(str, kept)) or 'none'}) are intact: free some space and run the same command to resume",
+        ) from error
 
 
-def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray, dtype, mesh: Mesh | None = None):
-    """(state, nll buffer [N], seconds so far) from the latest checkpoint, or the start of the text.
+def _is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
+
+def _restore_or_init(directory: pathlib.Path, meta: dict, model_config, spec, tokens: np.ndarray, dtype, mesh=None):
+    """(state, nll buffer [N], seconds so far, timeline) from the latest sound checkpoint in `directory`,
+    or the start of the text.
+
+    A checkpoint that cannot be read or whose arrays do not hash to the digest saved with it is moved
+    to `corrupt_checkpoints/` beside `directory`, with a note saying why, and the one before it is tried.
     The cache starts on its shards of `mesh`; a checkpoint is restored onto the same shards, since the
     abstract arrays given to orbax carry the shardings of the fresh cache.
     """
@@ -367,32 +516,73 @@ def _restore_or_init(manager, meta: dict, model_config, spec, tokens: np.ndarray
         state.cache = sharding.shard_cache(state.cache, mesh)
     nll = np.full((tokens.shape[0] - 1,), np.nan, np.float32)
     timeline = {"position": [], "seconds": [], "rss_bytes": [], "starts": []}
-    step = manager.latest_step()
-    if step is None:
+    if not directory.is_dir():
         return state, nll, 0.0, timeline
-    _note(f"resuming {meta['run']} from its checkpoint after {step} of {nll.shape[0]} predictions")
+    manager = _checkpoint_manager(directory)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored = _restore_step(manager, step, state, nll)
+            except CorruptCheckpoint as problem:
+                _quarantine(directory, step, str(problem))
+                continue
+            _check_meta(restored.meta, meta, directory / str(step))
+            _note(f"resuming {meta['run']} from its checkpoint after {step} of {nll.shape[0]} predictions")
+            cache = state.cache
+            if cache is not None:
+                cache = flax.serialization.from_state_dict(cache, restored.state["cache"])
+            saved = restored.meta
+            position, nll = saved["position"], np.asarray(restored.state["nll"])
+            return evaluation.EvalState(position, cache), nll, saved["seconds"], saved.get("timeline", timeline)
+    finally:
+        manager.close()
+    return state, nll, 0.0, timeline
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint step that cannot be read back as it was saved."""
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, state, nll: np.ndarray):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state, nll))
     abstract["nll"] = nll
     items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax and tensorstore raise many types for missing or mangled files
+        raise CorruptCheckpoint(f"it cannot be read: {error.__class__.__name__}: {str(error)[:300]}") from error
     saved = restored.meta
+    if not isinstance(saved, dict) or "digest" not in saved or "position" not in saved:
+        raise CorruptCheckpoint("its metadata has no digest or position")
+    if saved["position"] != step:
+        raise CorruptCheckpoint(f"its metadata says position {saved['position']}")
+    digest = state_digest(restored.state)
+    if digest != saved["digest"]:
+        raise CorruptCheckpoint(f"its arrays hash to {digest[:16]}..., not to the {saved['digest'][:16]}... saved")
+    return restored
+
+
+def _check_meta(saved: dict, meta: dict, path: pathlib.Path) -> None:
     for key in ("fingerprint", "run", "tokens_sha256"):
-        if saved[key] != meta[key]:
+        if saved.get(key) != meta[key]:
             raise ValueError(
-                f"checkpoint {manager.directory}/{step} was saved with a different {key} "
-                f"({saved[key]!r} != {meta[key]!r}); delete the workdir or use another"
+                f"checkpoint {path} was saved with a different {key} "
+                f"({saved.get(key)!r} != {meta[key]!r}); delete the workdir or use another"
             )
-    cache = state.cache
-    if cache is not None:
-        cache = flax.serialization.from_state_dict(cache, restored.state["cache"])
-    timeline = saved.get("timeline", timeline)
-    return evaluation.EvalState(saved["position"], cache), np.asarray(restored.state["nll"]), saved["seconds"], timeline
+
+
+def _quarantine(directory: pathlib.Path, step: int, problem: str) -> None:
+    """Move a bad checkpoint step aside (never delete it), and say so."""
+    target = directory.parent / "corrupt_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(directory / str(step)), target)
+    _note(f"checkpoint {directory / str(step)} is corrupt ({problem}); moved to {target}, trying the one before")
 
 
 def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
     """Write the summary, table and plot of finished runs, print the table; the summary dict."""
     summaries = [json.loads((workdir / item.name / "summary.json").read_text()) for item in runs]
-    nll = {item.name: np.load(workdir / item.name / "nll.npy") for item in runs}
+    nll = {item.name: _read_nll(workdir / item.name, summary) for item, summary in zip(runs, summaries)}
     segments = {
         item.name: segment_rows(nll[item.name], _read_timeline(workdir / item.name), config.segment_tokens)
         for item in runs
@@ -446,6 +636,18 @@ def segment_rows(nll: np.ndarray, timeline: Mapping[str, list] | None, segment_t
     return rows
 
 
+def _read_nll(run_dir: pathlib.Path, summary: Mapping[str, Any]) -> np.ndarray:
+    """A finished run's nll.npy, checked against the SHA-256 its summary.json holds (when it holds one)."""
+    content = (run_dir / "nll.npy").read_bytes()
+    expected = summary.get("nll_sha256")
+    if expected is not None and hashlib.sha256(content).hexdigest() != expected:
+        raise ValueError(
+            f"{run_dir / 'nll.npy'} does not match the SHA-256 in {run_dir / 'summary.json'}: the file is "
+            f"corrupt; delete {run_dir} and run the same command to compute that run again"
+        )
+    return np.load(io.BytesIO(content))
+
+
 def _read_timeline(run_dir: pathlib.Path) -> dict[str, list] | None:
     path = run_dir / "timeline.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -464,8 +666,6 @@ def _sha256(tokens: np.ndarray) -> str:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, np.float32))
     return buffer.getvalue()
@@ -479,5 +679,9 @@ def _write_bytes(path: pathlib.Path, content: bytes) -> None:
     """Write a file atomically (temporary file, then rename), so a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(content)
+    try:
+        partial.write_bytes(content)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(error.errno, f"could not write {path}: {error.strerror}; nothing else was changed") from error
     partial.replace(path)

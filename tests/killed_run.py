@@ -7,11 +7,14 @@ The child process of the SIGKILL tests in tests/test_ppl.py:
 CONFIG_JSON holds fields of configs/ppl.py to override. MOMENT is one of
     segment:<method>:<n>  the n-th segment (call of `evaluation.advance`, from 1) of the run of <method> is
                           about to be computed
+    signal:<method>:<n>   as segment:<method>:<n>, but instead of sleeping until killed, the process waits for
+                          the file READY_FILE + ".sent" (touched by the test after it sent a signal) and goes on
     summary:<run>         <run>/nll.npy is written, <run>/summary.json not yet
     save:<step>           orbax has written the checkpoint of <step> into its temporary directory and is
                           about to rename it into place
 Once there, the process touches READY_FILE and sleeps until it is killed. A run that never gets there
-finishes and exits 0, which the tests report as a failure.
+finishes and exits 0, which the tests report as a failure. The run goes through the entry points' error
+handling (`experiments.common.run`): a user error exits 1, a run stopped by a signal 128 + its number.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import json
 import pathlib
 import sys
 import time
+import types
 
 from orbax.checkpoint._src.path import atomicity
 
 from configs import ppl as ppl_config
+from experiments import common
 from streamjax import evaluation, experiment
 
 
@@ -35,14 +40,25 @@ def _wait_to_be_killed(ready: pathlib.Path) -> None:
         time.sleep(60)
 
 
-def _stop_before_segment(method: str, number: int, ready: pathlib.Path) -> None:
+def _wait_for_the_signal(ready: pathlib.Path) -> None:
+    ready.touch()
+    sent = ready.with_name(ready.name + ".sent")
+    for _ in range(1200):
+        if sent.is_file():
+            time.sleep(0.2)  # the signal was sent before the file: its handler has run by now
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{sent} never appeared")
+
+
+def _stop_before_segment(method: str, number: int, ready: pathlib.Path, wait=_wait_to_be_killed) -> None:
     advance, calls = evaluation.advance, collections.Counter()
 
     @functools.wraps(advance)
     def counted(params, model_config, tokens, spec, *args, **kwargs):
         calls[spec.method] += 1
         if spec.method == method and calls[method] == number:
-            _wait_to_be_killed(ready)
+            wait(ready)
         return advance(params, model_config, tokens, spec, *args, **kwargs)
 
     evaluation.advance = counted
@@ -79,13 +95,18 @@ def main(config_json: str, workdir: str, moment: str, ready_file: str) -> None:
     kind, *where = moment.split(":")
     if kind == "segment":
         _stop_before_segment(where[0], int(where[1]), ready)
+    elif kind == "signal":
+        _stop_before_segment(where[0], int(where[1]), ready, wait=_wait_for_the_signal)
     elif kind == "summary":
         _stop_before_summary(pathlib.Path(workdir).resolve() / where[0] / "summary.json", ready)
     elif kind == "save":
         _stop_before_rename(int(where[0]), ready)
     else:
         raise ValueError(f"unknown moment {moment!r}")
-    experiment.run(config, workdir, progress=False)
+    holder = types.SimpleNamespace
+    common.run(
+        [sys.argv[0]], functools.partial(experiment.run, progress=False), holder(value=config), holder(value=workdir)
+    )
 
 
 if __name__ == "__main__":

@@ -460,13 +460,11 @@ def _checkpoint_round_trip(model_config, params, tokens, mesh, directory: pathli
     """Advance a sharded streaming run 48 predictions, checkpoint it, restore it as a restart would."""
     spec = evaluation.EvalSpec("streaming", 2, 30, "chunk", 16)
     meta = {"fingerprint": {}, "run": "streaming", "tokens_sha256": ""}
-    restore = lambda: experiment._restore_or_init(
-        experiment._checkpoint_manager(directory), meta, model_config, spec, tokens, jnp.float32, mesh
-    )
-    state, nll, _ = restore()
+    restore = lambda: experiment._restore_or_init(directory, meta, model_config, spec, tokens, jnp.float32, mesh)
+    state, nll, _, _ = restore()
     state, nll[:48] = evaluation.advance(params, model_config, tokens, spec, state, 48)
     experiment._save(experiment._checkpoint_manager(directory), state, nll, dict(meta, position=48, seconds=1.0))
-    restored, restored_nll, _ = restore()
+    restored, restored_nll, _, _ = restore()
     same_nll = np.array_equal(restored_nll, nll, equal_nan=True)  # NaN: predictions not made yet
     return {
         "position": restored.position,

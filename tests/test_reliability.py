@@ -1,0 +1,277 @@
+"""Faults a long perplexity run meets, each caused for real: signals, a full disk, corrupted checkpoints,
+two processes on one workdir, non-finite values. Each ends in bitwise the NLL of an uninterrupted run
+(the `finished` workdir of tests/test_ppl.py) or a clear error that leaves nothing misleading behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import test_ppl
+import torch
+from conftest import random_hf_llama, save_word_tokenizer
+from test_ppl import REPO, _start_killed_run, run_entry_point, tiny_config, tiny_flags
+
+from streamjax import evaluation, experiment
+
+tiny, finished = test_ppl.tiny, test_ppl.finished  # the fixtures of tests/test_ppl.py, under their names
+
+
+def _wait_for(path: pathlib.Path, process: subprocess.Popen, case: pathlib.Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"the child never reached its moment (exit {process.wait()}):\n{(case / 'child.log').read_text()}"
+            )
+        time.sleep(0.02)
+
+
+def _uninterrupted(finished, method: str) -> np.ndarray:
+    return np.load(finished[1] / method / "nll.npy")
+
+
+# ---------------------------------------------------------------- preemption: SIGTERM and SIGINT
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_state_and_a_restart_ends_bitwise_equal(tiny, finished, tmp_path, capsys, signal_number):
+    """A real signal to a real process in its third segment of 16 (checkpoints every 32): it saves after 48
+    predictions, exits 128 + the signal's number with a message, and a restart resumes from 48."""
+    process = _start_killed_run("signal:streaming:3", tiny_config(tiny, method="streaming"), tmp_path)
+    _wait_for(tmp_path / "ready", process, tmp_path)
+    process.send_signal(signal_number)
+    (tmp_path / "ready.sent").touch()
+    assert process.wait(timeout=120) == 128 + signal_number
+    log = (tmp_path / "child.log").read_text()
+    name = signal.Signals(signal_number).name
+    assert f"stopped by {name}: run streaming saved after 48 of 96 predictions" in log, log
+    assert "run the same command to resume" in log
+    run_dir = tmp_path / "workdir" / "streaming"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["32", "48"]
+    assert not (run_dir / "summary.json").exists()
+
+    capsys.readouterr()
+    experiment.run(tiny_config(tiny, method="streaming"), tmp_path / "workdir", progress=False)
+    assert "resuming streaming from its checkpoint after 48 of 96" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(run_dir / "nll.npy"), _uninterrupted(finished, "streaming"))
+
+
+def test_signal_handlers_are_restored_after_a_run(tiny, tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    experiment.run(tiny_config(tiny, method="streaming", num_tokens=33), tmp_path, progress=False)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+# ---------------------------------------------------------------- two processes on one workdir
+
+
+def test_a_second_process_on_a_busy_workdir_is_refused_and_a_killed_one_leaves_no_lock(tiny, finished, tmp_path):
+    config = tiny_config(tiny, method="streaming")
+    first = _start_killed_run("segment:streaming:3", config, tmp_path)
+    _wait_for(tmp_path / "ready", first, tmp_path)
+    second = run_entry_point(tiny_flags(tiny, method="streaming"), tmp_path / "workdir")
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 1
+    assert f"error: [Errno 16] workdir {tmp_path / 'workdir'} is in use by another run (pid {first.pid} on" in stderr
+    assert not (tmp_path / "workdir" / "streaming" / "summary.json").exists()
+
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    third = run_entry_point(tiny_flags(tiny, method="streaming"), tmp_path / "workdir")
+    _, stderr = third.communicate(timeout=120)
+    assert third.returncode == 0, stderr
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "workdir" / "streaming" / "nll.npy"), _uninterrupted(finished, "streaming")
+    )
+
+
+# ---------------------------------------------------------------- corrupted checkpoints
+
+
+class _StopAfter:
+    """`evaluation.advance` that raises once a run has computed `segments` segments (a crash after a save)."""
+
+    def __init__(self, segments: int):
+        self.calls, self.segments, self.advance = 0, segments, evaluation.advance
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.segments:
+            raise RuntimeError("crash")
+        return self.advance(*args, **kwargs)
+
+
+def _largest_file(directory: pathlib.Path) -> pathlib.Path:
+    return max((path for path in directory.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
+
+
+def _flip_bytes(path: pathlib.Path) -> None:
+    content = bytearray(path.read_bytes())
+    for index in range(len(content) // 3, len(content) // 3 + 8):
+        content[index] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+CORRUPTIONS = {
+    "bytes flipped in the array data": lambda step: _flip_bytes(_largest_file(step / "state")),
+    "array data truncated": lambda step: os.truncate(_largest_file(step / "state"), 10),
+    "array data deleted": lambda step: shutil.rmtree(step / "state"),
+    "metadata deleted": lambda step: shutil.rmtree(step / "meta"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_one_before_resumed(
+    tiny, finished, tmp_path, monkeypatch, capsys, corruption
+):
+    config = tiny_config(tiny, method="streaming")  # segments of 16, checkpoints at 32 and 64
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "advance", _StopAfter(5))
+        with pytest.raises(RuntimeError, match="crash"):
+            experiment.run(config, tmp_path, progress=False)
+    checkpoints = tmp_path / "streaming" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["32", "64"]
+    CORRUPTIONS[corruption](checkpoints / "64")
+
+    capsys.readouterr()
+    experiment.run(config, tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoints / '64'} is corrupt (" in err, err
+    assert "resuming streaming from its checkpoint after 32 of 96" in err
+    np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), _uninterrupted(finished, "streaming"))
+    (kept,) = (tmp_path / "streaming" / "corrupt_checkpoints").iterdir()  # set aside, never deleted
+    assert kept.name.startswith("64-")
+
+
+def test_every_checkpoint_corrupt_starts_over(tiny, finished, tmp_path, monkeypatch, capsys):
+    config = tiny_config(tiny, method="streaming")
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "advance", _StopAfter(5))
+        with pytest.raises(RuntimeError, match="crash"):
+            experiment.run(config, tmp_path, progress=False)
+    for step in ("32", "64"):
+        _flip_bytes(_largest_file(tmp_path / "streaming" / "checkpoints" / step / "state"))
+    capsys.readouterr()
+    experiment.run(config, tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("is corrupt") == 2 and "resuming" not in err
+    np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), _uninterrupted(finished, "streaming"))
+
+
+def test_a_corrupt_finished_nll_is_reported_not_plotted(tiny, tmp_path):
+    config = tiny_config(tiny, method="streaming")
+    experiment.run(config, tmp_path, progress=False)
+    _flip_bytes(tmp_path / "streaming" / "nll.npy")
+    with pytest.raises(ValueError, match=r"streaming/nll.npy does not match the SHA-256 in .*summary.json"):
+        experiment.run(config, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- a full disk
+
+FULL_DISK_DRIVER = r"""
+import functools, json, pathlib, sys
+import numpy as np
+from configs import ppl as ppl_config
+from streamjax import experiment
+
+config = ppl_config.get_config()
+config.update(json.loads(sys.argv[1]))
+workdir = pathlib.Path(sys.argv[2])
+filler = workdir.parent / "filler"
+save, saves = experiment._save, []
+
+def fill_then_save(manager, state, nll, meta):
+    saves.append(state.position)
+    if len(saves) == 2:  # the second checkpoint finds the filesystem full
+        try:
+            with open(filler, "wb", buffering=0) as file:
+                while True:
+                    file.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return save(manager, state, nll, meta)
+
+experiment._save = fill_then_save
+result = {}
+try:
+    experiment.run(config, workdir, progress=False)
+except OSError as error:
+    result["error"] = str(error)
+result["left"] = sorted(path.name for path in (workdir / "streaming" / "checkpoints").iterdir())
+experiment._save = save
+filler.unlink()
+experiment.run(config, workdir, progress=False)
+result["nll"] = np.load(workdir / "streaming" / "nll.npy").tolist()
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_a_restart_with_space_resumes(tiny, finished, tmp_path):
+    """A real full filesystem: a 16 MiB tmpfs mounted in a user and mount namespace (`unshare`, no root
+    needed), filled up just before the run's second checkpoint."""
+    config = tiny_config(tiny, method="streaming")
+    fields = ("model", "data", "method", "num_tokens", "num_sinks", "window", "chunk_size", "checkpoint_every")
+    overrides = json.dumps({field: config[field] for field in fields})
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    (tmp_path / "driver.py").write_text(FULL_DISK_DRIVER)
+    script = f'mount -t tmpfs -o size=16m tmpfs "{mount}" && exec "$0" "$@"'
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+    command += [sys.executable, str(tmp_path / "driver.py"), overrides, str(mount / "workdir")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["error"].startswith("[Errno 28] no space left on the device while saving the checkpoint after 64")
+    assert "the checkpoint(s) saved before (32) are intact: free some space and run the same command" in result["error"]
+    assert result["left"] == ["32"]  # no partial checkpoint left behind
+    np.testing.assert_array_equal(np.asarray(result["nll"], np.float32), _uninterrupted(finished, "streaming"))
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+@pytest.fixture(scope="module")
+def overflowing(tiny, tmp_path_factory):
+    """The tiny Llama with token `TOKEN`'s embedding at +-65000 (near float16's largest, 65504) and layer 0's
+    MLP output scaled 30000 times: in float16 the residual stream overflows where that token is fed."""
+    _, text, ids = tiny
+    model = random_hf_llama(max_position_embeddings=1024)
+    token = int(ids[28])
+    with torch.no_grad():
+        row = model.model.embed_tokens.weight[token]
+        row.copy_(torch.sign(row) * 65000.0)
+        model.model.layers[0].mlp.down_proj.weight *= 30000.0
+    directory = tmp_path_factory.mktemp("overflowing") / "model"
+    model.save_pretrained(directory)
+    save_word_tokenizer(directory, model.config.vocab_size)
+    return directory, int(np.flatnonzero(ids == token)[0])
+
+
+def test_float16_overflow_stops_the_run_at_its_first_chunk_with_the_position(tiny, overflowing, tmp_path):
+    model, first_fed = overflowing
+    config = tiny_config(tiny, model=str(model), method="streaming", dtype="float16")
+    segment_start = first_fed // 16 * 16  # the chunk that feeds the token
+    with pytest.raises(experiment.NonFiniteError) as raised:
+        experiment.run(config, tmp_path, progress=False)
+    message = str(raised.value)
+    assert f"predictions from {segment_start} are not finite (dtype float16" in message, message
+    position = int(message.split("the NLL of prediction ")[1].split(" ")[0])
+    assert segment_start <= position <= first_fed
+    assert not (tmp_path / "streaming" / "summary.json").exists() and not (tmp_path / "summary.json").exists()
+    finite = experiment.run(
+        tiny_config(tiny, model=str(model), method="streaming"), tmp_path / "float32", progress=False
+    )
+    assert np.isfinite(finite["runs"][0]["ppl"])  # the same weights in float32 do not overflow

@@ -26,7 +26,7 @@ import pytest
 from conftest import cpu_devices_env, random_hf_llama, save_word_tokenizer
 
 from configs import ppl as ppl_config
-from streamjax import evaluation, experiment, families, loading, sharding
+from streamjax import data, evaluation, experiment, families, loading, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_TOKENS = 97  # 96 predictions: six chunks of 16, one compilation per cache shape
@@ -190,6 +190,54 @@ def test_variants_run_every_method_under_their_names(tiny, finished, tmp_path):
     np.testing.assert_array_equal(
         np.load(tmp_path / "streaming-two" / "nll.npy"), np.load(workdir / "streaming" / "nll.npy")
     )
+
+
+def test_a_variant_has_its_own_method_and_length_and_every_run_its_segments(tiny, finished, tmp_path):
+    """The long-stream layout (configs/ppl_long.py): streaming over the whole text, window over a prefix of it."""
+    variants = [
+        {"name": "long", "method": "streaming"},
+        {"name": "short", "method": "window", "num_tokens": 41},
+    ]
+    config = tiny_config(tiny, method="dense", variants=variants, segment_tokens=40, plot_window=8)
+    summary = experiment.run(config, tmp_path, progress=False)
+    assert [(run["run"], run["num_tokens"]) for run in summary["runs"]] == [
+        ("streaming-long", 97),
+        ("window-short", 41),
+    ]
+    _, workdir, _ = finished
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "streaming-long" / "nll.npy"), np.load(workdir / "streaming" / "nll.npy")
+    )
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "window-short" / "nll.npy"), np.load(workdir / "window" / "nll.npy")[:40]
+    )
+    segments = json.loads((tmp_path / "segments.json").read_text())["runs"]
+    assert [(row["start"], row["end"]) for row in segments["streaming-long"]] == [(0, 40), (40, 80), (80, 96)]
+    nll = np.load(workdir / "streaming" / "nll.npy")
+    assert segments["streaming-long"][1]["log_ppl"] == pytest.approx(float(np.mean(nll[40:80], dtype=np.float64)))
+    timeline = json.loads((tmp_path / "streaming-long" / "timeline.json").read_text())
+    assert timeline["position"] == [16, 32, 48, 64, 80, 96] and timeline["starts"] == [0]
+    assert all(row["ms_per_token"] > 0 and row["rss_mib"] > 50 for row in segments["streaming-long"])
+    assert (tmp_path / "segments.png").stat().st_size > 10_000 and (tmp_path / "log_ppl.png").stat().st_size > 10_000
+
+
+def test_segment_rows_hand_example():
+    """Cost interpolated between the positions a run advanced by; memory read at the segment's end."""
+    nll = np.array([1.0, 1.0, 3.0, 3.0, 2.0], np.float32)
+    timeline = {"position": [2, 4, 5], "seconds": [1.0, 3.0, 3.5], "rss_bytes": [2**20, 3 * 2**20, 4 * 2**20]}
+    rows = experiment.segment_rows(nll, timeline, segment_tokens=3)
+    assert [(row["start"], row["end"]) for row in rows] == [(0, 3), (3, 5)]
+    assert [row["log_ppl"] for row in rows] == pytest.approx([5 / 3, 2.5])
+    assert [row["ms_per_token"] for row in rows] == pytest.approx([1000 * 2.0 / 3, 1000 * 1.5 / 2])  # s(3) = 2.0
+    assert [row["rss_mib"] for row in rows] == [3.0, 4.0]
+    assert "ms_per_token" not in experiment.segment_rows(nll, None, 3)[0]
+
+
+def test_corpora_joined_with_plus_are_read_in_order(tmp_path):
+    (tmp_path / "a.txt").write_text("w1 w2")
+    (tmp_path / "b.txt").write_text("w3")
+    assert data.corpus_files(f"{tmp_path}/b.txt+{tmp_path}/a.txt") == [tmp_path / "b.txt", tmp_path / "a.txt"]
+    assert data.load_text(f"{tmp_path}/b.txt+{tmp_path}/a.txt") == "w3\n\nw1 w2"
 
 
 def test_finished_workdir_is_reported_without_loading_the_model(finished, monkeypatch, capsys):
@@ -384,6 +432,9 @@ def test_entry_point_reports_bad_input_and_exits_nonzero(tiny, tmp_path):
         ("window < 1", {"window": 0}, "window must be >= 1"),
         ("workdir is a file", {}, "is a file"),
         ("checkpoint off grid", {"checkpoint_every": 40}, "multiple of chunk_size"),
+        ("variant too long", {"variants": [{"num_tokens": 98}]}, r"num_tokens must be in \[2, config.num_tokens=97\]"),
+        ("unknown variant field", {"variants": [{"sinks": 4}]}, r"unknown field\(s\) \['sinks'\]"),
+        ("segment_tokens < 1", {"segment_tokens": 0}, "segment_tokens must be >= 1"),
         ("no model", {"model": "/nonexistent/model"}, "does not exist"),
     ],
 )

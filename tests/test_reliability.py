@@ -67,6 +67,23 @@ def test_a_signal_saves_the_state_and_a_restart_ends_bitwise_equal(tiny, finishe
     np.testing.assert_array_equal(np.load(run_dir / "nll.npy"), _uninterrupted(finished, "streaming"))
 
 
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_resumes(tiny, finished, tmp_path, capsys):
+    process = _start_killed_run("signal:streaming:3", tiny_config(tiny, method="streaming"), tmp_path)
+    _wait_for(tmp_path / "ready", process, tmp_path)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the child is still waiting in its third segment: the second one interrupts that wait
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) != 0
+    log = (tmp_path / "child.log").read_text()
+    assert "KeyboardInterrupt" in log and "stopped by" not in log
+    run_dir = tmp_path / "workdir" / "streaming"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["32"]
+    capsys.readouterr()
+    experiment.run(tiny_config(tiny, method="streaming"), tmp_path / "workdir", progress=False)
+    assert "resuming streaming from its checkpoint after 32 of 96" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(run_dir / "nll.npy"), _uninterrupted(finished, "streaming"))
+
+
 def test_signal_handlers_are_restored_after_a_run(tiny, tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     experiment.run(tiny_config(tiny, method="streaming", num_tokens=33), tmp_path, progress=False)

@@ -179,7 +179,8 @@ def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
             "transformers and save_pretrained(dir) (safetensors; transformers 4 needs safe_serialization=True)"
         )
     raise FileNotFoundError(
-        f"{directory} has no *.safetensors files; save the model with save_pretrained(safe_serialization=True)"
+        f"{directory} has no *.safetensors files; save the model with transformers' save_pretrained(dir) "
+        "(transformers 4: save_pretrained(dir, safe_serialization=True))"
     )
 
 

@@ -42,6 +42,8 @@ def get_config(arg=None):
     config.window = 1020
     # The first num_tokens tokens of the text are read; num_tokens - 1 of them are predicted.
     config.num_tokens = 4096
+    # Start the stream this many text tokens in (after the BOS, which stays first): a fresh stream mid-text.
+    config.skip_tokens = 0
     # "chunk": chunk_size tokens per forward pass (exact); "token": one token per step in a lax.scan.
     # Runs advance (and report progress) in segments of chunk_size predictions.
     config.route = "chunk"
@@ -59,7 +61,7 @@ def get_config(arg=None):
     config.sink_prefix = ""
     config.sink_prefix_repeat = 1
     # Optional list of dicts, each a variant of the fields (name, method, num_sinks, window, num_tokens
-    # (at most config.num_tokens), sink_prefix, sink_prefix_repeat); each method of the variant's
+    # (at most config.num_tokens), skip_tokens, sink_prefix, sink_prefix_repeat); each method of the variant's
     # `method` is run, as run "<method>-<name>". Empty: one variant made of the fields above, runs
     # named by the method alone.
     config.variants = []

@@ -78,11 +78,14 @@ from streamjax.config import ModelConfig
 CONFIG_FIELDS = (
     "model", "data", "method", "num_sinks", "window", "num_tokens", "route", "chunk_size", "dtype",
     "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window", "segment_tokens", "mesh",
+    "skip_tokens",
 )  # fmt: skip
 # Fields that do not change any number a run computes; a restart may change them. Not `mesh`: a sharded
 # matmul adds its partial sums in another order, which can change the last bit of the NLL.
 UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window", "segment_tokens")
-VARIANT_FIELDS = ("name", "method", "num_sinks", "window", "num_tokens", "sink_prefix", "sink_prefix_repeat")
+VARIANT_FIELDS = (
+    "name", "method", "num_sinks", "window", "num_tokens", "skip_tokens", "sink_prefix", "sink_prefix_repeat"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Run:
     sink_prefix: str = ""
     sink_prefix_repeat: int = 1
     num_tokens: int | None = None  # None: config.num_tokens
+    skip_tokens: int = 0  # text tokens skipped after the leading special tokens (a stream started mid-text)
 
 
 def plan_runs(config) -> list[Run]:
@@ -107,6 +111,8 @@ def plan_runs(config) -> list[Run]:
         fields = {key: variant.get(key, config.get(key)) for key in VARIANT_FIELDS[1:]}
         if fields["sink_prefix_repeat"] < 1:
             raise ValueError(f"sink_prefix_repeat must be >= 1, got {fields['sink_prefix_repeat']}")
+        if fields["skip_tokens"] < 0:
+            raise ValueError(f"skip_tokens must be >= 0, got {fields['skip_tokens']}")
         if not 2 <= fields["num_tokens"] <= config.num_tokens:
             raise ValueError(
                 f"variant {dict(variant)}: num_tokens must be in [2, config.num_tokens={config.num_tokens}], "
@@ -116,7 +122,8 @@ def plan_runs(config) -> list[Run]:
         for method in evaluation.parse_methods(fields["method"]):
             spec = evaluation.EvalSpec(method, fields["num_sinks"], fields["window"], config.route, config.chunk_size)
             name = f"{method}-{variant_name}" if config.variants else method
-            runs.append(Run(name, spec, fields["sink_prefix"], fields["sink_prefix_repeat"], fields["num_tokens"]))
+            prefix = (fields["sink_prefix"], fields["sink_prefix_repeat"])
+            runs.append(Run(name, spec, *prefix, num_tokens=fields["num_tokens"], skip_tokens=fields["skip_tokens"]))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"runs {names} are not uniquely named; give each variant a distinct `name`")
@@ -163,6 +170,8 @@ def fingerprint(config, weights: str | None = None) -> dict[str, Any]:
     (`loading.weights_sha256`) under "weights" when given."""
     values = json.loads(json.dumps(_plain(config)))
     fields = {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
+    if not fields["skip_tokens"]:  # absent from workdirs made before the field existed
+        del fields["skip_tokens"]
     mesh = fields.pop("mesh")
     if mesh:  # one spelling per mesh ("model=8" is "data=1,model=8"); absent on one device, as before meshes
         fields["mesh"] = ",".join(f"{axis}={size}" for axis, size in sharding.parse_mesh(mesh).items())
@@ -218,10 +227,10 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     tokenizer = loading.load_tokenizer(source)
     if tokenizer is None:
         raise ValueError(f"model {config.model!r} has no tokenizer files, so the text cannot be tokenized")
-    text = data.load_corpus_tokens(config.data, tokenizer, config.num_tokens)
+    text = data.load_corpus_tokens(config.data, tokenizer, max(item.num_tokens + item.skip_tokens for item in runs))
     if text.shape[0] < 2:
         raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
-    fed = {item.name: with_sink_prefix(item, tokenizer, text[: item.num_tokens]) for item in runs}
+    fed = {item.name: with_sink_prefix(item, tokenizer, run_text(item, tokenizer, text)) for item in runs}
     weights = loading.weights_sha256(source)
     if started:
         check_workdir(workdir, config, weights)
@@ -310,6 +319,15 @@ class StopRequests:
         if self.signal_number is not None:
             name = signal.Signals(self.signal_number).name
             raise Interrupted(f"stopped by {name}: {what}; run the same command to resume", self.signal_number)
+
+
+def run_text(item: Run, tokenizer, text: np.ndarray) -> np.ndarray:
+    """The text tokens a run reads: the text's leading special tokens (its BOS), then `item.num_tokens`
+    minus those from text token `item.skip_tokens` on (all of them from the start when 0)."""
+    if not item.skip_tokens:
+        return text[: item.num_tokens]
+    start = len(data.special_tokens(tokenizer, "a")[0])
+    return np.concatenate([text[:start], text[start + item.skip_tokens : item.skip_tokens + item.num_tokens]])
 
 
 def with_sink_prefix(item: Run, tokenizer, text: np.ndarray) -> tuple[np.ndarray, slice]:

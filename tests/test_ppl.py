@@ -221,6 +221,21 @@ def test_a_variant_has_its_own_method_and_length_and_every_run_its_segments(tiny
     assert (tmp_path / "segments.png").stat().st_size > 10_000 and (tmp_path / "log_ppl.png").stat().st_size > 10_000
 
 
+def test_skip_tokens_starts_a_fresh_stream_mid_text(tiny, tmp_path):
+    """A run that skips 16 tokens equals a run on the text without its first 16 words (no BOS here)."""
+    _, text, ids = tiny
+    (tmp_path / "later.txt").write_text(" ".join(f"w{i}" for i in ids[16:]))
+    skipped = experiment.run(
+        tiny_config(tiny, method="streaming", num_tokens=60, skip_tokens=16), tmp_path / "skipped", progress=False
+    )
+    later = tiny_config(tiny, method="streaming", num_tokens=60, data=str(tmp_path / "later.txt"))
+    experiment.run(later, tmp_path / "later", progress=False)
+    assert skipped["runs"][0]["num_tokens"] == 60
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "skipped" / "streaming" / "nll.npy"), np.load(tmp_path / "later" / "streaming" / "nll.npy")
+    )
+
+
 def test_segment_rows_hand_example():
     """Cost interpolated between the positions a run advanced by; memory read at the segment's end."""
     nll = np.array([1.0, 1.0, 3.0, 3.0, 2.0], np.float32)
@@ -435,6 +450,7 @@ def test_entry_point_reports_bad_input_and_exits_nonzero(tiny, tmp_path):
         ("variant too long", {"variants": [{"num_tokens": 98}]}, r"num_tokens must be in \[2, config.num_tokens=97\]"),
         ("unknown variant field", {"variants": [{"sinks": 4}]}, r"unknown field\(s\) \['sinks'\]"),
         ("segment_tokens < 1", {"segment_tokens": 0}, "segment_tokens must be >= 1"),
+        ("skip_tokens < 0", {"skip_tokens": -1}, "skip_tokens must be >= 0"),
         ("no model", {"model": "/nonexistent/model"}, "does not exist"),
     ],
 )

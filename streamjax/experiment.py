@@ -7,14 +7,25 @@ and is what `python -m experiments.ppl` calls. The config fields are documented 
 Workdir layout:
     config.json          the config and the weights the workdir belongs to (checked on every restart,
                          the weights whenever a run is left to compute)
+    lock                 flock'ed by the process using the workdir (`workdir_lock`); says which one
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
-        checkpoints/     orbax steps named by predictions done, while the run is in progress
+        checkpoints/     orbax steps named by predictions done, while the run is in progress; each
+                         step's metadata holds a SHA-256 of its arrays (`state_digest`)
+        corrupt_checkpoints/  steps that failed to restore or to match their digest, set aside
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
-        summary.json     the run's numbers; written last, so its presence means the run is done
+        timeline.json    predictions, compute seconds and resident memory after every segment
+        summary.json     the run's numbers and nll.npy's SHA-256; written last, so its presence means
+                         the run is done
     summary.json         config, every run's summary, and `made_by`: the command and commit that wrote the
-                         report (also under the plot)
+                         report (also under the plots)
     results.md           the comparison table (also printed)
-    log_ppl.png          log perplexity vs tokens, one line per run
+    log_ppl.png          log perplexity vs tokens, one line per run: cumulative and moving-window means
+    segments.json/.png   log PPL, ms per token and resident memory every `segment_tokens` predictions
+
+Faults: SIGTERM or SIGINT saves the state at the end of the segment and raises `Interrupted`
+(`StopRequests`); a full disk while saving raises an ENOSPC OSError naming the intact checkpoints;
+a NaN or infinite NLL raises `NonFiniteError` naming the prediction; a second process on the
+workdir gets `WorkdirInUse`. README "Reliability" lists each with its test.
 
 Resuming: every run advances in segments of `chunk_size` predictions on a grid anchored at the
 first token, and checkpoints only at segment ends (`checkpoint_every` is a multiple of
@@ -22,7 +33,8 @@ first token, and checkpoints only at segment ends (`checkpoint_every` is a multi
 uninterrupted one and ends with a bitwise equal `nll.npy`. Checkpoints are saved synchronously
 (the cache is donated to the next step) with orbax's default local-filesystem atomicity: each
 step is written to a `*.orbax-checkpoint-tmp*` directory and renamed once complete, so a kill
-during a save leaves the previous step intact and the temporary directory is removed on restart.
+during a save leaves the previous step intact and the temporary directory is removed on restart
+(`_remove_partial_steps`).
 
 Weights: the fingerprint in `config.json` holds a SHA-256 of the model's weight files (the .gguf
 file, or a checkpoint directory's config.json and *.safetensors), so a restart after other weights
@@ -465,11 +477,19 @@ def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nl
 
 
 def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
-    # Synchronous saves: the cache arrays are donated to the next jitted step right after a save.
+    # Synchronous saves: the cache arrays are donated to the next jitted step right after a save. Partial
+    # steps are removed by `_remove_partial_steps`, synchronously: orbax's own cleanup runs in a thread
+    # per manager, and two managers of one directory (restore, then save) would race on the same files.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        max_to_keep=2, enable_async_checkpointing=False, cleanup_tmp_directories=False
     )
     return ocp.CheckpointManager(directory, options=options)
+
+
+def _remove_partial_steps(directory: pathlib.Path) -> None:
+    """Delete the temporary directories of saves that never completed (a kill or a full disk mid-save)."""
+    for partial in directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _state_tree(state: evaluation.EvalState, nll: np.ndarray) -> dict:
@@ -501,8 +521,7 @@ def _save(manager: ocp.CheckpointManager, state, nll: np.ndarray, meta: dict) ->
     except Exception as error:
         if not _is_disk_full(error):
             raise
-        for partial in manager.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        _remove_partial_steps(pathlib.Path(manager.directory))
         kept = [step for step in manager.all_steps() if step != state.position]
         raise OSError(
             errno.ENOSPC,
@@ -536,6 +555,7 @@ def _restore_or_init(directory: pathlib.Path, meta: dict, model_config, spec, to
     timeline = {"position": [], "seconds": [], "rss_bytes": [], "starts": []}
     if not directory.is_dir():
         return state, nll, 0.0, timeline
+    _remove_partial_steps(directory)
     manager = _checkpoint_manager(directory)
     try:
         for step in sorted(manager.all_steps(), reverse=True):

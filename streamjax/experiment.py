@@ -10,7 +10,7 @@ Workdir layout:
     lock                 flock'ed by the process using the workdir (`workdir_lock`); says which one
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
         checkpoints/     orbax steps named by predictions done, while the run is in progress; each
-                         step's metadata holds a SHA-256 of its arrays (`state_digest`)
+                         step's metadata holds a SHA-256 of its arrays (`streamjax.checkpoints`)
         corrupt_checkpoints/  steps that failed to restore or to match their digest, set aside
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
         timeline.json    predictions, compute seconds and resident memory after every segment
@@ -34,7 +34,7 @@ uninterrupted one and ends with a bitwise equal `nll.npy`. Checkpoints are saved
 (the cache is donated to the next step) with orbax's default local-filesystem atomicity: each
 step is written to a `*.orbax-checkpoint-tmp*` directory and renamed once complete, so a kill
 during a save leaves the previous step intact and the temporary directory is removed on restart
-(`_remove_partial_steps`).
+(`checkpoints.remove_partial_steps`).
 
 Weights: the fingerprint in `config.json` holds a SHA-256 of the model's weight files (the .gguf
 file, or a checkpoint directory's config.json and *.safetensors), so a restart after other weights
@@ -84,7 +84,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from streamjax import data, evaluation, loading, plotting, sharding
+from streamjax import checkpoints, data, evaluation, loading, plotting, sharding
 from streamjax.config import ModelConfig
 
 CONFIG_FIELDS = (
@@ -397,7 +397,7 @@ def run_one(
     state, nll, seconds, timeline = _restore_or_init(
         run_dir / "checkpoints", meta, model_config, item.spec, tokens, dtype, mesh
     )
-    manager = _checkpoint_manager(run_dir / "checkpoints")
+    manager = checkpoints.manager(run_dir / "checkpoints")
     timeline["starts"].append(state.position)
     bar = tqdm(total=total, initial=state.position, unit="tok", desc=item.name, disable=not progress)
     while state.position < total:
@@ -477,22 +477,6 @@ def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nl
     }  # fmt: skip
 
 
-def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
-    # Synchronous saves: the cache arrays are donated to the next jitted step right after a save. Partial
-    # steps are removed by `_remove_partial_steps`, synchronously: orbax's own cleanup runs in a thread
-    # per manager, and two managers of one directory (restore, then save) would race on the same files.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False, cleanup_tmp_directories=False
-    )
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def _remove_partial_steps(directory: pathlib.Path) -> None:
-    """Delete the temporary directories of saves that never completed (a kill or a full disk mid-save)."""
-    for partial in directory.glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
-
-
 def _state_tree(state: evaluation.EvalState, nll: np.ndarray) -> dict:
     """What a checkpoint holds: the NLL so far and the cache's arrays (every array field of `SinkCache`)."""
     tree = {"nll": nll}
@@ -501,51 +485,16 @@ def _state_tree(state: evaluation.EvalState, nll: np.ndarray) -> dict:
     return tree
 
 
-def state_digest(tree) -> str:
-    """SHA-256 of every array of a checkpoint's tree (shape, dtype and bytes, in tree order): saved
-    with each checkpoint and checked on restore, so flipped or missing bytes are never resumed from."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        array = np.ascontiguousarray(jax.device_get(leaf))
-        digest.update(f"{array.shape}{array.dtype}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _save(manager: ocp.CheckpointManager, state, nll: np.ndarray, meta: dict) -> None:
-    """Save a checkpoint of `state` at `state.position`; a full disk ends the run with a clear OSError
-    (the checkpoints saved before stay intact, the partial one is removed)."""
+    """Save a checkpoint of `state` as step `state.position` (`checkpoints.save`)."""
     tree = _state_tree(state, nll)
-    items = {"state": ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(dict(meta, digest=state_digest(tree)))}
-    try:
-        manager.save(state.position, args=ocp.args.Composite(**items))
-    except Exception as error:
-        if not _is_disk_full(error):
-            raise
-        _remove_partial_steps(pathlib.Path(manager.directory))
-        kept = [step for step in manager.all_steps() if step != state.position]
-        raise OSError(
-            errno.ENOSPC,
-            f"no space left on the device while saving the checkpoint after {state.position} predictions in "
-            f"{manager.directory} ({error.__class__.__name__}); the checkpoint(s) saved before "
-            f"({', '.join(map(str, kept)) or 'none'}) are intact: free some space and run the same command to resume",
-        ) from error
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-    while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    checkpoints.save(manager, state.position, tree, meta, f"the checkpoint after {state.position} predictions")
 
 
 def _restore_or_init(directory: pathlib.Path, meta: dict, model_config, spec, tokens: np.ndarray, dtype, mesh=None):
-    """(state, nll buffer [N], seconds so far, timeline) from the latest sound checkpoint in `directory`,
-    or the start of the text.
+    """(state, nll buffer [N], seconds so far, timeline) from the latest sound checkpoint in `directory`
+    (`checkpoints.restore_latest`), or the start of the text.
 
-    A checkpoint that cannot be read or whose arrays do not hash to the digest saved with it is moved
-    to `corrupt_checkpoints/` beside `directory`, with a note saying why, and the one before it is tried.
     The cache starts on its shards of `mesh`; a checkpoint is restored onto the same shards, since the
     abstract arrays given to orbax carry the shardings of the fresh cache.
     """
@@ -554,51 +503,22 @@ def _restore_or_init(directory: pathlib.Path, meta: dict, model_config, spec, to
         state.cache = sharding.shard_cache(state.cache, mesh)
     nll = np.full((tokens.shape[0] - 1,), np.nan, np.float32)
     timeline = {"position": [], "seconds": [], "rss_bytes": [], "starts": []}
-    if not directory.is_dir():
-        return state, nll, 0.0, timeline
-    _remove_partial_steps(directory)
-    manager = _checkpoint_manager(directory)
-    try:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                restored = _restore_step(manager, step, state, nll)
-            except CorruptCheckpoint as problem:
-                _quarantine(directory, step, str(problem))
-                continue
-            _check_meta(restored.meta, meta, directory / str(step))
-            _note(f"resuming {meta['run']} from its checkpoint after {step} of {nll.shape[0]} predictions")
-            cache = state.cache
-            if cache is not None:
-                cache = flax.serialization.from_state_dict(cache, restored.state["cache"])
-            saved = restored.meta
-            position, nll = saved["position"], np.asarray(restored.state["nll"])
-            return evaluation.EvalState(position, cache), nll, saved["seconds"], saved.get("timeline", timeline)
-    finally:
-        manager.close()
-    return state, nll, 0.0, timeline
-
-
-class CorruptCheckpoint(Exception):
-    """A checkpoint step that cannot be read back as it was saved."""
-
-
-def _restore_step(manager: ocp.CheckpointManager, step: int, state, nll: np.ndarray):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state, nll))
     abstract["nll"] = nll
-    items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as error:  # orbax and tensorstore raise many types for missing or mangled files
-        raise CorruptCheckpoint(f"it cannot be read: {error.__class__.__name__}: {str(error)[:300]}") from error
+    restored = checkpoints.restore_latest(directory, abstract, lambda saved, path: _check_meta(saved, meta, path))
+    if restored is None:
+        return state, nll, 0.0, timeline
+    _note(f"resuming {meta['run']} from its checkpoint after {restored.step} of {nll.shape[0]} predictions")
+    cache = state.cache
+    if cache is not None:
+        cache = flax.serialization.from_state_dict(cache, restored.tree["cache"])
     saved = restored.meta
-    if not isinstance(saved, dict) or "digest" not in saved or "position" not in saved:
-        raise CorruptCheckpoint("its metadata has no digest or position")
-    if saved["position"] != step:
-        raise CorruptCheckpoint(f"its metadata says position {saved['position']}")
-    digest = state_digest(restored.state)
-    if digest != saved["digest"]:
-        raise CorruptCheckpoint(f"its arrays hash to {digest[:16]}..., not to the {saved['digest'][:16]}... saved")
-    return restored
+    return (
+        evaluation.EvalState(saved["position"], cache),
+        np.asarray(restored.tree["nll"]),
+        saved["seconds"],
+        saved.get("timeline", timeline),
+    )
 
 
 def _check_meta(saved: dict, meta: dict, path: pathlib.Path) -> None:
@@ -608,14 +528,6 @@ def _check_meta(saved: dict, meta: dict, path: pathlib.Path) -> None:
                 f"checkpoint {path} was saved with a different {key} "
                 f"({saved.get(key)!r} != {meta[key]!r}); delete the workdir or use another"
             )
-
-
-def _quarantine(directory: pathlib.Path, step: int, problem: str) -> None:
-    """Move a bad checkpoint step aside (never delete it), and say so."""
-    target = directory.parent / "corrupt_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(directory / str(step)), target)
-    _note(f"checkpoint {directory / str(step)} is corrupt ({problem}); moved to {target}, trying the one before")
 
 
 def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:

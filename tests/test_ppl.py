@@ -26,7 +26,7 @@ import pytest
 from conftest import cpu_devices_env, random_hf_llama, save_word_tokenizer
 
 from configs import ppl as ppl_config
-from streamjax import data, evaluation, experiment, families, loading, sharding
+from streamjax import checkpoints, data, evaluation, experiment, families, loading, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_TOKENS = 97  # 96 predictions: six chunks of 16, one compilation per cache shape
@@ -530,7 +530,7 @@ def _checkpoint_round_trip(model_config, params, tokens, mesh, directory: pathli
     restore = lambda: experiment._restore_or_init(directory, meta, model_config, spec, tokens, jnp.float32, mesh)
     state, nll, _, _ = restore()
     state, nll[:48] = evaluation.advance(params, model_config, tokens, spec, state, 48)
-    experiment._save(experiment._checkpoint_manager(directory), state, nll, dict(meta, position=48, seconds=1.0))
+    experiment._save(checkpoints.manager(directory), state, nll, dict(meta, position=48, seconds=1.0))
     restored, restored_nll, _, _ = restore()
     same_nll = np.array_equal(restored_nll, nll, equal_nan=True)  # NaN: predictions not made yet
     return {

@@ -147,6 +147,9 @@ def init_state(
         replicated = NamedSharding(mesh, PartitionSpec())
         step, sampler_key = jax.device_put((step, sampler_key), replicated)
     opt_state = jax.jit(make_optimizer(train_config).init)(_float32(params))
+    if mesh is not None:  # counters made from no input land on one device: replicate them over the mesh
+        on_mesh = lambda leaf: leaf if len(leaf.sharding.device_set) == mesh.size else jax.device_put(leaf, replicated)  # noqa: E731
+        opt_state = jax.tree.map(on_mesh, opt_state)
     return TrainState(params, opt_state, step, sampler_key)
 
 
@@ -187,7 +190,7 @@ def _train_step(state: TrainState, tokens: jax.Array, *, config, train_config, b
     params = jax.tree.map(lambda p, dtype: p.astype(dtype), optax.apply_updates(master, updates), dtypes)
     metrics = {
         "loss": value,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": learning_rate_schedule(train_config)(state.step),
     }
     return TrainState(params, opt_state, state.step + 1, sampler_key), metrics

@@ -105,3 +105,36 @@ def provenance() -> str:
 def add_footer(figure, text: str) -> None:
     """Write `text` (e.g. `provenance()`) small at the bottom of a matplotlib figure."""
     figure.text(0.01, 0.005, text, fontsize=5.5, color="0.35", ha="left", va="bottom", wrap=True)
+
+
+def plot_training(
+    path: str | os.PathLike,
+    histories: Mapping[str, Mapping],
+    layouts: list[str],
+    smoothing: int = 10,
+    title: str = "",
+    footer: str = "",
+) -> None:
+    """Save a PNG of training runs, one colour per run: the training loss per step (mean of the last
+    `smoothing` steps) with the held-out loss at each evaluation, and beside it the streaming perplexity
+    at the first and last cache layout of `layouts` (e.g. "0+64" solid, "4+60" dashed) against the step.
+    Each history has per-step `loss` and `evaluations` [{step, heldout_loss, ppl: {layout: value}}]."""
+    figure, (losses, ppl) = _figure(2, 1, width=12.0, height=4.5)
+    for index, (name, history) in enumerate(histories.items()):
+        colour = f"C{index}"
+        steps = np.arange(1, len(history["loss"]) + 1)
+        losses.plot(steps, running_log_ppl(np.asarray(history["loss"]), smoothing), color=colour, label=name, lw=1.0)
+        evaluations = history["evaluations"]
+        at = [row["step"] for row in evaluations]
+        losses.plot(at, [row["heldout_loss"] for row in evaluations], "o", color=colour, markersize=3)
+        for layout, style in zip((layouts[0], layouts[-1]), ("-", "--")):
+            ppl.plot(at, [row["ppl"][layout] for row in evaluations], style, color=colour, label=f"{name} {layout}")
+    losses.set_xlabel("step")
+    losses.set_ylabel(f"loss (line: training, mean of {smoothing} steps; dots: held-out)")
+    ppl.set_xlabel("step")
+    ppl.set_ylabel("held-out streaming perplexity")
+    ppl.set_yscale("log")
+    for axes in (losses, ppl):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    _finish(figure, path, title, footer)

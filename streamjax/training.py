@@ -264,8 +264,9 @@ def train(
     """Train `train_config.steps` steps on `tokens` [N], resuming from `directory`'s checkpoints.
 
     `meta` (JSON) identifies the job: a checkpoint saved with other `meta` is refused. `evaluate(params)`
-    (a dict of numbers), if given, runs every `evaluate_every` steps and after the last. Returns the final
-    state and the history: per step `loss`, `learning_rate`, `grad_norm` and compute `seconds`; `evaluations`.
+    (a dict of numbers), if given, runs before the first step, every `evaluate_every` steps and after the
+    last. Returns the final state and the history: per step `loss`, `learning_rate`, `grad_norm` and
+    compute `seconds`; `evaluations` [{step, **evaluate(params)}]; `starts` (the step of each start).
     A `stop` (`experiment.StopRequests`) that caught a signal saves the state after the step and stops.
     """
     check_train_config(train_config, config, tokens.shape[0], mesh)
@@ -280,6 +281,8 @@ def train(
     manager = checkpoints.manager(directory)
     bar = tqdm(total=train_config.steps, initial=int(state.step), unit="step", desc=description, disable=not progress)
     sample_tokens = train_config.batch_size * train_config.sample_length
+    if evaluate is not None and int(state.step) == 0 and not history["evaluations"]:
+        history["evaluations"].append({"step": 0, **evaluate(state.params)})
     while int(state.step) < train_config.steps:
         clock = time.perf_counter()
         state, metrics = step_fn(state, device_tokens)

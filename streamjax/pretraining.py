@@ -1,0 +1,373 @@
+"""Pre-training with attention sinks (the paper's Table 3): train variants alike, then stream them.
+
+`run(config, workdir)` is what `python -m experiments.pretrain` calls; the config fields are
+documented in `configs/pretrain_sink.py`. Every variant is the same Llama-shaped model trained on the
+same samples (same seed, steps and schedule) and differs in one thing:
+
+    vanilla      standard softmax, samples of plain text
+    sink_token   a learnable sink token (one extra vocabulary entry, `<sink>`) first in every training
+                 sample and every evaluated stream (data, not attention)
+    zero_sink    SoftMax-off-by-one: one extra logit 0 with a zero value (`ModelConfig.softmax`)
+    sink_logit   one learned logit per head with a zero value (gpt-oss's sinks)
+
+Data: the corpus text is cut at a paragraph break into training text and the last `heldout_fraction`
+of it, which training never sees. A byte-level BPE tokenizer of `vocab_size` entries (with `<sink>`)
+is trained on the training text only and saved once in the workdir.
+
+Each trained variant is evaluated with the exact streaming route (`streamjax.evaluation`, chunk route)
+over the first `eval_tokens` held-out tokens at the cache layouts S+(W-S) of `eval_sinks` with S + W =
+`eval_cache` (0 sinks: window attention), scoring the same targets for every variant (the sink token's
+own prediction of the first text token is dropped). The same evaluation runs every `evaluate_every`
+steps during training, which measures at what budget window attention starts to fail.
+
+Workdir layout:
+    config.json, lock        the config and its fingerprint (checked on restart); the process lock
+    tokenizer/               the trained tokenizer (transformers files)
+    <variant>/checkpoints/   orbax steps of the training state while training (`streamjax.training`)
+    <variant>/model/         the trained model: config.json, model.safetensors and tokenizer files,
+                             loadable by `experiments.ppl --config.model=...` (vanilla and sink_token
+                             also by transformers' LlamaForCausalLM; sink_token's tokenizer adds <sink>)
+    <variant>/summary.json   training history, evaluations, throughput; written last (its presence
+                             means the variant is done)
+    results.md, summary.json, loss.png   the table (the paper's Table 3 layout), all numbers, the plot
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from streamjax import benchmark, data, evaluation, experiment, export, plotting, training
+from streamjax.config import ModelConfig
+
+VARIANTS = {  # name: (sink token first in every sample and stream, softmax)
+    "vanilla": (False, "standard"),
+    "sink_token": (True, "standard"),
+    "zero_sink": (False, "zero_sink"),
+    "sink_logit": (False, "sink_logit"),
+}
+SINK_TOKEN = "<sink>"
+SPECIAL_TOKENS = ("<|endoftext|>", SINK_TOKEN)
+# Fields that change no number a run computes: a restart may change them.
+UNFINGERPRINTED_FIELDS = ("variants", "checkpoint_every", "matmul_repeats")
+
+
+def parse_variants(spec: str) -> list[str]:
+    """The variants of a comma-separated list, each one of `VARIANTS`, none twice."""
+    names = [name.strip() for name in str(spec).split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if not names or unknown:
+        raise ValueError(f"unknown variant {(unknown or [spec])[0]!r}; choose from {', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variants {spec!r} list a variant twice")
+    return names
+
+
+def parse_sinks(spec: str, cache: int) -> list[int]:
+    """The sink counts of `eval_sinks` ("0,1,2,4"), each in [0, cache)."""
+    try:
+        sinks = [int(part) for part in str(spec).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"eval_sinks must be comma-separated integers, got {spec!r}") from None
+    if not sinks or any(not 0 <= s < cache for s in sinks):
+        raise ValueError(f"eval_sinks {spec!r} must name sink counts in [0, eval_cache={cache})")
+    return sinks
+
+
+def model_config(config, variant: str) -> ModelConfig:
+    """The Llama-shaped ModelConfig of `config.model` for `variant` (its softmax), with `vocab_size`
+    entries and `sample_length` positions."""
+    m = config.model
+    return ModelConfig(
+        family="llama",
+        vocab_size=config.vocab_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.hidden_size // m.num_heads,
+        intermediate_size=m.intermediate_size,
+        norm_eps=1e-5,
+        tie_embeddings=m.tie_embeddings,
+        max_position_embeddings=config.sample_length,
+        rope_theta=float(m.rope_theta),
+        softmax=VARIANTS[variant][1],
+    )
+
+
+def train_config(config, sink_token: int | None) -> training.TrainConfig:
+    return training.TrainConfig(
+        batch_size=config.batch_size,
+        sample_length=config.sample_length,
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        final_learning_rate_ratio=config.final_learning_rate_ratio,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        sink_token=sink_token,
+        seed=config.seed,
+    )
+
+
+def check_config(config) -> list[str]:
+    """The variants to run, after checking every field that can be checked without data; ValueError else."""
+    variants = parse_variants(config.variants)
+    parse_sinks(config.eval_sinks, config.eval_cache)
+    if not 0 < config.heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {config.heldout_fraction}")
+    if config.vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (the bytes and the special tokens)")
+    for name in ("eval_tokens", "eval_cache", "checkpoint_every", "chunk_size", "heldout_samples"):
+        if config[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {config[name]}")
+    if config.evaluate_every < 0:
+        raise ValueError(f"evaluate_every must be >= 0 (0: only after training), got {config.evaluate_every}")
+    if config.model.hidden_size % config.model.num_heads:
+        raise ValueError(f"hidden_size {config.model.hidden_size} is not a multiple of num_heads")
+    mesh = experiment.build_mesh(config)
+    for variant in variants:  # the ModelConfig's and the TrainConfig's own checks, before any data is read
+        training.check_train_config(train_config(config, 1), model_config(config, variant), 1 << 62, mesh)
+    return variants
+
+
+def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
+    """(training text, held-out text): cut at the first paragraph break after (1 - fraction) of the text."""
+    cut = text.find("\n\n", int(len(text) * (1 - heldout_fraction)))
+    if cut < 0:
+        raise ValueError("the corpus has no paragraph break in its last part to cut the held-out text at")
+    return text[:cut], text[cut:]
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer (transformers' `PreTrainedTokenizerFast`) of `vocab_size` entries trained
+    on `text`, with `SPECIAL_TOKENS` first; it adds no special token to a call."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(data.text_pieces(iter([text])), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=SPECIAL_TOKENS[0])
+
+
+def with_sink_token(tokenizer):
+    """A copy of `tokenizer` that puts `<sink>` (as its BOS) before the tokens of every call."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    sink = backend.token_to_id(SINK_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{SINK_TOKEN} $A", special_tokens=[(SINK_TOKEN, sink)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SINK_TOKEN, eos_token=SPECIAL_TOKENS[0])
+
+
+def tokenize(tokenizer, text: str) -> np.ndarray:
+    """Token ids int32 [N] of `text`, tokenized in paragraph-aligned pieces (`data.text_pieces`)."""
+    encodings = tokenizer.backend_tokenizer.encode_batch(list(data.text_pieces(iter([text]))), add_special_tokens=False)
+    return np.concatenate([np.asarray(encoding.ids, np.int32) for encoding in encodings])
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The tokenized data of a run: training tokens, held-out tokens and the tokenizer."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    tokenizer: Any
+
+    @property
+    def sink_token(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(SINK_TOKEN)
+
+
+def prepare_corpus(config, workdir: pathlib.Path) -> Corpus:
+    """Split the corpus, train the tokenizer on the training text (or read the one saved in the workdir)
+    and tokenize both parts; ValueError when the held-out text is shorter than what is evaluated."""
+    from transformers import PreTrainedTokenizerFast
+
+    train_text, heldout_text = split_text(data.load_text(config.data), config.heldout_fraction)
+    saved = workdir / "tokenizer"
+    if (saved / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(saved)
+    else:
+        tokenizer = train_tokenizer(train_text, config.vocab_size)
+        partial = workdir / "tokenizer.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        tokenizer.save_pretrained(partial)
+        partial.rename(saved)
+    corpus = Corpus(tokenize(tokenizer, train_text), tokenize(tokenizer, heldout_text), tokenizer)
+    needed = max(config.eval_tokens, config.sample_length + 1)
+    if corpus.heldout.shape[0] < needed:
+        raise ValueError(
+            f"the held-out text has {corpus.heldout.shape[0]} tokens, fewer than eval_tokens or one sample "
+            f"({needed}): raise heldout_fraction or lower eval_tokens"
+        )
+    return corpus
+
+
+def layout_name(num_sinks: int, cache: int) -> str:
+    return f"{num_sinks}+{cache - num_sinks}"
+
+
+def stream_ppl(params: dict, config: ModelConfig, corpus: Corpus, run_config, sink_token: bool) -> dict[str, float]:
+    """Perplexity over the first `eval_tokens` held-out tokens at each cache layout of `eval_sinks`
+    (exact streaming, chunk route); a sink-token model reads `<sink>` first, whose own prediction of
+    text token 0 is not scored, so every variant scores text tokens 1 .. eval_tokens - 1."""
+    text = corpus.heldout[: run_config.eval_tokens]
+    stream = np.concatenate([[corpus.sink_token], text]).astype(np.int32) if sink_token else text
+    results = {}
+    for num_sinks in parse_sinks(run_config.eval_sinks, run_config.eval_cache):
+        window = run_config.eval_cache - num_sinks
+        spec = evaluation.EvalSpec("streaming", num_sinks, window, "chunk", run_config.chunk_size)
+        nll = evaluation.evaluate(params, config, stream, spec)[1 if sink_token else 0 :]
+        results[layout_name(num_sinks, run_config.eval_cache)] = math.exp(float(np.mean(nll, dtype=np.float64)))
+    return results
+
+
+def fingerprint(config) -> dict[str, Any]:
+    return {key: value for key, value in config.to_dict().items() if key not in UNFINGERPRINTED_FIELDS}
+
+
+def run(config, workdir, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate every variant of `config`, resuming what `workdir` holds; the summary dict."""
+    variants = check_config(config)
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    _check_workdir(workdir, config)
+    data.corpus_files(config.data)
+    mesh = experiment.build_mesh(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with experiment.workdir_lock(workdir), experiment.StopRequests() as stop:
+        if not (workdir / "config.json").is_file():
+            experiment._write_json(workdir / "config.json", {"fingerprint": fingerprint(config)})
+        corpus = prepare_corpus(config, workdir)
+        matmul = benchmark.measure_matmul(2048, np.float32, config.matmul_repeats)["flops_per_s"]
+        summaries = {
+            variant: run_variant(config, variant, corpus, workdir / variant, mesh, matmul, progress, stop)
+            for variant in variants
+        }
+        return report(config, workdir, summaries)
+
+
+def _check_workdir(workdir: pathlib.Path, config) -> None:
+    saved = workdir / "config.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())["fingerprint"]
+        if before != json.loads(json.dumps(fingerprint(config))):
+            changed = sorted(
+                k for k in set(before) | set(fingerprint(config)) if before.get(k) != fingerprint(config).get(k)
+            )
+            raise ValueError(
+                f"workdir {workdir} holds a run of another config (fields {', '.join(changed)} differ); "
+                "use another --workdir or the same config"
+            )
+
+
+def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, matmul_flops, progress, stop) -> dict:
+    """Train one variant (resuming), evaluate it, save its model; its summary (read back if done)."""
+    if (directory / "summary.json").is_file():
+        return json.loads((directory / "summary.json").read_text())
+    sink_first = VARIANTS[variant][0]
+    model = model_config(config, variant)
+    tc = train_config(config, corpus.sink_token if sink_first else None)
+    windows = training.heldout_windows(corpus.heldout, tc, config.heldout_samples)
+
+    def evaluate(params: dict) -> dict:
+        return {
+            "heldout_loss": training.heldout_loss(params, model, windows, tc),
+            "ppl": stream_ppl(params, model, corpus, config, sink_first),
+        }
+
+    meta = {"fingerprint": fingerprint(config), "variant": variant, "tokens_sha256": _sha256(corpus.train)}
+    state, history = training.train(
+        model, tc, corpus.train, directory / "checkpoints", meta=meta, mesh=mesh,
+        checkpoint_every=config.checkpoint_every, evaluate=evaluate, evaluate_every=config.evaluate_every,
+        progress=progress, stop=stop, description=variant,
+    )  # fmt: skip
+    tokenizer = with_sink_token(corpus.tokenizer) if sink_first else corpus.tokenizer
+    export.save_model(directory / "model", jax.device_get(state.params), model, tokenizer=tokenizer)
+    summary = {
+        "variant": variant,
+        "softmax": model.softmax,
+        "sink_token": tc.sink_token,
+        "final": history["evaluations"][-1],
+        "throughput": throughput(state.params, model, tc, history, matmul_flops),
+        "history": history,
+    }
+    experiment._write_json(directory / "summary.json", summary)
+    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, history: dict, matmul_flops: float) -> dict:
+    """Training tokens/s (median step after the first two, which compile) and FLOP/s against the measured
+    [2048 x 2048] float32 matmul: 3x the forward FLOPs (`benchmark.flops_per_token`, every key of the sample)."""
+    seconds = float(np.median(history["seconds"][2:] or history["seconds"]))
+    tokens = tc.batch_size * tc.sample_length
+    flops = 3 * benchmark.flops_per_token(params, config, tc.sample_length)
+    return {
+        "median_step_s": seconds,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / seconds,
+        "flops_per_token": flops,
+        "flops_per_s": flops * tokens / seconds,
+        "matmul_flops_per_s": matmul_flops,
+        "matmul_fraction": flops * tokens / seconds / matmul_flops,
+    }
+
+
+def report(config, workdir: pathlib.Path, summaries: dict[str, dict]) -> dict[str, Any]:
+    """Write results.md, summary.json and loss.png from the variants' summaries; the summary dict."""
+    layouts = [layout_name(s, config.eval_cache) for s in parse_sinks(config.eval_sinks, config.eval_cache)]
+    lines = [
+        "| variant | held-out loss | " + " | ".join(layouts) + " |",
+        "|---|---:|" + "---:|" * len(layouts),
+    ]
+    for name, summary in summaries.items():
+        final = summary["final"]
+        ppl = " | ".join(f"{final['ppl'][layout]:.2f}" for layout in layouts)
+        lines.append(f"| {name} | {final['heldout_loss']:.4f} | {ppl} |")
+    made_by = plotting.provenance()
+    table = "\n".join(lines) + "\n"
+    heading = (
+        f"Perplexity over {config.eval_tokens} held-out tokens at each cache layout (S+W), after {config.steps} steps."
+    )
+    (workdir / "results.md").write_text(f"{heading}\n\n{table}")
+    print(table)
+    histories = {name: summary["history"] for name, summary in summaries.items()}
+    title = f"{config.steps} steps of {config.batch_size} x {config.sample_length} tokens"
+    plotting.plot_training(workdir / "loss.png", histories, layouts, title=title, footer=made_by)
+    result = {
+        "config": config.to_dict(),
+        "made_by": made_by,
+        "variants": {n: _compact(s) for n, s in summaries.items()},
+    }
+    experiment._write_json(workdir / "summary.json", result)
+    return result
+
+
+def _compact(summary: dict) -> dict:
+    """A variant's summary without the per-step lists (they stay in <variant>/summary.json)."""
+    history = summary["history"]
+    return {**{k: v for k, v in summary.items() if k != "history"}, "evaluations": history["evaluations"]}
+
+
+def _sha256(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()

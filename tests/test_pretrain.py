@@ -1,0 +1,231 @@
+"""The pre-training experiment (`streamjax.pretraining`, `python -m experiments.pretrain`) at a tiny size on
+real text: every variant trains and streams, the loss drops, the trained models load in experiments.ppl
+and transformers, a run killed with SIGKILL resumes to bitwise-equal weights, and bad input is refused
+before anything compiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ppl as ppl_config
+from configs import pretrain_sink
+from streamjax import data, experiment, loading, pretraining, training, weights
+from streamjax.model import forward
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.real_assets
+
+TINY_FIELDS = {
+    "vocab_size": 512, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
+    "model.num_kv_heads": 2, "model.intermediate_size": 96, "sample_length": 32, "batch_size": 8, "steps": 40,
+    "learning_rate": 1e-2, "warmup_steps": 4, "eval_cache": 16, "eval_tokens": 300, "evaluate_every": 20,
+    "heldout_samples": 8, "chunk_size": 16, "checkpoint_every": 15, "matmul_repeats": 1,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def text_file(austen_text, tmp_path_factory) -> pathlib.Path:
+    """The first 300,000 characters of Austen (Pride and Prejudice), as a corpus file."""
+    path = tmp_path_factory.mktemp("text") / "austen_start.txt"
+    path.write_text(austen_text.read_text()[:300_000])
+    return path
+
+
+def tiny_config(text_file: pathlib.Path, **changes):
+    config = pretrain_sink.get_config()
+    config.update_from_flattened_dict({"data": str(text_file), **TINY_FIELDS, **changes})
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished(text_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = tiny_config(text_file)
+    return config, workdir, pretraining.run(config, workdir, progress=False)
+
+
+def test_every_variant_trains_and_the_table_is_written(finished):
+    config, workdir, summary = finished
+    assert list(summary["variants"]) == list(pretraining.VARIANTS)
+    table = (workdir / "results.md").read_text()
+    for name, variant in summary["variants"].items():
+        final = variant["final"]
+        assert final["step"] == config.steps
+        assert list(final["ppl"]) == ["0+16", "1+15", "2+14", "4+12"]
+        row = f"| {name} | {final['heldout_loss']:.4f} | " + " | ".join(f"{v:.2f}" for v in final["ppl"].values())
+        assert row in table
+        assert [row["step"] for row in variant["evaluations"]] == [0, 20, 40]
+        assert variant["throughput"]["tokens_per_s"] > 0 and 0 < variant["throughput"]["matmul_fraction"] < 1
+        assert (workdir / name / "summary.json").is_file() and not (workdir / name / "checkpoints").exists()
+    assert (workdir / "loss.png").stat().st_size > 10_000
+
+
+def test_real_text_lowers_the_held_out_loss_by_a_stated_margin(finished):
+    """40 steps of 8 x 32 tokens: the held-out loss falls from ln(512) = 6.24 (uniform) by more than 0.8 nats"""
+    _, _, summary = finished
+    for name, variant in summary["variants"].items():
+        first, last = variant["evaluations"][0]["heldout_loss"], variant["final"]["heldout_loss"]
+        assert first == pytest.approx(np.log(512), abs=0.05), name
+        assert last < first - 0.8, (name, first, last)
+
+
+def test_the_variants_differ_only_in_what_they_claim(finished):
+    config, workdir, _ = finished
+    loaded = {name: loading.load_model(str(workdir / name / "model")) for name in pretraining.VARIANTS}
+    softmax = {name: model_config.softmax for name, (model_config, _, _) in loaded.items()}
+    assert softmax == {
+        "vanilla": "standard",
+        "sink_token": "standard",
+        "zero_sink": "zero_sink",
+        "sink_logit": "sink_logit",
+    }
+    sink_logits = np.stack([np.asarray(layer["sink_logit"]) for layer in loaded["sink_logit"][1]["layers"]])
+    assert sink_logits.shape == (2, 4) and np.all(sink_logits != 0)  # trained away from their init of 0
+    sink = loaded["sink_token"][2].convert_tokens_to_ids(pretraining.SINK_TOKEN)
+    assert loaded["sink_token"][2]("It is a truth").input_ids[0] == sink
+    assert sink not in loaded["vanilla"][2]("It is a truth").input_ids
+
+
+def test_a_trained_model_streams_through_experiments_ppl_with_the_same_numbers(finished, tmp_path):
+    config, workdir, summary = finished
+    _, heldout = pretraining.split_text(data.load_text(config.data), config.heldout_fraction)
+    heldout_file = tmp_path / "heldout.txt"
+    heldout_file.write_text(heldout)
+    ppl = ppl_config.get_config()
+    ppl.update(
+        model=str(workdir / "vanilla" / "model"), data=str(heldout_file), method="streaming", num_sinks=2,
+        window=14, num_tokens=config.eval_tokens, chunk_size=config.chunk_size, checkpoint_every=0,
+    )  # fmt: skip
+    result = experiment.run(ppl, tmp_path / "ppl", progress=False)
+    assert result["runs"][0]["ppl"] == pytest.approx(summary["variants"]["vanilla"]["final"]["ppl"]["2+14"], rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "sink_token"])
+def test_plain_llama_variants_load_in_transformers_with_the_same_logits(finished, variant):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    _, workdir, _ = finished
+    directory = workdir / variant / "model"
+    config, params, tokenizer = loading.load_model(str(directory))
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    ids = hf_tokenizer("It is a truth universally acknowledged, that a single man").input_ids
+    assert ids == tokenizer("It is a truth universally acknowledged, that a single man").input_ids
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.as_tensor([ids])).logits.numpy()
+    got = np.asarray(forward(params, None, np.asarray([ids]), config).logits)
+    assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_transformers_refuses_a_sink_softmax_model_it_would_compute_wrongly(finished):
+    from transformers import AutoConfig
+
+    _, workdir, _ = finished
+    hf = weights.read_hf_config(workdir / "zero_sink" / "model")
+    assert hf["model_type"] == "llama_attention_sink" and hf["softmax"] == "zero_sink"
+    with pytest.raises((ValueError, KeyError)):
+        AutoConfig.from_pretrained(workdir / "zero_sink" / "model")
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGKILL at any moment, then the same command again: bitwise the same trained model.
+
+KILL_MOMENTS = {"mid_training": "step:20", "inside_a_save": "save:30", "before_export": "export"}
+
+
+def _child(moment: str, overrides: dict, case: pathlib.Path) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "tests" / "killed_pretrain.py"), json.dumps(overrides), str(case / "w")]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+    )
+    log = open(case / "log", "w")  # noqa: SIM115  (the child writes it while it lives)
+    return subprocess.Popen([*command, moment, str(case / "ready")], cwd=REPO, env=env, stdout=log, stderr=log)
+
+
+@pytest.mark.parametrize("when", list(KILL_MOMENTS))
+def test_a_run_killed_at_any_moment_resumes_to_bitwise_equal_weights(finished, text_file, tmp_path, when):
+    config, workdir, _ = finished
+    overrides = {"data": str(text_file), **TINY_FIELDS, "variants": "vanilla"}
+    child = _child(KILL_MOMENTS[when], overrides, tmp_path)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "ready").exists():
+        assert child.poll() is None, f"the run ended before {when}: {(tmp_path / 'log').read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached the moment"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    resumed = pretraining.run(tiny_config(text_file, variants="vanilla"), tmp_path / "w", progress=False)
+    history = json.loads((tmp_path / "w" / "vanilla" / "summary.json").read_text())["history"]
+    assert history["starts"] == {"mid_training": [0, 15], "inside_a_save": [0, 15], "before_export": [0, 30]}[when]
+    want = weights.read_safetensors(workdir / "vanilla" / "model" / "model.safetensors")
+    got = weights.read_safetensors(tmp_path / "w" / "vanilla" / "model" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    assert all(np.array_equal(got[name], want[name]) for name in want)
+    assert resumed["variants"]["vanilla"]["final"] == finished[2]["variants"]["vanilla"]["final"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything compiles.
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"variants": "vanilla,sink"}, "unknown variant 'sink'"),
+        ({"variants": "vanilla,vanilla"}, "list a variant twice"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"batch_size": 0}, "batch_size must be > 0"),
+        ({"eval_sinks": "0,16"}, "eval_sinks '0,16' must name sink counts in"),
+        ({"heldout_fraction": 0.001}, "the held-out text has"),
+        ({"mesh": "data=2"}, "does not fit this machine"),
+        ({"model.num_heads": 5}, "not a multiple of num_heads"),
+    ],
+)
+def test_bad_input_is_refused_before_compiling(text_file, tmp_path, monkeypatch, changes, message):
+    monkeypatch.setattr(training, "make_train_step", _never)
+    monkeypatch.setattr(training, "init_state", _never)
+    with pytest.raises(ValueError, match=message):
+        pretraining.run(tiny_config(text_file, **changes), tmp_path / "w", progress=False)
+    assert not list((tmp_path / "w").glob("*/checkpoints"))
+
+
+def test_a_sample_longer_than_the_positions_is_refused(text_file):
+    config = tiny_config(text_file)
+    model = pretraining.model_config(config, "vanilla")
+    with pytest.raises(ValueError, match="beyond the model's 32 positions"):
+        training.check_train_config(training.TrainConfig(sample_length=33), model, 10_000, None)
+
+
+def test_a_workdir_of_another_config_is_refused(finished, text_file):
+    _, workdir, _ = finished
+    with pytest.raises(ValueError, match="fields steps differ"):
+        pretraining.run(tiny_config(text_file, steps=41), workdir, progress=False)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("compiled before the input was checked")
+
+
+def test_the_tokenizer_is_trained_deterministically_on_the_training_text_only(text_file):
+    train_text, heldout = pretraining.split_text(text_file.read_text(), 0.05)
+    assert heldout.startswith("\n\n") and train_text + heldout == text_file.read_text()
+    first, second = (pretraining.train_tokenizer(train_text, 512) for _ in range(2))
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+    assert first.convert_tokens_to_ids(pretraining.SINK_TOKEN) == 1
+    ids = pretraining.tokenize(first, heldout)
+    assert first.decode(ids.tolist()) == heldout
+    assert jnp.asarray(ids).dtype == jnp.int32 and jax.device_get(ids).max() < 512

@@ -8,7 +8,8 @@ A chunk's queries see up to three key blocks (see `streamjax.cache`), each with 
 sinks [S], every cache slot [C] (its sink slots masked: they are the sink block) and the chunk's own
 keys [T]. The cache is read where it lies, so no layer copies it, and the blocks are scored separately
 and normalised by one softmax in float32, never concatenated. A block with no keys (no sinks, or no
-cache) is left out when the program is traced.
+cache) is left out when the program is traced. A sink softmax (`ModelConfig.softmax`) adds one more
+term, with no value, to that softmax's denominator.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class LayerOutputs(NamedTuple):
 
     keys, values: [B, K, T, H] the chunk's keys (before RoPE) and values, for the cache.
     weights: [B, N, T, S + C + T] the softmax weights over sinks, cache slots (sink slots 0) and the
-        chunk. Only computed when a caller returns them: jit drops outputs nobody uses.
+        chunk. Only computed when a caller returns them: jit drops outputs nobody uses. With a sink
+        softmax (`ModelConfig.softmax` "zero_sink", "sink_logit") they are the weights of the real keys
+        alone and sum to 1 minus the sink term's share.
     """
 
     keys: jax.Array
@@ -50,7 +53,8 @@ def self_attention(
     """Self-attention of the normed input h [B, T, D] through one layer's cache entry -> [B, T, D].
 
     Params: `qkv` [D, K, G + 2, H] (per kv head its G queries, its key, its value: one matrix product
-    for all three), `o` [N, H, D], optional `qkv_bias` [K, G + 2, H] and `o_bias` [D].
+    for all three), `o` [N, H, D], optional `qkv_bias` [K, G + 2, H] and `o_bias` [D], and with
+    `config.softmax == "sink_logit"` the learned sink logits `sink_logit` [N].
     """
     batch, length, dim = h.shape
     qkv = _add_bias(jnp.einsum("btd,dkph->btkph", h, p["qkv"]), p.get("qkv_bias"))  # [B, T, K, G + 2, H]
@@ -59,26 +63,36 @@ def self_attention(
     group = qkv.shape[3] - 2
     queries = qkv[:, :, :, :group].transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     keys, values = (qkv[:, :, :, part].transpose(0, 2, 1, 3) for part in (group, group + 1))  # [B, K, T, H]
-    attended, weights = sink_window_attention(queries, keys, values, layer_cache, plan, config)
+    sink = sink_scores(config, p.get("sink_logit"))
+    attended, weights = sink_window_attention(queries, keys, values, layer_cache, plan, config, sink)
     attended = attended.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)  # [B, T, N * H]
     out = _add_bias(attended @ p["o"].reshape(-1, dim), p.get("o_bias"))
     return out, LayerOutputs(keys, values, weights)
 
 
 def sink_window_attention(
-    queries: jax.Array, keys: jax.Array, values: jax.Array, layer_cache: LayerCache | None, plan: ChunkPlan, config
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    layer_cache: LayerCache | None,
+    plan: ChunkPlan,
+    config: ModelConfig,
+    sink: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of queries [B, K, G, T, H] over the sinks, the cache slots and the chunk's own keys and
-    values [B, K, T, H] (before RoPE). Returns the output [B, K, G, T, H] in the values' dtype and the
-    weights [B, N, T, S + C + T] (see `LayerOutputs`)."""
+    values [B, K, T, H] (before RoPE). `sink` (`sink_scores`): one more logit per query head, [K, G, 1, 1]
+    or a scalar, with no value, in every softmax; None for the standard softmax. Returns the output
+    [B, K, G, T, H] in the values' dtype and the weights [B, N, T, S + C + T] (see `LayerOutputs`)."""
     blocks = _key_blocks(queries, keys, values, layer_cache, plan, config)
     scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
     scores = [_block_scores(block, config, scale) for block in blocks]
     # One softmax over the blocks without concatenating them: a shared max, each block's exponentials,
     # and the normalisation applied to the [.., H] output rather than to the weights.
     peak = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+    peak = peak if sink is None else jnp.maximum(peak, sink)
     exponentials = [jnp.exp(s - peak) for s in scores]
     total = sum(jnp.sum(e, axis=-1, keepdims=True) for e in exponentials)
+    total = total if sink is None else total + jnp.exp(sink - peak)  # the sink adds weight but no value
     attended = sum(
         _head_matmul(e.astype(block.values.dtype), block.values, right_contracting=2)
         for e, block in zip(exponentials, blocks)
@@ -86,6 +100,16 @@ def sink_window_attention(
     weights = jnp.concatenate(exponentials, axis=-1) / total
     weights = weights.reshape(weights.shape[0], -1, *weights.shape[3:])  # [B, N, T, keys]
     return (attended / total).astype(values.dtype), weights  # a cache dtype must not leak into activations
+
+
+def sink_scores(config: ModelConfig, sink_logit: jax.Array | None) -> jax.Array | None:
+    """The extra logit of `config.softmax` in float32: None ("standard"), 0 ("zero_sink") or the layer's
+    learned `sink_logit` [N] as [K, G, 1, 1] ("sink_logit": query head n is g of kv head n // G)."""
+    if config.softmax == "standard":
+        return None
+    if config.softmax == "zero_sink":
+        return jnp.zeros((), jnp.float32)
+    return sink_logit.astype(jnp.float32).reshape(config.num_kv_heads, -1, 1, 1)
 
 
 class _Block(NamedTuple):

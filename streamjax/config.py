@@ -41,6 +41,9 @@ HF_METADATA_FIELDS = frozenset(
 
 RESIDUAL_LAYOUTS = ("sequential", "parallel", "parallel_shared_norm")
 
+# The attention softmax: "standard", or one with an extra sink term (see `ModelConfig`).
+SOFTMAX_VARIANTS = ("standard", "zero_sink", "sink_logit")
+
 
 # Keys a RoPE mapping (`rope_parameters`, or the older `rope_scaling`) may hold for each rope type
 # streamjax computes, besides `rope_type` (or `type`), `rope_theta` and `partial_rotary_factor`.
@@ -68,6 +71,12 @@ class ModelConfig:
     1/sqrt(head_dim)); `clip_qkv` clamps queries, keys and values to [-c, c]; `hidden_act` the MLP
     activation (`families.blocks.ACTIVATIONS`); `residual_layout` is "sequential" (x + attn, then + mlp),
     "parallel" (x + attn(norm_a(x)) + mlp(norm_m(x))) or "parallel_shared_norm" (both read one norm).
+
+    `softmax` (every family) is the attention softmax: "standard"; "zero_sink", softmax-off-by-one (one
+    more logit fixed at 0, with a zero value and no position bias, in every softmax); or "sink_logit",
+    one learned logit per query head (param `sink_logit` [N] per layer, as gpt-oss's `sinks`) added
+    unscaled to each head's softmax, with no value, position bias or mask. The sink takes a share of
+    each softmax, so the weights over the real keys sum to less than 1.
     """
 
     family: str
@@ -92,6 +101,7 @@ class ModelConfig:
     clip_qkv: float | None = None
     hidden_act: str = "silu"
     residual_layout: str = "sequential"
+    softmax: str = "standard"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -106,6 +116,8 @@ class ModelConfig:
             raise UnsupportedConfigError(
                 f"unknown residual_layout {self.residual_layout!r}: use one of {RESIDUAL_LAYOUTS}"
             )
+        if self.softmax not in SOFTMAX_VARIANTS:
+            raise UnsupportedConfigError(f"unknown softmax {self.softmax!r}: use one of {SOFTMAX_VARIANTS}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:

@@ -86,6 +86,7 @@ def attention_specs(config: ModelConfig, bias: bool) -> dict:
 
     qkv holds, per kv head, its G query heads, then its key and its value head (query head n is
     g of kv head n // G), so one matrix product projects all three and "kv_heads" shards them alike.
+    A model with `config.softmax == "sink_logit"` adds the learned sink logits `sink_logit` [N] (zeros).
     """
     D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     parts = N // K + 2
@@ -96,6 +97,8 @@ def attention_specs(config: ModelConfig, bias: bool) -> dict:
     if bias:
         specs["qkv_bias"] = ParamSpec((K, parts, H), ("kv_heads", "parts", "head_dim"), init="zeros")
         specs["o_bias"] = ParamSpec((D,), ("embed",), init="zeros")
+    if config.softmax == "sink_logit":
+        specs["sink_logit"] = ParamSpec((N,), ("heads",), init="zeros")
     return specs
 
 

@@ -4,6 +4,10 @@ Letters: B streams, T new tokens, D model dim, F MLP dim, H head dim.
 
 A pre-norm block with RMSNorm, attention (`attention.self_attention`) and the gated SiLU MLP, whose
 gate and up projections are one [D, 2, F] matrix (`gate_up`).
+
+A Llama with a sink softmax (`ModelConfig.softmax`) is saved with `"model_type": "llama_attention_sink"`
+(so that transformers refuses it rather than computing a standard softmax) and `"softmax": "zero_sink"`
+or `"sink_logit"`; its learned logits are `model.layers.{i}.self_attn.sinks` [N] (gpt-oss's name).
 """
 
 from __future__ import annotations
@@ -18,18 +22,19 @@ import numpy as np
 from streamjax import params as P
 from streamjax.attention import LayerCache, LayerOutputs, self_attention
 from streamjax.cache import ChunkPlan
-from streamjax.config import ModelConfig, check_known_fields, require, rope_from_hf
+from streamjax.config import SOFTMAX_VARIANTS, ModelConfig, check_known_fields, require, rope_from_hf
 from streamjax.families.blocks import add_bias, rms_norm
 
 NAME = "llama"
-HF_MODEL_TYPES = ("llama",)
+HF_MODEL_TYPES = ("llama", "llama_attention_sink")
+SINK_MODEL_TYPE = "llama_attention_sink"
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
 
 _HANDLED_FIELDS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-    "mlp_bias", "pretraining_tp",
+    "mlp_bias", "pretraining_tp", "softmax",
 }  # fmt: skip
 
 
@@ -37,6 +42,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face `LlamaConfig` dict (old `rope_scaling` or new `rope_parameters`)."""
     check_known_fields(hf, _HANDLED_FIELDS, NAME)
     require(hf.get("hidden_act", "silu") == "silu", f"llama hidden_act {hf.get('hidden_act')!r} is not supported")
+    softmax = _softmax_from_hf(hf)
     rope = rope_from_hf(hf, NAME, ("default", "linear", "llama3"))
     require(rope.partial_rotary_factor == 1.0, "llama partial_rotary_factor other than 1 is not supported")
     num_heads = hf["num_attention_heads"]
@@ -56,7 +62,26 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         mlp_bias=hf.get("mlp_bias", False),
         rope_theta=rope.theta,
         rope_scaling=rope.scaling,
+        softmax=softmax,
     )
+
+
+def _softmax_from_hf(hf: Mapping[str, Any]) -> str:
+    """The softmax of a Llama config: "standard" for model_type "llama", its `softmax` field for a sink model."""
+    softmax = hf.get("softmax")
+    if hf.get("model_type") != SINK_MODEL_TYPE:
+        require(
+            softmax is None,
+            f'llama config sets softmax={softmax!r}: a sink-softmax Llama has "model_type": "{SINK_MODEL_TYPE}" '
+            "(which transformers refuses instead of computing a standard softmax); remove the field otherwise",
+        )
+        return "standard"
+    require(
+        softmax in SOFTMAX_VARIANTS and softmax != "standard",
+        f'model_type "{SINK_MODEL_TYPE}" needs "softmax" set to "zero_sink" or "sink_logit", got {softmax!r} '
+        '(a standard Llama is model_type "llama")',
+    )
+    return softmax
 
 
 def layer_specs(config: ModelConfig) -> dict:
@@ -94,6 +119,8 @@ def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
         ),
         P.TensorRule(f"{layer}.mlp.down_proj.weight", ("layers", "down"), np.transpose),
     ]
+    if config.softmax == "sink_logit":
+        rules.append(P.TensorRule(f"{layer}.self_attn.sinks", ("layers", "sink_logit")))
     if config.mlp_bias:
         rules += [
             P.TensorRule(

@@ -4,6 +4,10 @@ It reads Hugging Face weights by their Hugging Face names (not streamjax's param
 layer, a plain list of every token's key (before RoPE) and value. For the token at stream index t it
 keeps the first S and the last W tokens before t plus t itself, assigns them positions 0, 1, ... in
 that order (positions within the cache), and attends with those positions.
+
+`softmax` (`ModelConfig.softmax`) written as what it means: "zero_sink" prepends a key and a value of
+zeros (its logit q.0 is 0 at any position), "sink_logit" prepends a column holding each head's learned
+logit `model.layers.{i}.self_attn.sinks` [N] and a value of zeros.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ def _rope(x, position, inv_freq):
     return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
-def llama_stream_logits(state_dict, hf_config, tokens, num_sinks: int, window: int, inv_freq) -> np.ndarray:
+def llama_stream_logits(
+    state_dict, hf_config, tokens, num_sinks: int, window: int, inv_freq, softmax: str = "standard"
+) -> np.ndarray:
     """Logits [T, V] of one stream of `tokens`, one token at a time (float64)."""
     sd = {name: np.asarray(value, np.float64) for name, value in state_dict.items()}
     num_layers, num_heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
@@ -54,7 +60,11 @@ def llama_stream_logits(state_dict, hf_config, tokens, num_sinks: int, window: i
             v = np.stack([values[layer][j] for j in kept])
             group = num_heads // num_kv_heads
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+            if softmax != "standard":  # one more key and value, both zeros: its logit q.0 is 0
+                k, v = (np.concatenate([np.zeros_like(a[:1]), a]) for a in (k, v))
             scores = np.einsum("nh,snh->ns", q, k) / np.sqrt(head_dim)
+            if softmax == "sink_logit":  # that column's logit is instead the head's learned one, unscaled
+                scores[:, 0] = p("self_attn.sinks")
             weights = np.exp(scores - scores.max(-1, keepdims=True))
             weights /= weights.sum(-1, keepdims=True)
             attended = np.einsum("ns,snh->nh", weights, v).reshape(-1)

@@ -63,6 +63,8 @@ def get_config(arg=None):
     config.checkpoint_every = 50
     # "" runs on the default device; e.g. "data=8" or "data=4,model=2" (see streamjax/sharding.py).
     config.mesh = ""
+    # Params' dtype: "float32" or "bfloat16" (the optimizer state stays float32; models are saved in float32).
+    config.dtype = "float32"
     # Repeats of the [2048 x 2048] matmul that the training throughput is compared with.
     config.matmul_repeats = 5
     return config

@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from streamjax import benchmark, data, evaluation, experiment, export, plotting, training
+from streamjax import benchmark, data, evaluation, experiment, export, loading, plotting, training
 from streamjax.config import ModelConfig
 
 VARIANTS = {  # name: (sink token first in every sample and stream, softmax)
@@ -133,6 +133,7 @@ def check_config(config) -> list[str]:
         raise ValueError(f"evaluate_every must be >= 0 (0: only after training), got {config.evaluate_every}")
     if config.model.hidden_size % config.model.num_heads:
         raise ValueError(f"hidden_size {config.model.hidden_size} is not a multiple of num_heads")
+    loading.parse_dtype(config.dtype)
     mesh = experiment.build_mesh(config)
     for variant in variants:  # the ModelConfig's and the TrainConfig's own checks, before any data is read
         training.check_train_config(train_config(config, 1), model_config(config, variant), 1 << 62, mesh)
@@ -296,8 +297,9 @@ def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, 
         }
 
     meta = {"fingerprint": fingerprint(config), "variant": variant, "tokens_sha256": _sha256(corpus.train)}
+    dtype = loading.parse_dtype(config.dtype)
     state, history = training.train(
-        model, tc, corpus.train, directory / "checkpoints", meta=meta, mesh=mesh,
+        model, tc, corpus.train, directory / "checkpoints", meta=meta, mesh=mesh, dtype=dtype,
         checkpoint_every=config.checkpoint_every, evaluate=evaluate, evaluate_every=config.evaluate_every,
         progress=progress, stop=stop, description=variant,
     )  # fmt: skip

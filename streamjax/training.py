@@ -103,8 +103,10 @@ def check_train_config(train_config: TrainConfig, config: ModelConfig, num_token
             f"sample_length {tc.sample_length} is beyond the model's {config.max_position_embeddings} positions "
             "(max_position_embeddings): shorten the samples or give the model more positions"
         )
-    if not 0 <= tc.warmup_steps <= tc.steps:
-        raise ValueError(f"warmup_steps must lie in [0, steps={tc.steps}], got {tc.warmup_steps}")
+    if not 0 <= tc.warmup_steps < tc.steps:
+        raise ValueError(
+            f"warmup_steps must lie in [0, steps={tc.steps}) (the cosine needs a step), got {tc.warmup_steps}"
+        )
     if not 0 <= tc.final_learning_rate_ratio <= 1:
         raise ValueError(f"final_learning_rate_ratio must lie in [0, 1], got {tc.final_learning_rate_ratio}")
     if tc.clip_norm <= 0 or tc.weight_decay < 0:
@@ -253,6 +255,7 @@ def train(
     *,
     meta: dict,
     params: dict | None = None,
+    dtype=None,
     mesh: Mesh | None = None,
     checkpoint_every: int = 100,
     evaluate: Callable[[dict], dict] | None = None,
@@ -261,7 +264,8 @@ def train(
     stop=None,
     description: str = "train",
 ) -> tuple[TrainState, dict]:
-    """Train `train_config.steps` steps on `tokens` [N], resuming from `directory`'s checkpoints.
+    """Train `train_config.steps` steps on `tokens` [N], resuming from `directory`'s checkpoints, from
+    `params` or random params in `dtype` (`init_state`).
 
     `meta` (JSON) identifies the job: a checkpoint saved with other `meta` is refused. `evaluate(params)`
     (a dict of numbers), if given, runs before the first step, every `evaluate_every` steps and after the
@@ -270,7 +274,7 @@ def train(
     A `stop` (`experiment.StopRequests`) that caught a signal saves the state after the step and stops.
     """
     check_train_config(train_config, config, tokens.shape[0], mesh)
-    state = init_state(config, train_config, params, mesh)
+    state = init_state(config, train_config, params, mesh, dtype)
     history = {"loss": [], "learning_rate": [], "grad_norm": [], "seconds": [], "evaluations": [], "starts": []}
     state, history = _restore(directory, state, history, meta)
     history["starts"].append(int(state.step))

@@ -229,3 +229,24 @@ def test_the_tokenizer_is_trained_deterministically_on_the_training_text_only(te
     ids = pretraining.tokenize(first, heldout)
     assert first.decode(ids.tolist()) == heldout
     assert jnp.asarray(ids).dtype == jnp.int32 and jax.device_get(ids).max() < 512
+
+
+def test_the_paper_scale_config_is_a_160m_model_with_the_papers_caches():
+    from configs import pretrain_sink_160m
+    from streamjax import families
+    from streamjax.params import is_spec
+
+    config = pretrain_sink_160m.get_config()
+    assert pretraining.check_config(config) == list(pretraining.VARIANTS)
+    model = pretraining.model_config(config, "vanilla")
+    count = sum(int(np.prod(spec.shape)) for spec in jax.tree.leaves(families.param_specs(model), is_leaf=is_spec))
+    assert 155e6 < count < 165e6
+    assert (model.max_position_embeddings, config.eval_cache, config.eval_sinks) == (2048, 1024, "0,1,2,4")
+
+
+def test_bfloat16_training_runs_and_saves_a_float32_model(text_file, tmp_path):
+    config = tiny_config(text_file, dtype="bfloat16", variants="sink_logit", steps=4, warmup_steps=1, evaluate_every=0)
+    summary = pretraining.run(config, tmp_path, progress=False)
+    assert np.isfinite(summary["variants"]["sink_logit"]["final"]["heldout_loss"])
+    model_config, params, _ = loading.load_model(str(tmp_path / "sink_logit" / "model"))
+    assert model_config.softmax == "sink_logit" and params["embed"].dtype == jnp.float32

@@ -31,11 +31,11 @@ from safetensors.numpy import save_file
 
 from streamjax import families
 from streamjax.config import ModelConfig, UnsupportedConfigError
+from streamjax.families.llama import SINK_MODEL_TYPE
 from streamjax.params import is_spec
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 WEIGHTS_FILE = "model.safetensors"
-SINK_MODEL_TYPE = "llama_attention_sink"
 
 
 class ExportError(ValueError):

@@ -336,23 +336,17 @@ def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, hist
 
 
 def report(config, workdir: pathlib.Path, summaries: dict[str, dict]) -> dict[str, Any]:
-    """Write results.md, summary.json and loss.png from the variants' summaries; the summary dict."""
+    """Write results.md (the final table and the budget table), summary.json and loss.png from the
+    variants' summaries; the summary dict."""
     layouts = [layout_name(s, config.eval_cache) for s in parse_sinks(config.eval_sinks, config.eval_cache)]
-    lines = [
-        "| variant | held-out loss | " + " | ".join(layouts) + " |",
-        "|---|---:|" + "---:|" * len(layouts),
-    ]
-    for name, summary in summaries.items():
-        final = summary["final"]
-        ppl = " | ".join(f"{final['ppl'][layout]:.2f}" for layout in layouts)
-        lines.append(f"| {name} | {final['heldout_loss']:.4f} | {ppl} |")
     made_by = plotting.provenance()
-    table = "\n".join(lines) + "\n"
-    heading = (
-        f"Perplexity over {config.eval_tokens} held-out tokens at each cache layout (S+W), after {config.steps} steps."
+    final, budget = final_table(summaries, layouts), budget_table(summaries, layouts, config)
+    (workdir / "results.md").write_text(
+        f"Perplexity over {config.eval_tokens} held-out tokens at each cache layout (S+W), after {config.steps} "
+        f"steps.\n\n{final}\nDuring training: perplexity at {layouts[0]} / at {layouts[-1]} (window attention / "
+        f"with sinks) after each number of steps.\n\n{budget}\nmade by {made_by}\n"
     )
-    (workdir / "results.md").write_text(f"{heading}\n\n{table}")
-    print(table)
+    print(final)
     histories = {name: summary["history"] for name, summary in summaries.items()}
     title = f"{config.steps} steps of {config.batch_size} x {config.sample_length} tokens"
     plotting.plot_training(workdir / "loss.png", histories, layouts, title=title, footer=made_by)
@@ -363,6 +357,26 @@ def report(config, workdir: pathlib.Path, summaries: dict[str, dict]) -> dict[st
     }
     experiment._write_json(workdir / "summary.json", result)
     return result
+
+
+def final_table(summaries: dict[str, dict], layouts: list[str]) -> str:
+    """The paper's Table 3 layout: one row per variant, the held-out loss and the perplexity per layout."""
+    lines = ["| variant | held-out loss | " + " | ".join(layouts) + " |", "|---|---:|" + "---:|" * len(layouts)]
+    for name, summary in summaries.items():
+        ppl = " | ".join(f"{summary['final']['ppl'][layout]:.2f}" for layout in layouts)
+        lines.append(f"| {name} | {summary['final']['heldout_loss']:.4f} | {ppl} |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_table(summaries: dict[str, dict], layouts: list[str], config) -> str:
+    """One row per evaluation step: tokens trained and, per variant, "ppl at the first layout / at the last"."""
+    names = list(summaries)
+    lines = ["| step | tokens | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    by_step = {name: {row["step"]: row["ppl"] for row in summaries[name]["history"]["evaluations"]} for name in names}
+    for step in sorted(set.intersection(*(set(rows) for rows in by_step.values()))):
+        cells = " | ".join(f"{by_step[n][step][layouts[0]]:.1f} / {by_step[n][step][layouts[-1]]:.1f}" for n in names)
+        lines.append(f"| {step} | {step * config.batch_size * config.sample_length:,} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def _compact(summary: dict) -> dict:

@@ -26,8 +26,8 @@ from streamjax.config import SOFTMAX_VARIANTS, ModelConfig, check_known_fields, 
 from streamjax.families.blocks import add_bias, rms_norm
 
 NAME = "llama"
-HF_MODEL_TYPES = ("llama", "llama_attention_sink")
 SINK_MODEL_TYPE = "llama_attention_sink"
+HF_MODEL_TYPES = ("llama", SINK_MODEL_TYPE)
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
 
 _HANDLED_FIELDS = {

@@ -58,6 +58,7 @@ SINK_TOKEN = "<sink>"
 SPECIAL_TOKENS = ("<|endoftext|>", SINK_TOKEN)
 # Fields that change no number a run computes: a restart may change them.
 UNFINGERPRINTED_FIELDS = ("variants", "checkpoint_every", "matmul_repeats")
+LATER_FIELD_DEFAULTS = {"dtype": "float32"}
 
 
 def parse_variants(spec: str) -> list[str]:
@@ -244,7 +245,14 @@ def stream_ppl(params: dict, config: ModelConfig, corpus: Corpus, run_config, si
 
 
 def fingerprint(config) -> dict[str, Any]:
-    return {key: value for key, value in config.to_dict().items() if key not in UNFINGERPRINTED_FIELDS}
+    """The fields that make a run's numbers (a config, or a fingerprint saved before); a field added later
+    is left out at its default (`LATER_FIELD_DEFAULTS`), so that workdirs made before it still match."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {
+        key: value
+        for key, value in fields.items()
+        if key not in UNFINGERPRINTED_FIELDS and LATER_FIELD_DEFAULTS.get(key, ...) != value
+    }
 
 
 def run(config, workdir, progress: bool = True) -> dict[str, Any]:
@@ -270,11 +278,12 @@ def run(config, workdir, progress: bool = True) -> dict[str, Any]:
 def _check_workdir(workdir: pathlib.Path, config) -> None:
     saved = workdir / "config.json"
     if saved.is_file():
-        before = json.loads(saved.read_text())["fingerprint"]
-        if before != json.loads(json.dumps(fingerprint(config))):
-            changed = sorted(
-                k for k in set(before) | set(fingerprint(config)) if before.get(k) != fingerprint(config).get(k)
-            )
+        before, now = (
+            fingerprint(json.loads(saved.read_text())["fingerprint"]),
+            json.loads(json.dumps(fingerprint(config))),
+        )
+        if before != now:
+            changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
             raise ValueError(
                 f"workdir {workdir} holds a run of another config (fields {', '.join(changed)} differ); "
                 "use another --workdir or the same config"

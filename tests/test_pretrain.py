@@ -255,3 +255,10 @@ def test_bfloat16_training_runs_and_saves_a_float32_model(text_file, tmp_path):
     assert np.isfinite(summary["variants"]["sink_logit"]["final"]["heldout_loss"])
     model_config, params, _ = loading.load_model(str(tmp_path / "sink_logit" / "model"))
     assert model_config.softmax == "sink_logit" and params["embed"].dtype == jnp.float32
+
+
+def test_a_field_added_later_leaves_the_fingerprint_at_its_default(text_file):
+    config = tiny_config(text_file)
+    saved_before_dtype = {key: value for key, value in pretraining.fingerprint(config).items() if key != "dtype"}
+    assert pretraining.fingerprint(saved_before_dtype) == pretraining.fingerprint(config)
+    assert pretraining.fingerprint(tiny_config(text_file, dtype="bfloat16"))["dtype"] == "bfloat16"

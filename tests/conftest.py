@@ -20,6 +20,16 @@ from streamjax import assets
 ALLOW_MISSING_ASSETS = "STREAMJAX_ALLOW_MISSING_ASSETS"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drop JAX's compiled programs when each test module ends. The suite runs in one process; a full run
+    that kept every module's programs (6.4 GB resident at 90%) once crashed inside XLA's CPU compiler."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_assets: needs the SmolLM2 GGUF and the Austen corpus (fetched once)")
 

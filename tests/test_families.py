@@ -274,6 +274,9 @@ UNSUPPORTED = {  # name -> (family, edit of a valid config dict, message fragmen
     "falcon_two_norms_old_arch": ("falcon", lambda c: _with(c, num_ln_in_parallel_attn=2), "num_ln_in_parallel_attn"),
     "falcon_legacy_head_count": ("falcon", lambda c: _with(c, n_head=8), "n_head"),
     "falcon_mha_grouped": ("falcon", lambda c: _with(c, multi_query=False, num_kv_heads=2), "num_kv_heads"),
+    "falcon_saved_kv_heads_disagree": (
+        "falcon", lambda c: _with(c, num_key_value_heads=c["num_key_value_heads"] + 1), "num_key_value_heads=",
+    ),
     "falcon_post_norm_residual": (
         "falcon", lambda c: _with(c, apply_residual_connection_post_layernorm=True), "post-layernorm",
     ),

@@ -36,9 +36,10 @@ TIED_HEAD = ("lm_head.weight", "transformer.word_embeddings.weight")
 
 _HANDLED_FIELDS = {
     "vocab_size", "hidden_size", "n_embed", "num_hidden_layers", "num_attention_heads", "num_kv_heads",
-    "num_ln_in_parallel_attn", "layer_norm_epsilon", "hidden_dropout", "alibi", "new_decoder_architecture",
-    "multi_query", "parallel_attn", "bias", "max_position_embeddings", "rope_parameters", "rope_scaling",
-    "rope_theta", "ffn_hidden_size", "activation", "tie_word_embeddings", "apply_residual_connection_post_layernorm",
+    "num_key_value_heads", "num_ln_in_parallel_attn", "layer_norm_epsilon", "hidden_dropout", "alibi",
+    "new_decoder_architecture", "multi_query", "parallel_attn", "bias", "max_position_embeddings", "rope_parameters",
+    "rope_scaling", "rope_theta", "ffn_hidden_size", "activation", "tie_word_embeddings",
+    "apply_residual_connection_post_layernorm",
 }  # fmt: skip
 # Checkpoint LayerNorm names per residual layout: (attention norm, MLP norm).
 _NORM_NAMES = {
@@ -61,6 +62,13 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     require(hidden % num_heads == 0, f"falcon hidden_size={hidden} is not a multiple of {num_heads} heads")
     head_dim = hidden // num_heads
     num_kv_heads, residual_layout = _attention_layout(hf, num_heads)
+    # transformers >= 5 also saves the kv heads it derives (1 for multi_query) as num_key_value_heads.
+    saved = hf.get("num_key_value_heads")
+    require(
+        saved in (None, num_kv_heads),
+        f"falcon num_key_value_heads={saved} disagrees with the {num_kv_heads} kv heads that num_kv_heads, "
+        "multi_query and new_decoder_architecture give: fix one of them in config.json",
+    )
     alibi = hf.get("alibi", False)
     theta, scaling = _rope(hf) if not alibi else (10000.0, None)
     return ModelConfig(

@@ -461,9 +461,19 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def past_positions_from(spec: evaluation.EvalSpec, num_fed: int, model_positions: int) -> int | None:
+    """The first fed token whose position is at or past the model's `model_positions`
+    (max_position_embeddings) in a run of `spec` over `num_fed` tokens, or None if every position is within
+    them. Dense attention puts token t at position t; the caches put it at min(t, S + W)."""
+    num_sinks, window = spec.cache_shape(num_fed)
+    largest = num_fed - 1 if spec.method == "dense" else min(num_fed - 1, num_sinks + window)
+    return model_positions if largest >= model_positions else None
+
+
 def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nll, seconds) -> dict[str, Any]:
     num_sinks, window = item.spec.cache_shape(tokens.shape[0])
     mean_nll = float(np.mean(text_nll, dtype=np.float64))
+    positions = model_config.max_position_embeddings
     return {
         "run": item.name, "method": item.spec.method, "num_sinks": item.spec.num_sinks, "window": item.spec.window,
         "cache": "all" if item.spec.method == "dense" else f"{num_sinks}+{window}",
@@ -474,6 +484,8 @@ def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nl
         "tokens_per_second": (tokens.shape[0] - 1) / seconds if seconds > 0 else None,
         "model": config.model, "data": config.data, "route": item.spec.route, "chunk_size": item.spec.chunk_size,
         "dtype": config.dtype, "mesh": config.mesh, "model_family": model_config.family,
+        "model_positions": positions,
+        "past_positions_from": past_positions_from(item.spec, int(tokens.shape[0]), positions),
     }  # fmt: skip
 
 
@@ -552,7 +564,8 @@ def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
 
 
 def markdown_table(summaries: list[Mapping[str, Any]]) -> str:
-    """The comparison table of run summaries, in markdown."""
+    """The comparison table of run summaries, in markdown, and under it a line for each run that went past
+    the model's positions (its number there is out of the model's range)."""
     lines = [
         "| run | method | cache (sinks+window) | sink prefix | tokens | ppl | log ppl | seconds | tokens/s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
@@ -563,6 +576,14 @@ def markdown_table(summaries: list[Mapping[str, Any]]) -> str:
         lines.append(
             f"| {s['run']} | {s['method']} | {s['cache']} | {prefix} | {s['num_tokens']} | {s['ppl']:.3f} "
             f"| {s['mean_nll']:.4f} | {s['seconds']:.1f} | {rate} |"
+        )
+    past = [s for s in summaries if s.get("past_positions_from") is not None]
+    if past:
+        lines.append("")
+    for s in past:
+        lines.append(
+            f"- {s['run']}: past the model's {s['model_positions']} positions from fed token "
+            f"{s['past_positions_from']} (of {s['num_tokens']}), so its number there is out of the model's range"
         )
     return "\n".join(lines)
 

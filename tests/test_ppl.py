@@ -631,3 +631,36 @@ if __name__ == "__main__":
     root = pathlib.Path(sys.argv[3])
     measured = measure_on_meshes(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), root)
     (root / "measured.json").write_text(json.dumps(measured, indent=1))
+
+
+def test_a_run_past_the_models_positions_is_recorded(tiny, tmp_path):
+    """Dense attention over 97 tokens of a model with 64 positions goes past them from fed token 64; the
+    2+30 caches never do. summary.json and results.md say so."""
+    model_dir, text, _ = tiny
+    short = tmp_path / "model"
+    shutil.copytree(model_dir, short)
+    hf = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**hf, "max_position_embeddings": 64}))
+    config = tiny_config(tiny, model=str(short), method="dense,streaming")
+    summary = experiment.run(config, tmp_path / "workdir", progress=False)
+    past = {run["run"]: (run["model_positions"], run["past_positions_from"]) for run in summary["runs"]}
+    assert past == {"dense": (64, 64), "streaming": (64, None)}
+    results = (tmp_path / "workdir" / "results.md").read_text()
+    assert "- dense: past the model's 64 positions from fed token 64 (of 97)" in results
+    assert "- streaming" not in results
+
+
+@pytest.mark.parametrize(
+    ("method", "num_sinks", "window", "num_fed", "expected"),
+    [
+        ("dense", 4, 1020, 8192, None),  # positions 0..8191: all within 8192
+        ("dense", 4, 1020, 8193, 8192),
+        ("streaming", 4, 8188, 9000, 8192),  # the query sits at min(t, S + W) = 8192 from token 8192
+        ("streaming", 4, 8187, 9000, None),
+        ("window", 4, 8188, 9000, 8192),
+        ("recompute", 4, 1020, 100_000, None),
+    ],
+)
+def test_past_positions_from_by_hand(method, num_sinks, window, num_fed, expected):
+    spec = evaluation.EvalSpec(method, num_sinks, window)
+    assert experiment.past_positions_from(spec, num_fed, 8192) == expected

@@ -31,7 +31,7 @@ from orbax.checkpoint._src.path import atomicity
 
 from configs import ppl as ppl_config
 from experiments import common
-from streamjax import evaluation, experiment
+from streamjax import evaluation, experiment, files
 
 
 def _wait_to_be_killed(ready: pathlib.Path) -> None:
@@ -65,7 +65,7 @@ def _stop_before_segment(method: str, number: int, ready: pathlib.Path, wait=_wa
 
 
 def _stop_before_summary(summary: pathlib.Path, ready: pathlib.Path) -> None:
-    write_json = experiment._write_json
+    write_json = files.write_json
 
     def write(path: pathlib.Path, value) -> None:
         if path == summary:
@@ -73,7 +73,7 @@ def _stop_before_summary(summary: pathlib.Path, ready: pathlib.Path) -> None:
             _wait_to_be_killed(ready)
         write_json(path, value)
 
-    experiment._write_json = write
+    files.write_json = write
 
 
 def _stop_before_rename(step: int, ready: pathlib.Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from conftest import random_hf_llama, save_word_tokenizer
 from test_ppl import REPO, _start_killed_run, run_entry_point, tiny_config, tiny_flags
 
-from streamjax import evaluation, experiment
+from streamjax import evaluation, experiment, files
 
 tiny, finished = test_ppl.tiny, test_ppl.finished  # the fixtures of tests/test_ppl.py, under their names
 
@@ -194,6 +194,58 @@ def test_a_corrupt_finished_nll_is_reported_not_plotted(tiny, tmp_path):
         experiment.run(config, tmp_path, progress=False)
 
 
+# ---------------------------------------------------------------- corrupt result files
+
+# (file of a finished workdir, how it is spoiled, what the error says after "<path> is corrupt (")
+CORRUPT_FILES = {
+    "a run's summary.json, garbage": ("streaming/summary.json", lambda text: "\x00garbage", "not valid JSON: "),
+    "a run's summary.json, truncated": ("streaming/summary.json", lambda text: text[: len(text) // 2], "not valid JSON"),
+    "a run's summary.json, another JSON value": ("streaming/summary.json", lambda text: "[1, 2]", "it holds no 'run'"),
+    "a run's timeline.json, truncated": ("streaming/timeline.json", lambda text: text[:40], "not valid JSON: "),
+    "the workdir's config.json, garbage": ("config.json", lambda text: "{fingerprint", "not valid JSON: "),
+    "the workdir's config.json, empty": ("config.json", lambda text: "", "not valid JSON: "),
+    "the workdir's config.json, no fingerprint": ("config.json", lambda text: "{}", "it holds no 'fingerprint'"),
+}  # fmt: skip
+REMEDIES = {
+    "streaming/summary.json": "delete {workdir}/streaming and run the same command to compute that run again",
+    "streaming/timeline.json": "delete it to report the run without its timings, or delete {workdir}/streaming",
+    "config.json": "if the workdir holds runs of the config you are running, delete the file and run the same command",
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_FILES))
+def test_a_corrupt_result_file_is_an_error_naming_it_and_the_fix(tiny, finished, tmp_path, case):
+    """Each file spoiled in a copy of a finished workdir: `files.CorruptFile` (a ValueError: the entry point
+    prints it and exits 1) naming the file and what to do, and following that advice finishes the report."""
+    name, spoil, problem = CORRUPT_FILES[case]
+    config, workdir = tiny_config(tiny, method="streaming"), tmp_path / "workdir"
+    shutil.copytree(finished[1] / "streaming", workdir / "streaming")
+    experiment.run(config, workdir, progress=False)  # config.json and the report of this config
+    path = workdir / name
+    path.write_text(spoil(path.read_text()))
+    with pytest.raises(files.CorruptFile) as raised:
+        experiment.run(config, workdir, progress=False)
+    message = str(raised.value)
+    assert message.startswith(f"{path} is corrupt ({problem}"), message
+    assert REMEDIES[name].format(workdir=workdir) in message, message
+    if name == "streaming/summary.json":
+        shutil.rmtree(workdir / "streaming")
+    else:
+        path.unlink()
+    (summary,) = experiment.run(config, workdir, progress=False)["runs"]
+    assert summary["mean_nll"] == {run["run"]: run for run in finished[2]["runs"]}["streaming"]["mean_nll"]
+
+
+def test_a_corrupt_report_summary_is_written_again(tiny, finished, tmp_path):
+    """The workdir's own summary.json is only ever written (last, by the report), never read back."""
+    config, workdir = tiny_config(tiny, method="streaming"), tmp_path / "workdir"
+    shutil.copytree(finished[1] / "streaming", workdir / "streaming")
+    experiment.run(config, workdir, progress=False)
+    (workdir / "summary.json").write_text("{trunc")
+    experiment.run(config, workdir, progress=False)
+    assert json.loads((workdir / "summary.json").read_text())["runs"][0]["run"] == "streaming"
+
+
 # ---------------------------------------------------------------- a full disk
 
 FULL_DISK_DRIVER = r"""
@@ -204,7 +256,7 @@ from streamjax import experiment
 
 config = ppl_config.get_config()
 config.update(json.loads(sys.argv[1]))
-workdir = pathlib.Path(sys.argv[2])
+workdir = pathlib.Path(sys.argv[2]).resolve()
 filler = workdir.parent / "filler"
 save, saves = experiment._save, []
 
@@ -234,23 +286,105 @@ print("RESULT " + json.dumps(result))
 """
 
 
+FULL_DISK_WRITES_DRIVER = r"""
+import json, pathlib, sys
+import numpy as np
+from configs import ppl as ppl_config
+from streamjax import experiment, files
+
+config = ppl_config.get_config()
+config.update(json.loads(sys.argv[1]))
+workdir = pathlib.Path(sys.argv[2]).resolve()
+filler = workdir.parent / "filler"
+write_bytes, result = files.write_bytes, {}
+
+def fill_the_disk():
+    try:
+        with open(filler, "wb", buffering=0) as file:
+            while True:
+                file.write(b"\0" * 4096)
+    except OSError:
+        pass
+
+for target in sys.argv[3].split(","):
+    def full_before_target(path, content):
+        if path == workdir / target:
+            fill_the_disk()
+        write_bytes(path, content)
+
+    files.write_bytes = full_before_target
+    try:
+        experiment.run(config, workdir, progress=False)
+        error = None
+    except OSError as raised:
+        error = str(raised)
+    files.write_bytes = write_bytes
+    filler.unlink()
+    listing = lambda directory: sorted(path.name for path in directory.iterdir())
+    result[target] = {"error": error, "workdir": listing(workdir), "run": listing(workdir / "streaming")}
+experiment.run(config, workdir, progress=False)
+result["workdir"] = sorted(path.name for path in workdir.iterdir())
+result["nll"] = np.load(workdir / "streaming" / "nll.npy").tolist()
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _on_a_small_tmpfs(tmp_path: pathlib.Path, driver: str, overrides: dict, *args: str) -> dict:
+    """Run `driver` (a Python script) on a 16 MiB tmpfs mounted in a user and mount namespace (`unshare`, no root
+    needed) as `driver OVERRIDES_JSON <tmpfs>/workdir ARGS...`; the JSON it prints after "RESULT "."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    (tmp_path / "driver.py").write_text(driver)
+    script = f'mount -t tmpfs -o size=16m tmpfs "{mount}" && exec "$0" "$@"'
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+    command += [sys.executable, str(tmp_path / "driver.py"), json.dumps(overrides), str(mount / "workdir"), *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_a_full_disk_while_writing_results_is_a_clear_error_and_a_restart_finishes(tiny, finished, tmp_path):
+    """The disk fills up just before each result file in turn (the run's nll.npy, its summary.json, the plot, the
+    table): each time the error names the file and what is intact, no partial file is left, and no result is
+    there that should not be; the restart with space resumes and writes the whole report."""
+    config = tiny_config(tiny, method="streaming")
+    fields = ("model", "data", "method", "num_tokens", "num_sinks", "window", "chunk_size", "checkpoint_every")
+    targets = ["streaming/nll.npy", "streaming/summary.json", "log_ppl.png", "results.md"]
+    result = _on_a_small_tmpfs(tmp_path, FULL_DISK_WRITES_DRIVER, {f: config[f] for f in fields}, ",".join(targets))
+    workdir = (tmp_path / "disk" / "workdir").resolve()
+    run_intact = "run streaming's checkpoint(s) (32, 64) are intact"
+    report_intact = f"the results of every run (<run>/summary.json, nll.npy) in {workdir} are intact"
+    for target, intact in zip(targets, [run_intact, run_intact, report_intact, report_intact]):
+        assert result[target]["error"] == (
+            f"[Errno 28] no space left on the device while writing {workdir / target}; no partial file was left; "
+            f"{intact}: free some space and run the same command to resume"
+        ), result[target]["error"]
+    assert result["streaming/nll.npy"]["run"] == ["checkpoints"]
+    assert result["streaming/summary.json"]["run"] == ["checkpoints", "nll.npy", "timeline.json"]
+    assert result["log_ppl.png"]["run"] == ["nll.npy", "summary.json", "timeline.json"]
+    assert result["log_ppl.png"]["workdir"] == ["config.json", "lock", "streaming"]
+    assert result["results.md"]["workdir"] == [
+        "config.json",
+        "lock",
+        "log_ppl.png",
+        "segments.json",
+        "segments.png",
+        "streaming",
+    ]
+    assert result["workdir"] == [
+        "config.json", "lock", "log_ppl.png", "results.md", "segments.json", "segments.png", "streaming", "summary.json"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(result["nll"], np.float32), _uninterrupted(finished, "streaming"))
+
+
 def test_a_full_disk_while_saving_is_a_clear_error_and_a_restart_with_space_resumes(tiny, finished, tmp_path):
     """A real full filesystem: a 16 MiB tmpfs mounted in a user and mount namespace (`unshare`, no root
     needed), filled up just before the run's second checkpoint."""
     config = tiny_config(tiny, method="streaming")
     fields = ("model", "data", "method", "num_tokens", "num_sinks", "window", "chunk_size", "checkpoint_every")
-    overrides = json.dumps({field: config[field] for field in fields})
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    (tmp_path / "driver.py").write_text(FULL_DISK_DRIVER)
-    script = f'mount -t tmpfs -o size=16m tmpfs "{mount}" && exec "$0" "$@"'
-    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
-    command += [sys.executable, str(tmp_path / "driver.py"), overrides, str(mount / "workdir")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(line.removeprefix("RESULT "))
+    result = _on_a_small_tmpfs(tmp_path, FULL_DISK_DRIVER, {field: config[field] for field in fields})
     assert result["error"].startswith("[Errno 28] no space left on the device while saving the checkpoint after 64")
     assert "the checkpoint(s) saved before (32) are intact: free some space and run the same command" in result["error"]
     assert result["left"] == ["32"]  # no partial checkpoint left behind

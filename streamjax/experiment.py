@@ -10,7 +10,8 @@ Workdir layout:
     lock                 flock'ed by the process using the workdir (`workdir_lock`); says which one
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
         checkpoints/     orbax steps named by predictions done, while the run is in progress; each
-                         step's metadata holds a SHA-256 of its arrays (`streamjax.checkpoints`)
+                         step's metadata holds a SHA-256 of its arrays and the rest of its metadata
+                         (position, timeline: `streamjax.checkpoints`)
         corrupt_checkpoints/  steps that failed to restore or to match their digest, set aside
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
         timeline.json    predictions, compute seconds and resident memory after every segment

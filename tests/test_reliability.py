@@ -21,7 +21,7 @@ import torch
 from conftest import random_hf_llama, save_word_tokenizer
 from test_ppl import REPO, _start_killed_run, run_entry_point, tiny_config, tiny_flags
 
-from streamjax import evaluation, experiment, files
+from streamjax import checkpoints, evaluation, experiment, files
 
 tiny, finished = test_ppl.tiny, test_ppl.finished  # the fixtures of tests/test_ppl.py, under their names
 
@@ -140,11 +140,21 @@ def _flip_bytes(path: pathlib.Path) -> None:
     path.write_bytes(bytes(content))
 
 
+def _edit_meta(step: pathlib.Path, change) -> None:
+    """Rewrite a checkpoint's metadata (orbax's JSON of `checkpoints.save`'s meta) after `change(meta)`."""
+    path = step / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
 CORRUPTIONS = {
     "bytes flipped in the array data": lambda step: _flip_bytes(_largest_file(step / "state")),
     "array data truncated": lambda step: os.truncate(_largest_file(step / "state"), 10),
     "array data deleted": lambda step: shutil.rmtree(step / "state"),
     "metadata deleted": lambda step: shutil.rmtree(step / "meta"),
+    "position altered in the metadata": lambda step: _edit_meta(step, lambda meta: meta.update(position=48)),
+    "timeline altered in the metadata": lambda step: _edit_meta(step, lambda meta: meta["timeline"]["seconds"].pop()),
 }
 
 
@@ -182,6 +192,25 @@ def test_every_checkpoint_corrupt_starts_over(tiny, finished, tmp_path, monkeypa
     capsys.readouterr()
     experiment.run(config, tmp_path, progress=False)
     err = capsys.readouterr().err
+    assert err.count("is corrupt") == 2 and "resuming" not in err
+    np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), _uninterrupted(finished, "streaming"))
+
+
+def test_checkpoints_whose_digest_covers_only_their_arrays_are_set_aside(tiny, finished, tmp_path, monkeypatch, capsys):
+    """Steps saved before the digest covered the metadata (position, timeline) hold a digest of their arrays
+    alone: they are set aside as corrupt, saying why, and the run starts over."""
+    config = tiny_config(tiny, method="streaming")
+    arrays_only = checkpoints.state_digest
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "advance", _StopAfter(5))
+        patch.setattr(checkpoints, "state_digest", lambda tree, meta=None: arrays_only(tree))
+        with pytest.raises(RuntimeError, match="crash"):
+            experiment.run(config, tmp_path, progress=False)
+    capsys.readouterr()
+    experiment.run(config, tmp_path, progress=False)
+    err = capsys.readouterr().err
+    step = tmp_path / "streaming" / "checkpoints" / "64"
+    assert f"checkpoint {step} is corrupt (it was saved before checkpoints covered their metadata: its digest" in err
     assert err.count("is corrupt") == 2 and "resuming" not in err
     np.testing.assert_array_equal(np.load(tmp_path / "streaming" / "nll.npy"), _uninterrupted(finished, "streaming"))
 

@@ -313,7 +313,8 @@ class StopRequests:
     """Catches SIGTERM and SIGINT (preemption, Ctrl-C) while runs compute: the first one asks the run to save
     its state at the end of the segment it is computing and stop (`Interrupted`); a second SIGINT stops at
     once (KeyboardInterrupt, as a kill: the last checkpoint stays). Handlers are only installed from the
-    main thread (Python's rule), and the previous ones come back on exit."""
+    main thread (Python's rule), and the previous ones come back on exit. Python runs a handler in the main
+    thread between bytecodes, so a signal that comes while XLA computes a chunk is seen once it returns."""
 
     def __init__(self):
         self.signal_number: int | None = None

@@ -67,6 +67,51 @@ def test_a_signal_saves_the_state_and_a_restart_ends_bitwise_equal(tiny, finishe
     np.testing.assert_array_equal(np.load(run_dir / "nll.npy"), _uninterrupted(finished, "streaming"))
 
 
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """(model directory, text file, token ids) of a random Llama big enough (768 wide, 4 layers) that one chunk
+    of 512 tokens takes about 1.5 s on this CPU (measured 1.5 to 1.7 s on 2 cores), and a text of 1537 words."""
+    root = tmp_path_factory.mktemp("slow")
+    settings = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4, "num_attention_heads": 16}
+    model = random_hf_llama(**settings, num_key_value_heads=4, max_position_embeddings=2048)
+    model.save_pretrained(root / "model")
+    save_word_tokenizer(root / "model", model.config.vocab_size)
+    ids = np.random.default_rng(1).integers(1, model.config.vocab_size, 3 * 512 + 1)
+    (root / "text.txt").write_text(" ".join(f"w{i}" for i in ids))
+    return root / "model", root / "text.txt", ids.astype(np.int32)
+
+
+SLOW_CHUNKS = {"method": "streaming", "num_tokens": 3 * 512 + 1, "num_sinks": 4, "window": 508}
+SLOW_CHUNKS |= {"chunk_size": 512, "checkpoint_every": 0}  # no checkpoint but the one the signal asks for
+
+
+def test_a_signal_while_xla_computes_a_chunk_saves_after_it_and_a_restart_ends_bitwise_equal(slow, tmp_path, capsys):
+    """SIGTERM sent once the run has started computing its second chunk of three (no test hook waits: the main
+    thread is inside XLA), checked to have been sent while that chunk computed: the run saves after it (1024
+    predictions; it saves no other checkpoint), exits 143, and the restart ends with the NLL of an uninterrupted
+    run, bit for bit."""
+    config = tiny_config(slow, **SLOW_CHUNKS)
+    process = _start_killed_run("computing:streaming:2", config, tmp_path)
+    _wait_for(tmp_path / "ready", process, tmp_path)
+    seen = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    computed = json.loads((tmp_path / "ready.computed").read_text())
+    assert computed["start"] < seen and sent < computed["end"], (computed, seen, sent)  # sent mid-chunk
+    log = (tmp_path / "child.log").read_text()
+    assert "stopped by SIGTERM: run streaming saved after 1024 of 1536 predictions" in log, log
+    run_dir = tmp_path / "workdir" / "streaming"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["1024"]
+
+    capsys.readouterr()
+    experiment.run(config, tmp_path / "workdir", progress=False)
+    assert "resuming streaming from its checkpoint after 1024 of 1536" in capsys.readouterr().err
+    experiment.run(config, tmp_path / "uninterrupted", progress=False)
+    uninterrupted = np.load(tmp_path / "uninterrupted" / "streaming" / "nll.npy")
+    np.testing.assert_array_equal(np.load(run_dir / "nll.npy"), uninterrupted)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_resumes(tiny, finished, tmp_path, capsys):
     process = _start_killed_run("signal:streaming:3", tiny_config(tiny, method="streaming"), tmp_path)
     _wait_for(tmp_path / "ready", process, tmp_path)
@@ -263,6 +308,17 @@ def test_a_corrupt_result_file_is_an_error_naming_it_and_the_fix(tiny, finished,
         path.unlink()
     (summary,) = experiment.run(config, workdir, progress=False)["runs"]
     assert summary["mean_nll"] == {run["run"]: run for run in finished[2]["runs"]}["streaming"]["mean_nll"]
+
+
+def test_the_entry_point_reports_a_corrupt_file_in_one_line_and_exits_1(tiny, finished, tmp_path):
+    config, workdir = tiny_config(tiny, method="streaming"), tmp_path / "workdir"
+    shutil.copytree(finished[1] / "streaming", workdir / "streaming")
+    experiment.run(config, workdir, progress=False)
+    (workdir / "streaming" / "timeline.json").write_text('{"position": [16, 3')
+    process = run_entry_point(tiny_flags(tiny, method="streaming"), workdir)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in stderr and "JSONDecodeError" not in stderr, stderr
+    assert f"error: {workdir / 'streaming' / 'timeline.json'} is corrupt (not valid JSON: " in stderr, stderr
 
 
 def test_a_corrupt_report_summary_is_written_again(tiny, finished, tmp_path):

@@ -12,6 +12,9 @@ summary.json, results.md, the plots, the workdir's config.json) is written by `w
   errno naming the file; inside `on_full_disk(intact)` an ENOSPC error also says what is intact and how
   to resume, as a checkpoint save does (`streamjax.checkpoints.save`).
 
+A directory written beside its final name and renamed into place (a trained model, `streamjax.export`; a
+tokenizer) is synced the same way: `fsync_tree` before the rename, `fsync` of its parent after.
+
 `read_json` reads such a file back and turns a corrupt one (garbage, truncated, not the expected
 object) into a `CorruptFile` error that names it and says what to do, never a raw `JSONDecodeError`.
 """
@@ -53,7 +56,7 @@ def write_bytes(path: str | os.PathLike, content: bytes) -> None:
                 code, f"no space left on the device while writing {path}; no partial file was left"
             ) from error
         raise OSError(code, f"could not write {path}: {error.strerror}; no partial file was left") from error
-    fsync_directory(path.parent)
+    fsync(path.parent)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -66,17 +69,21 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
-def fsync_directory(directory: str | os.PathLike) -> None:
-    """Make the entries of `directory` (a rename into it) durable; a no-op where directories cannot be
-    opened (Windows)."""
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's content, or a directory's entries (a rename into it), to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
-        handle = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except (PermissionError, IsADirectoryError):
-        return
-    try:
-        os.fsync(handle)
+        os.fsync(descriptor)
     finally:
-        os.close(handle)
+        os.close(descriptor)
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """`fsync` every file and directory under `directory`, then `directory` itself: before it is renamed into
+    place, so that the name never points at files whose content is not on the disk yet."""
+    for path in sorted(pathlib.Path(directory).rglob("*")):
+        fsync(path)
+    fsync(directory)
 
 
 @contextlib.contextmanager

@@ -214,7 +214,9 @@ def prepare_corpus(config, workdir: pathlib.Path) -> Corpus:
         partial = workdir / "tokenizer.partial"
         shutil.rmtree(partial, ignore_errors=True)
         tokenizer.save_pretrained(partial)
+        files.fsync_tree(partial)
         partial.rename(saved)
+        files.fsync(workdir)
     corpus = Corpus(tokenize(tokenizer, train_text), tokenize(tokenizer, heldout_text), tokenizer)
     needed = max(config.eval_tokens, config.sample_length + 1)
     if corpus.heldout.shape[0] < needed:

@@ -21,7 +21,7 @@ import torch
 from conftest import random_hf_llama, save_word_tokenizer
 from test_ppl import REPO, _start_killed_run, run_entry_point, tiny_config, tiny_flags
 
-from streamjax import checkpoints, evaluation, experiment, files
+from streamjax import checkpoints, evaluation, experiment, export, files, loading
 
 tiny, finished = test_ppl.tiny, test_ppl.finished  # the fixtures of tests/test_ppl.py, under their names
 
@@ -332,6 +332,48 @@ def test_a_corrupt_report_summary_is_written_again(tiny, finished, tmp_path):
 
 
 # ---------------------------------------------------------------- a full disk
+
+
+def _record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, ...]]:
+    """Patch os.fsync (recording the path of the descriptor) and os.replace/os.rename; the list they append to."""
+    events, fsync, replace, rename = [], os.fsync, os.replace, os.rename
+
+    def recorded_fsync(descriptor: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def recorded(name: str, function):
+        return lambda source, target: (events.append((name, str(source), str(target))), function(source, target))[1]
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded("rename", replace))
+    monkeypatch.setattr(os, "rename", recorded("rename", rename))
+    return events
+
+
+def test_a_result_file_is_fsynced_renamed_into_place_then_its_directory_fsynced(tmp_path, monkeypatch):
+    directory = tmp_path.resolve()
+    (directory / "summary.json").write_text("old")
+    events = _record_fsyncs_and_renames(monkeypatch)
+    files.write_json(directory / "summary.json", {"ppl": 18.5})
+    partial, final = str(directory / "summary.json.partial"), str(directory / "summary.json")
+    assert events == [("fsync", partial), ("rename", partial, final), ("fsync", str(directory))]
+    assert json.loads((directory / "summary.json").read_text()) == {"ppl": 18.5}
+
+
+def test_a_saved_model_is_fsynced_file_by_file_before_it_is_renamed_into_place(tiny, tmp_path, monkeypatch):
+    """`export.save_model` (what the pre-training tokenizer does too): every file of the staging directory, the
+    directory, then the rename, then the parent directory."""
+    model_config, params = loading.load_weights(loading.resolve_model(str(tiny[0])), np.float32)
+    root = tmp_path.resolve()
+    events = _record_fsyncs_and_renames(monkeypatch)
+    export.save_model(root / "model", params, model_config)
+    staging = root / f"model.tmp-{os.getpid()}"
+    assert events == [
+        ("fsync", str(staging / "config.json")), ("fsync", str(staging / "model.safetensors")),
+        ("fsync", str(staging)), ("rename", str(staging), str(root / "model")), ("fsync", str(root)),
+    ]  # fmt: skip
+
 
 FULL_DISK_DRIVER = r"""
 import functools, json, pathlib, sys

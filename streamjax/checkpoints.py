@@ -7,9 +7,12 @@ save a pytree of arrays and a JSON metadata dict per step through these function
   by orbax to a `*.orbax-checkpoint-tmp*` directory and renamed once complete, so a kill mid-save
   leaves the previous step intact; `remove_partial_steps` deletes such leftovers, synchronously
   (orbax's own cleanup runs in a thread per manager, and two managers of one directory would race);
-- every step's metadata holds `digest`, a SHA-256 of its arrays (`state_digest`), and `step`;
-  `restore_latest` resumes from the newest step that reads back and hashes to its digest, and moves
-  any step that does not to `corrupt_checkpoints/` beside the directory (never deleting it);
+- every step's metadata holds `step` and `digest`, a SHA-256 of its arrays and of the rest of its
+  metadata (`state_digest`: a run's position, timeline or loss history included); `restore_latest`
+  resumes from the newest step that reads back and hashes to its digest, and moves any step that does
+  not to `corrupt_checkpoints/` beside the directory (never deleting it). Steps saved before the digest
+  covered the metadata (their digest is of the arrays alone) are set aside the same way, with a note
+  saying so: such a run starts over from its first step;
 - a full disk while saving raises an ENOSPC `OSError` that names the steps still intact.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import pathlib
 import shutil
 import sys
@@ -56,23 +60,28 @@ def remove_partial_steps(directory: pathlib.Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def state_digest(tree) -> str:
-    """SHA-256 of every array of a checkpoint's tree (shape, dtype and bytes, in tree order): saved
-    with each checkpoint and checked on restore, so flipped or missing bytes are never resumed from."""
+def state_digest(tree, meta: dict | None = None) -> str:
+    """SHA-256 of every array of a checkpoint's tree (shape, dtype and bytes, in tree order) and of its
+    metadata `meta` but "digest" (as JSON with sorted keys): saved with each checkpoint and checked on
+    restore, so flipped or missing bytes, or an altered position or timeline, are never resumed from.
+    Without `meta`, the digest of the arrays alone (what steps saved before held)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
         array = np.ascontiguousarray(jax.device_get(leaf))
         digest.update(f"{array.shape}{array.dtype}".encode())
         digest.update(array.tobytes())
+    if meta is not None:
+        digest.update(json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, tree, meta: dict, what: str) -> None:
     """Save `tree` (arrays) and `meta` (JSON) as `step`; `what` says what the step holds in the ENOSPC
     message (e.g. "the checkpoint after 64 predictions")."""
+    meta = dict(meta, step=step)
     items = {
         "state": ocp.args.StandardSave(tree),
-        "meta": ocp.args.JsonSave(dict(meta, step=step, digest=state_digest(tree))),
+        "meta": ocp.args.JsonSave(dict(meta, digest=state_digest(tree, meta))),
     }
     try:
         checkpoints.save(step, args=ocp.args.Composite(**items))
@@ -137,9 +146,15 @@ def _restore_step(checkpoints: ocp.CheckpointManager, step: int, abstract) -> Re
         raise CorruptCheckpoint("its metadata has no digest or step")
     if meta["step"] != step:
         raise CorruptCheckpoint(f"its metadata says step {meta['step']}")
-    digest = state_digest(restored.state)
+    digest = state_digest(restored.state, meta)
     if digest != meta["digest"]:
-        raise CorruptCheckpoint(f"its arrays hash to {digest[:16]}..., not to the {meta['digest'][:16]}... saved")
+        if state_digest(restored.state) == meta["digest"]:
+            raise CorruptCheckpoint(
+                "it was saved before checkpoints covered their metadata: its digest is of its arrays alone"
+            )
+        raise CorruptCheckpoint(
+            f"its arrays and metadata hash to {digest[:16]}..., not to the {meta['digest'][:16]}... saved"
+        )
     return Restored(step, restored.state, meta)
 
 

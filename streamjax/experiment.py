@@ -10,22 +10,26 @@ Workdir layout:
     lock                 flock'ed by the process using the workdir (`workdir_lock`); says which one
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
         checkpoints/     orbax steps named by predictions done, while the run is in progress; each
-                         step's metadata holds a SHA-256 of its arrays (`streamjax.checkpoints`)
+                         step's metadata holds a SHA-256 of its arrays and the rest of its metadata
+                         (position, timeline: `streamjax.checkpoints`)
         corrupt_checkpoints/  steps that failed to restore or to match their digest, set aside
         nll.npy          float32 [num_tokens - 1]: NLL of text tokens 1, 2, ... given those before
         timeline.json    predictions, compute seconds and resident memory after every segment
         summary.json     the run's numbers and nll.npy's SHA-256; written last, so its presence means
                          the run is done
-    summary.json         config, every run's summary, and `made_by`: the command and commit that wrote the
-                         report (also under the plots)
-    results.md           the comparison table (also printed)
     log_ppl.png          log perplexity vs tokens, one line per run: cumulative and moving-window means
     segments.json/.png   log PPL, ms per token and resident memory every `segment_tokens` predictions
+    results.md           the comparison table (also printed)
+    summary.json         config, every run's summary, and `made_by`: the command and commit that wrote the
+                         report (also under the plots); written last
+Every file is written atomically and fsynced (`streamjax.files`).
 
 Faults: SIGTERM or SIGINT saves the state at the end of the segment and raises `Interrupted`
-(`StopRequests`); a full disk while saving raises an ENOSPC OSError naming the intact checkpoints;
-a NaN or infinite NLL raises `NonFiniteError` naming the prediction; a second process on the
-workdir gets `WorkdirInUse`. README "Reliability" lists each with its test.
+(`StopRequests`); a full disk while saving a checkpoint or writing a result raises an ENOSPC OSError
+naming the file and what is intact; a corrupt summary.json, timeline.json or config.json raises
+`files.CorruptFile` naming the file and the fix; a NaN or infinite NLL raises `NonFiniteError` naming
+the prediction; a second process on the workdir gets `WorkdirInUse`. README "Reliability" lists each
+with its test.
 
 Resuming: every run advances in segments of `chunk_size` predictions on a grid anchored at the
 first token, and checkpoints only at segment ends (`checkpoint_every` is a multiple of
@@ -84,7 +88,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from streamjax import checkpoints, data, evaluation, loading, plotting, sharding
+from streamjax import checkpoints, data, evaluation, files, loading, plotting, sharding
 from streamjax.config import ModelConfig
 
 CONFIG_FIELDS = (
@@ -200,7 +204,12 @@ def check_workdir(workdir: pathlib.Path, config, weights: str | None = None) -> 
     saved_path = workdir / "config.json"
     if not saved_path.is_file():
         return False
-    saved, current = json.loads(saved_path.read_text())["fingerprint"], fingerprint(config)
+    remedy = (
+        "if the workdir holds runs of the config you are running, delete the file and run the same command "
+        "(it is written again, and each checkpoint is checked against the config on its own); else use another "
+        "--workdir"
+    )
+    saved, current = files.read_json(saved_path, remedy, keys=["fingerprint"])["fingerprint"], fingerprint(config)
     differences = [
         f"{key}: {saved.get(key)!r} in the workdir, {current.get(key)!r} now"
         for key in sorted((set(saved) | set(current)) - {"weights"})
@@ -252,7 +261,7 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir), StopRequests() as stop:
         if not check_workdir(workdir, config, weights):  # again: another process may have started it meanwhile
-            _write_json(
+            files.write_json(
                 workdir / "config.json", {"fingerprint": fingerprint(config, weights), "config": _plain(config)}
             )
         for item in runs:
@@ -304,7 +313,8 @@ class StopRequests:
     """Catches SIGTERM and SIGINT (preemption, Ctrl-C) while runs compute: the first one asks the run to save
     its state at the end of the segment it is computing and stop (`Interrupted`); a second SIGINT stops at
     once (KeyboardInterrupt, as a kill: the last checkpoint stays). Handlers are only installed from the
-    main thread (Python's rule), and the previous ones come back on exit."""
+    main thread (Python's rule), and the previous ones come back on exit. Python runs a handler in the main
+    thread between bytecodes, so a signal that comes while XLA computes a chunk is seen once it returns."""
 
     def __init__(self):
         self.signal_number: int | None = None
@@ -390,7 +400,7 @@ def run_one(
     stop = stop or StopRequests()
     if (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # left by a kill right after finishing
-        return json.loads((run_dir / "summary.json").read_text())
+        return read_run_summary(run_dir)
     meta = {"fingerprint": fingerprint(config), "run": item.name, "tokens_sha256": _sha256(tokens)}
     dtype = loading.parse_dtype(config.dtype)
     total = tokens.shape[0] - 1
@@ -419,9 +429,11 @@ def run_one(
     summary = _run_summary(item, config, model_config, tokens, prefix, text_nll, seconds)
     nll_bytes = _npy_bytes(text_nll)
     summary["nll_sha256"] = hashlib.sha256(nll_bytes).hexdigest()
-    _write_bytes(run_dir / "nll.npy", nll_bytes)
-    _write_json(run_dir / "timeline.json", timeline)
-    _write_json(run_dir / "summary.json", summary)
+    saved = sorted(int(path.name) for path in (run_dir / "checkpoints").glob("*") if path.name.isdigit())
+    with files.on_full_disk(f"run {item.name}'s checkpoint(s) ({', '.join(map(str, saved)) or 'none'}) are intact"):
+        files.write_bytes(run_dir / "nll.npy", nll_bytes)
+        files.write_json(run_dir / "timeline.json", timeline)
+        files.write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
 
@@ -543,8 +555,9 @@ def _check_meta(saved: dict, meta: dict, path: pathlib.Path) -> None:
 
 
 def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
-    """Write the summary, table and plot of finished runs, print the table; the summary dict."""
-    summaries = [json.loads((workdir / item.name / "summary.json").read_text()) for item in runs]
+    """Write the plots, segments.json, results.md and, last, summary.json of finished runs, print the table;
+    the summary dict. A full disk raises an ENOSPC OSError that leaves the runs' results intact."""
+    summaries = [read_run_summary(workdir / item.name) for item in runs]
     nll = {item.name: _read_nll(workdir / item.name, summary) for item, summary in zip(runs, summaries)}
     segments = {
         item.name: segment_rows(nll[item.name], _read_timeline(workdir / item.name), config.segment_tokens)
@@ -552,13 +565,14 @@ def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
     }
     table, made_by = markdown_table(summaries), plotting.provenance()
     title = f"{config.model} on {config.data}"
-    plotting.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=title, footer=made_by)
-    segment_title = f"{title}, every {config.segment_tokens} predictions"
-    plotting.plot_segments(workdir / "segments.png", segments, title=segment_title, footer=made_by)
-    _write_json(workdir / "segments.json", {"segment_tokens": config.segment_tokens, "runs": segments})
     summary = {"workdir": str(workdir), "config": _plain(config), "runs": summaries, "table": table, "made_by": made_by}
-    _write_json(workdir / "summary.json", summary)
-    _write_bytes(workdir / "results.md", (table + "\n").encode())
+    with files.on_full_disk(f"the results of every run (<run>/summary.json, nll.npy) in {workdir} are intact"):
+        plotting.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=title, footer=made_by)
+        segment_title = f"{title}, every {config.segment_tokens} predictions"
+        plotting.plot_segments(workdir / "segments.png", segments, title=segment_title, footer=made_by)
+        files.write_json(workdir / "segments.json", {"segment_tokens": config.segment_tokens, "runs": segments})
+        files.write_text(workdir / "results.md", table + "\n")
+        files.write_json(workdir / "summary.json", summary)
     print(table, flush=True)
     return summary
 
@@ -620,9 +634,19 @@ def _read_nll(run_dir: pathlib.Path, summary: Mapping[str, Any]) -> np.ndarray:
     return np.load(io.BytesIO(content))
 
 
+def read_run_summary(run_dir: pathlib.Path) -> dict[str, Any]:
+    """A finished run's summary.json; `files.CorruptFile` naming it and the fix when it is corrupt."""
+    remedy = f"delete {run_dir} and run the same command to compute that run again"
+    return files.read_json(run_dir / "summary.json", remedy, keys=["run", "mean_nll"])
+
+
 def _read_timeline(run_dir: pathlib.Path) -> dict[str, list] | None:
+    """A run's timeline.json (None if it has none); `files.CorruptFile` naming it and the fix when it is corrupt."""
     path = run_dir / "timeline.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    remedy = f"delete it to report the run without its timings, or delete {run_dir} to compute the run again"
+    return files.read_json(path, remedy, keys=["position", "seconds", "rss_bytes"])
 
 
 def _note(message: str) -> None:
@@ -641,19 +665,3 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, np.float32))
     return buffer.getvalue()
-
-
-def _write_json(path: pathlib.Path, value: Any) -> None:
-    _write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def _write_bytes(path: pathlib.Path, content: bytes) -> None:
-    """Write a file atomically (temporary file, then rename), so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_bytes(content)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OSError(error.errno, f"could not write {path}: {error.strerror}; nothing else was changed") from error
-    partial.replace(path)

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from streamjax import families
+from streamjax import families, files
 from streamjax.config import ModelConfig, UnsupportedConfigError
 from streamjax.families.llama import SINK_MODEL_TYPE
 from streamjax.params import is_spec
@@ -252,9 +252,7 @@ def _write(staging: pathlib.Path, config_json: dict, tensors: dict[str, np.ndarr
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
-    for path in sorted(staging.rglob("*")):
-        _fsync(path)
-    _fsync(staging)
+    files.fsync_tree(staging)
 
 
 def _replace(staging: pathlib.Path, directory: pathlib.Path) -> None:
@@ -267,12 +265,4 @@ def _replace(staging: pathlib.Path, directory: pathlib.Path) -> None:
         os.rename(directory, old)
         os.rename(staging, directory)
         shutil.rmtree(old)
-    _fsync(directory.parent)
-
-
-def _fsync(path: pathlib.Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    files.fsync(directory.parent)

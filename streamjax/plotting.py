@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pathlib
 from collections.abc import Mapping
 
 import numpy as np
+
+from streamjax import files
 
 
 def running_log_ppl(nll: np.ndarray, window: int = 0) -> np.ndarray:
@@ -76,7 +80,15 @@ def _finish(figure, path: str | os.PathLike, title: str, footer: str) -> None:
     figure.tight_layout(rect=(0, 0.03 if footer else 0, 1, 1))
     if footer:
         add_footer(figure, footer)
-    figure.savefig(os.fspath(path))
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as the file `path` (its format from the suffix), atomically and durably
+    (`files.write_bytes`): a kill or a full disk never leaves half a picture."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=pathlib.Path(path).suffix.lstrip(".") or "png")
+    files.write_bytes(path, buffer.getvalue())
 
 
 def provenance() -> str:

@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from streamjax import benchmark, data, evaluation, experiment, export, loading, plotting, training
+from streamjax import benchmark, data, evaluation, experiment, export, files, loading, plotting, training
 from streamjax.config import ModelConfig
 
 VARIANTS = {  # name: (sink token first in every sample and stream, softmax)
@@ -214,7 +214,9 @@ def prepare_corpus(config, workdir: pathlib.Path) -> Corpus:
         partial = workdir / "tokenizer.partial"
         shutil.rmtree(partial, ignore_errors=True)
         tokenizer.save_pretrained(partial)
+        files.fsync_tree(partial)
         partial.rename(saved)
+        files.fsync(workdir)
     corpus = Corpus(tokenize(tokenizer, train_text), tokenize(tokenizer, heldout_text), tokenizer)
     needed = max(config.eval_tokens, config.sample_length + 1)
     if corpus.heldout.shape[0] < needed:
@@ -265,7 +267,7 @@ def run(config, workdir, progress: bool = True) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     with experiment.workdir_lock(workdir), experiment.StopRequests() as stop:
         if not (workdir / "config.json").is_file():
-            experiment._write_json(workdir / "config.json", {"fingerprint": fingerprint(config)})
+            files.write_json(workdir / "config.json", {"fingerprint": fingerprint(config)})
         corpus = prepare_corpus(config, workdir)
         matmul = benchmark.measure_matmul(2048, np.float32, config.matmul_repeats)["flops_per_s"]
         summaries = {
@@ -278,10 +280,9 @@ def run(config, workdir, progress: bool = True) -> dict[str, Any]:
 def _check_workdir(workdir: pathlib.Path, config) -> None:
     saved = workdir / "config.json"
     if saved.is_file():
-        before, now = (
-            fingerprint(json.loads(saved.read_text())["fingerprint"]),
-            json.loads(json.dumps(fingerprint(config))),
-        )
+        remedy = "delete it if the workdir holds a run of this config (it is written again), else use another --workdir"
+        before = fingerprint(files.read_json(saved, remedy, ["fingerprint"])["fingerprint"])
+        now = json.loads(json.dumps(fingerprint(config)))
         if before != now:
             changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
             raise ValueError(
@@ -293,7 +294,7 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
 def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, matmul_flops, progress, stop) -> dict:
     """Train one variant (resuming), evaluate it, save its model; its summary (read back if done)."""
     if (directory / "summary.json").is_file():
-        return json.loads((directory / "summary.json").read_text())
+        return files.read_json(directory / "summary.json", f"delete {directory} to train the variant again", ["final"])
     sink_first = VARIANTS[variant][0]
     model = model_config(config, variant)
     tc = train_config(config, corpus.sink_token if sink_first else None)
@@ -322,7 +323,7 @@ def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, 
         "throughput": throughput(state.params, model, tc, history, matmul_flops),
         "history": history,
     }
-    experiment._write_json(directory / "summary.json", summary)
+    files.write_json(directory / "summary.json", summary)
     shutil.rmtree(directory / "checkpoints", ignore_errors=True)
     return summary
 
@@ -350,10 +351,11 @@ def report(config, workdir: pathlib.Path, summaries: dict[str, dict]) -> dict[st
     layouts = [layout_name(s, config.eval_cache) for s in parse_sinks(config.eval_sinks, config.eval_cache)]
     made_by = plotting.provenance()
     final, budget = final_table(summaries, layouts), budget_table(summaries, layouts, config)
-    (workdir / "results.md").write_text(
+    files.write_text(
+        workdir / "results.md",
         f"Perplexity over {config.eval_tokens} held-out tokens at each cache layout (S+W), after {config.steps} "
         f"steps.\n\n{final}\nDuring training: perplexity at {layouts[0]} / at {layouts[-1]} (window attention / "
-        f"with sinks) after each number of steps.\n\n{budget}\nmade by {made_by}\n"
+        f"with sinks) after each number of steps.\n\n{budget}\nmade by {made_by}\n",
     )
     print(final)
     histories = {name: summary["history"] for name, summary in summaries.items()}
@@ -364,7 +366,7 @@ def report(config, workdir: pathlib.Path, summaries: dict[str, dict]) -> dict[st
         "made_by": made_by,
         "variants": {n: _compact(s) for n, s in summaries.items()},
     }
-    experiment._write_json(workdir / "summary.json", result)
+    files.write_json(workdir / "summary.json", result)
     return result
 
 

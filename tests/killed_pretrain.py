@@ -6,10 +6,12 @@ The child process of the SIGKILL tests in tests/test_pretrain.py:
 
 CONFIG_JSON holds fields of configs/pretrain_sink.py to override (nested as `{"model": {...}}`). MOMENT is
     step:<n>     the n-th training step (from 1) of this process is about to run
+    running:<n>  as step:<n>, but the process only touches READY_FILE and goes on training (the test
+                 sends it a signal while it trains)
     save:<step>  orbax has written the training state of <step> into its temporary directory and is about
                  to rename it into place
     export       training has ended and the trained model is about to be written
-Once there, the process touches READY_FILE and sleeps until it is killed; a run that never gets there
+Once there (but for running:), the process touches READY_FILE and sleeps until it is killed; a run that never gets there
 finishes and exits 0, which the tests report as a failure.
 """
 
@@ -28,7 +30,7 @@ from experiments import common
 from streamjax import export, pretraining, training
 
 
-def _stop_before_step(number: int, ready: pathlib.Path) -> None:
+def _stop_before_step(number: int, ready: pathlib.Path, wait=_wait_to_be_killed) -> None:
     make = training.make_train_step
     calls = [0]
 
@@ -38,7 +40,7 @@ def _stop_before_step(number: int, ready: pathlib.Path) -> None:
         def counted(*step_args):
             calls[0] += 1
             if calls[0] == number:
-                _wait_to_be_killed(ready)
+                wait(ready)
             return step(*step_args)
 
         return counted
@@ -60,6 +62,8 @@ def main(config_json: str, workdir: str, moment: str, ready_file: str) -> None:
     kind, *where = moment.split(":")
     if kind == "step":
         _stop_before_step(int(where[0]), ready)
+    elif kind == "running":
+        _stop_before_step(int(where[0]), ready, wait=pathlib.Path.touch)
     elif kind == "save":
         _stop_before_rename(int(where[0]), ready)
     elif kind == "export":

@@ -9,11 +9,14 @@ CONFIG_JSON holds fields of configs/ppl.py to override. MOMENT is one of
                           about to be computed
     signal:<method>:<n>   as segment:<method>:<n>, but instead of sleeping until killed, the process waits for
                           the file READY_FILE + ".sent" (touched by the test after it sent a signal) and goes on
+    computing:<method>:<n>  the n-th segment of the run of <method> is about to be computed: the process
+                          touches READY_FILE and computes it at once, then writes READY_FILE + ".computed"
+                          (JSON: `start` and `end`, time.monotonic() around the computation) and goes on
     summary:<run>         <run>/nll.npy is written, <run>/summary.json not yet
     save:<step>           orbax has written the checkpoint of <step> into its temporary directory and is
                           about to rename it into place
-Once there, the process touches READY_FILE and sleeps until it is killed. A run that never gets there
-finishes and exits 0, which the tests report as a failure. The run goes through the entry points' error
+Once there (but for computing:), the process touches READY_FILE and sleeps until it is killed. A run that never
+gets there finishes and exits 0, which the tests report as a failure. The run goes through the entry points' error
 handling (`experiments.common.run`): a user error exits 1, a run stopped by a signal 128 + its number.
 """
 
@@ -31,7 +34,7 @@ from orbax.checkpoint._src.path import atomicity
 
 from configs import ppl as ppl_config
 from experiments import common
-from streamjax import evaluation, experiment
+from streamjax import evaluation, experiment, files
 
 
 def _wait_to_be_killed(ready: pathlib.Path) -> None:
@@ -64,8 +67,26 @@ def _stop_before_segment(method: str, number: int, ready: pathlib.Path, wait=_wa
     evaluation.advance = counted
 
 
+def _time_segment(method: str, number: int, ready: pathlib.Path) -> None:
+    advance, calls = evaluation.advance, collections.Counter()
+
+    @functools.wraps(advance)
+    def timed(params, model_config, tokens, spec, *args, **kwargs):
+        calls[spec.method] += 1
+        if spec.method != method or calls[method] != number:
+            return advance(params, model_config, tokens, spec, *args, **kwargs)
+        start = time.monotonic()
+        ready.touch()
+        result = advance(params, model_config, tokens, spec, *args, **kwargs)
+        end = time.monotonic()
+        ready.with_name(ready.name + ".computed").write_text(json.dumps({"start": start, "end": end}))
+        return result
+
+    evaluation.advance = timed
+
+
 def _stop_before_summary(summary: pathlib.Path, ready: pathlib.Path) -> None:
-    write_json = experiment._write_json
+    write_json = files.write_json
 
     def write(path: pathlib.Path, value) -> None:
         if path == summary:
@@ -73,7 +94,7 @@ def _stop_before_summary(summary: pathlib.Path, ready: pathlib.Path) -> None:
             _wait_to_be_killed(ready)
         write_json(path, value)
 
-    experiment._write_json = write
+    files.write_json = write
 
 
 def _stop_before_rename(step: int, ready: pathlib.Path) -> None:
@@ -97,6 +118,8 @@ def main(config_json: str, workdir: str, moment: str, ready_file: str) -> None:
         _stop_before_segment(where[0], int(where[1]), ready)
     elif kind == "signal":
         _stop_before_segment(where[0], int(where[1]), ready, wait=_wait_for_the_signal)
+    elif kind == "computing":
+        _time_segment(where[0], int(where[1]), ready)
     elif kind == "summary":
         _stop_before_summary(pathlib.Path(workdir).resolve() / where[0] / "summary.json", ready)
     elif kind == "save":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,36 @@ def test_a_run_killed_at_any_moment_resumes_to_bitwise_equal_weights(finished, t
     got = weights.read_safetensors(tmp_path / "w" / "vanilla" / "model" / "model.safetensors")
     assert sorted(got) == sorted(want)
     assert all(np.array_equal(got[name], want[name]) for name in want)
+    assert resumed["variants"]["vanilla"]["final"] == finished[2]["variants"]["vanilla"]["final"]
+
+
+def test_sigterm_while_training_saves_exits_143_and_the_same_command_resumes_bitwise(finished, text_file, tmp_path):
+    """SIGTERM to a training process once its 20th step has started (it trains on: the signal lands in a step, an
+    evaluation or between them): it saves the state after the step it is in, exits 143 saying so, and the same
+    run resumes from there to the uninterrupted run's losses, evaluations and weights, bit for bit."""
+    _, workdir, _ = finished
+    child = _child("running:20", {"data": str(text_file), **TINY_FIELDS, "variants": "vanilla"}, tmp_path)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "ready").exists():
+        assert child.poll() is None, f"the run ended before step 20: {(tmp_path / 'log').read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached step 20"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=300) == 128 + signal.SIGTERM
+    log = (tmp_path / "log").read_text()
+    stopped = re.search(r"stopped by SIGTERM: vanilla saved after step (\d+) of 40 in (\S+); run the same command", log)
+    assert stopped, log[-2000:]
+    saved = int(stopped[1])
+    assert 20 <= saved < 40 and stopped[2] == str((tmp_path / "w").resolve() / "vanilla" / "checkpoints")
+    resumed = pretraining.run(tiny_config(text_file, variants="vanilla"), tmp_path / "w", progress=False)
+    history = json.loads((tmp_path / "w" / "vanilla" / "summary.json").read_text())["history"]
+    uninterrupted = json.loads((workdir / "vanilla" / "summary.json").read_text())["history"]
+    assert history["starts"] == [0, saved]
+    for name in ("loss", "grad_norm", "learning_rate", "evaluations"):
+        assert history[name] == uninterrupted[name], name
+    want = weights.read_safetensors(workdir / "vanilla" / "model" / "model.safetensors")
+    got = weights.read_safetensors(tmp_path / "w" / "vanilla" / "model" / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[name], want[name]) for name in want)
     assert resumed["variants"]["vanilla"]["final"] == finished[2]["variants"]["vanilla"]["final"]
 
 

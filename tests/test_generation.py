@@ -209,11 +209,17 @@ def test_bad_input_is_refused_before_compiling(case, message):
     assert (jitted_forward._cache_size(), generation._decode_block._cache_size()) == before
 
 
-@pytest.mark.real_assets
-def test_smollm2_greedy_generation_equals_a_loop_of_steps(smollm2_gguf):
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """(config, params, tokenizer) of SmolLM2, loaded by streamjax once for the module's tests."""
     from streamjax import loading
 
-    config, params, tokenizer = loading.load_model(str(smollm2_gguf))
+    return loading.load_model(str(smollm2_gguf))
+
+
+@pytest.mark.real_assets
+def test_smollm2_greedy_generation_equals_a_loop_of_steps(smollm2):
+    config, params, tokenizer = smollm2
     ids = tokenizer("It is a truth universally acknowledged, that").input_ids
     expected, _ = greedy_by_steps(config, params, ids, 4, 28, 40)  # 40 tokens through a 32-slot cache
     result = run(config, params, [ids], 4, 28, max_new_tokens=40)
@@ -305,7 +311,7 @@ def one_torch_thread():
 
 
 @pytest.mark.real_assets
-def test_smollm2_greedy_generation_equals_transformers_generate(smollm2_gguf, one_torch_thread):
+def test_smollm2_greedy_generation_equals_transformers_generate(smollm2, smollm2_gguf, one_torch_thread):
     """48 greedy tokens after a chat-templated question and after Austen's first sentence, with and
     without a repetition penalty: streamjax's torch-free GGUF load against transformers' own.
 
@@ -314,9 +320,9 @@ def test_smollm2_greedy_generation_equals_transformers_generate(smollm2_gguf, on
     import torch
     import transformers
 
-    from streamjax import chat_template, loading
+    from streamjax import chat_template
 
-    config, params, tokenizer = loading.load_model(str(smollm2_gguf))
+    config, params, tokenizer = smollm2
     template = chat_template.load_chat_template(str(smollm2_gguf))
     question = [{"role": "user", "content": "Why do leaves change colour in autumn?"}]
     texts = [chat_template.render(template, question), "It is a truth universally acknowledged, that"]

@@ -232,10 +232,10 @@ def test_smollm2_greedy_generation_equals_a_loop_of_steps(smollm2):
 PENALTIES = (1.0, 1.3)  # repetition_penalty: off, and the value the comparisons use
 
 
-def transformers_greedy(model, prompt_ids: list[int], num_new: int, repetition_penalty: float):
-    """transformers' `generate(do_sample=False)` of one prompt: (new tokens, [num_new] gap between the
-    two largest processed scores at each step). No end id (`eos_token_id=[]`), as streamjax without
-    `end_ids`, so both make exactly `num_new` tokens."""
+def transformers_greedy(model, prompt_ids: list[int], num_new: int, repetition_penalty: float, **stop_strings):
+    """transformers' `generate(do_sample=False)` of one prompt: (new tokens, gap between the two largest
+    processed scores at each step). No end id (`eos_token_id=[]`), as streamjax without `end_ids`, so
+    both make `num_new` tokens, or stop earlier at a stop string (`stop_strings=`, `tokenizer=`)."""
     import torch
 
     with torch.no_grad():
@@ -249,20 +249,21 @@ def transformers_greedy(model, prompt_ids: list[int], num_new: int, repetition_p
             repetition_penalty=repetition_penalty,
             return_dict_in_generate=True,
             output_scores=True,
+            **stop_strings,
         )
     top_two = torch.topk(torch.stack(out.scores)[:, 0], 2).values.numpy()
     return out.sequences[0, len(prompt_ids) :].tolist(), top_two[:, 0] - top_two[:, 1]
 
 
-def streamjax_greedy(config, params, prompts: list[list[int]], num_new: int, penalties: list[float]):
-    """streamjax's greedy generation of one stream per prompt (stream b with `penalties[b]`), in a cache
-    that holds every prompt and generated token (4 sinks and a window past the longest stream)."""
+def streamjax_greedy(config, params, prompts: list[list[int]], num_new: int, penalties: list[float], **stops):
+    """(tokens, reasons) of streamjax's greedy generation of one stream per prompt (stream b with
+    `penalties[b]`, `stops` as `stopping.stop_conditions` takes them), in a cache that holds every
+    prompt and generated token (4 sinks and a window past the longest stream)."""
     window = max(map(len, prompts)) + num_new
     settings = sampling.sampling_settings(len(prompts), temperature=0.0, repetition_penalty=penalties)
-    result = run(config, params, prompts, 4, window, settings, max_new_tokens=num_new)
-    assert result.reasons == ["max_new_tokens"] * len(prompts)
+    result = run(config, params, prompts, 4, window, settings, max_new_tokens=num_new, **stops)
     np.testing.assert_array_equal(result.cache.length, result.cache.next_position)  # nothing was evicted
-    return [tokens.tolist() for tokens in result.tokens]
+    return [tokens.tolist() for tokens in result.tokens], result.reasons
 
 
 def assert_same_tokens(got: list[int], expected: list[int], gaps: np.ndarray, label: str) -> None:
@@ -290,7 +291,8 @@ def test_tiny_greedy_generation_equals_transformers_generate(family):
     model = random_hf_llama(seed=9, rope_theta=500.0) if variant is None else hf_model(variant)
     config, params = tiny() if variant is None else converted(variant)
     ids, num_new = prompt(11, 7), 48
-    got = streamjax_greedy(config, params, [ids, ids], num_new, list(PENALTIES))
+    got, reasons = streamjax_greedy(config, params, [ids, ids], num_new, list(PENALTIES))
+    assert reasons == ["max_new_tokens"] * 2
     for tokens, penalty in zip(got, PENALTIES):
         expected, gaps = transformers_greedy(model, ids, num_new, penalty)
         assert_same_tokens(tokens, expected, gaps, f"{family}, repetition_penalty {penalty}")
@@ -313,7 +315,8 @@ def one_torch_thread():
 @pytest.mark.real_assets
 def test_smollm2_greedy_generation_equals_transformers_generate(smollm2, smollm2_gguf, one_torch_thread):
     """48 greedy tokens after a chat-templated question and after Austen's first sentence, with and
-    without a repetition penalty: streamjax's torch-free GGUF load against transformers' own.
+    without a repetition penalty: streamjax's torch-free GGUF load against transformers' own. A fifth
+    stream, Austen's without a penalty, ends at a stop string as transformers' `stop_strings` ends it.
 
     The closest call measured: a top-2 gap of 2.2e-3 (Austen, penalty 1.3, step 42), where the logits of
     the two agree to 1.8e-4 (test_gguf.py); the printed gaps say how close each run came."""
@@ -327,7 +330,11 @@ def test_smollm2_greedy_generation_equals_transformers_generate(smollm2, smollm2
     question = [{"role": "user", "content": "Why do leaves change colour in autumn?"}]
     texts = [chat_template.render(template, question), "It is a truth universally acknowledged, that"]
     runs = [(tokenizer(text).input_ids, penalty) for text in texts for penalty in PENALTIES]
-    got = streamjax_greedy(config, params, [ids for ids, _ in runs], 48, [penalty for _, penalty in runs])
+    stop = ["human compre"]  # ends inside a token of the Austen continuation (" comprehension")
+    stops = dict(stop=[[]] * len(runs) + [stop], tokenizer=tokenizer, vocab_size=config.vocab_size)
+    prompts, penalties = [ids for ids, _ in runs] + [runs[2][0]], [penalty for _, penalty in runs] + [1.0]
+    got, reasons = streamjax_greedy(config, params, prompts, 48, penalties, **stops)
+    assert reasons == ["max_new_tokens"] * len(runs) + ["stop_string"]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
@@ -338,3 +345,6 @@ def test_smollm2_greedy_generation_equals_transformers_generate(smollm2, smollm2
             f"\nprompt {row // 2}, repetition_penalty {penalty}: smallest top-2 gap {gaps.min():.3g} (step {gaps.argmin()})"
         )
     assert got[0] != got[1] and got[2] != got[3]  # the penalty changed both generations
+    expected, gaps = transformers_greedy(model, runs[2][0], 48, 1.0, stop_strings=stop, tokenizer=tokenizer)
+    assert_same_tokens(got[4], expected, gaps, f"stop string {stop}")
+    assert len(got[4]) < 48 and got[4] == got[2][: len(got[4])]

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from streamjax import assets, chat_template, gguf, loading
+from streamjax import chat_template, gguf, loading
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference")
 
@@ -220,14 +220,11 @@ def test_library_does_not_import_torch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_gguf):
     """(streamjax's template, streamjax's tokenizer, transformers' GGUF tokenizer) of SmolLM2."""
-    try:
-        path = assets.smollm2_gguf_path()
-    except assets.AssetError as error:
-        pytest.skip(f"SmolLM2 GGUF not available: {error}")
+    path = smollm2_gguf
     reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return chat_template.load_chat_template(loading.resolve_model("smollm2")), gguf.load_gguf_tokenizer(path), reference
+    return chat_template.load_chat_template(loading.resolve_model(str(path))), gguf.load_gguf_tokenizer(path), reference
 
 
 @pytest.mark.real_assets

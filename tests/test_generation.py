@@ -1,8 +1,10 @@
 """Streaming generation (`streamjax.generation`) on a tiny random Llama, and on SmolLM2.
 
 Greedy generation is checked against an independent loop of single `streamjax.step` calls with an
-argmax on the host; ragged batches against each stream run alone; the cache a generation leaves
-against the tokens it was fed; endless generation by counting compilations.
+argmax on the host, and against transformers' `generate(do_sample=False)` (with and without a
+repetition penalty, for a tiny random model of each family and for SmolLM2); ragged batches against
+each stream run alone; the cache a generation leaves against the tokens it was fed; endless
+generation by counting compilations.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import random_hf_llama, to_streamjax
+from test_families import converted, hf_model
 
 import streamjax
 from streamjax import generation, sampling, stopping
@@ -42,10 +45,10 @@ def greedy_by_steps(config, params, prompt_ids, num_sinks, window, count):
     return tokens, cache
 
 
-def run(config, params, prompts, num_sinks, window, **stops):
+def run(config, params, prompts, num_sinks, window, settings=None, **stops):
     cache = streamjax.init_cache(config, len(prompts), num_sinks, window)
     conditions = stopping.stop_conditions(len(prompts), **stops)
-    return generation.generate(params, cache, prompts, config, None, conditions, chunk_size=8, block_size=16)
+    return generation.generate(params, cache, prompts, config, settings, conditions, chunk_size=8, block_size=16)
 
 
 BOOKKEEPING = ("slot_positions", "slot_tokens", "length", "cursor", "next_position")
@@ -206,13 +209,142 @@ def test_bad_input_is_refused_before_compiling(case, message):
     assert (jitted_forward._cache_size(), generation._decode_block._cache_size()) == before
 
 
-@pytest.mark.real_assets
-def test_smollm2_greedy_generation_equals_a_loop_of_steps(smollm2_gguf):
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """(config, params, tokenizer) of SmolLM2, loaded by streamjax once for the module's tests."""
     from streamjax import loading
 
-    config, params, tokenizer = loading.load_model(str(smollm2_gguf))
+    return loading.load_model(str(smollm2_gguf))
+
+
+@pytest.mark.real_assets
+def test_smollm2_greedy_generation_equals_a_loop_of_steps(smollm2):
+    config, params, tokenizer = smollm2
     ids = tokenizer("It is a truth universally acknowledged, that").input_ids
     expected, _ = greedy_by_steps(config, params, ids, 4, 28, 40)  # 40 tokens through a 32-slot cache
     result = run(config, params, [ids], 4, 28, max_new_tokens=40)
     assert result.tokens[0].tolist() == expected
     assert jax.tree.leaves(result.cache)[0].shape[-1] == 32
+
+
+# ---------------------------------------------------------------- against transformers' generate
+
+PENALTIES = (1.0, 1.3)  # repetition_penalty: off, and the value the comparisons use
+
+
+def transformers_greedy(model, prompt_ids: list[int], num_new: int, repetition_penalty: float, **stop_strings):
+    """transformers' `generate(do_sample=False)` of one prompt: (new tokens, gap between the two largest
+    processed scores at each step). No end id (`eos_token_id=[]`), as streamjax without `end_ids`, so
+    both make `num_new` tokens, or stop earlier at a stop string (`stop_strings=`, `tokenizer=`)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=num_new,
+            eos_token_id=[],
+            pad_token_id=0,
+            repetition_penalty=repetition_penalty,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **stop_strings,
+        )
+    top_two = torch.topk(torch.stack(out.scores)[:, 0], 2).values.numpy()
+    return out.sequences[0, len(prompt_ids) :].tolist(), top_two[:, 0] - top_two[:, 1]
+
+
+def streamjax_greedy(config, params, prompts: list[list[int]], num_new: int, penalties: list[float], **stops):
+    """(tokens, reasons) of streamjax's greedy generation of one stream per prompt (stream b with
+    `penalties[b]`, `stops` as `stopping.stop_conditions` takes them), in a cache that holds every
+    prompt and generated token (4 sinks and a window past the longest stream)."""
+    window = max(map(len, prompts)) + num_new
+    settings = sampling.sampling_settings(len(prompts), temperature=0.0, repetition_penalty=penalties)
+    result = run(config, params, prompts, 4, window, settings, max_new_tokens=num_new, **stops)
+    np.testing.assert_array_equal(result.cache.length, result.cache.next_position)  # nothing was evicted
+    return [tokens.tolist() for tokens in result.tokens], result.reasons
+
+
+def assert_same_tokens(got: list[int], expected: list[int], gaps: np.ndarray, label: str) -> None:
+    """Token for token; where they part, the message gives transformers' top-2 gap at that step."""
+    parted = next((n for n, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    gap = f"{gaps[parted]:.3g}" if parted < len(gaps) else "-"
+    assert got == expected, f"{label}: step {parted} differs, transformers' top-2 gap there {gap}"
+
+
+FAMILY_MODELS = {  # family -> the variant of tests/test_families.py it is compared with (None: conftest's Llama)
+    "llama": None,
+    "mpt": "mpt_clip_qkv",
+    "gpt_neox": "neox_quarter_rotary_parallel",
+    "falcon": "falcon_new_arch_gqa_rope",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_tiny_greedy_generation_equals_transformers_generate(family):
+    """48 greedy tokens after a 7-token prompt, with and without a repetition penalty, no eviction.
+
+    No tie decides a token: transformers' top-2 score gaps were at least 1.1e-3 (gpt_neox, penalty 1.3),
+    where the logits of the two agree to 7.6e-6 (test_families.py)."""
+    variant = FAMILY_MODELS[family]
+    model = random_hf_llama(seed=9, rope_theta=500.0) if variant is None else hf_model(variant)
+    config, params = tiny() if variant is None else converted(variant)
+    ids, num_new = prompt(11, 7), 48
+    got, reasons = streamjax_greedy(config, params, [ids, ids], num_new, list(PENALTIES))
+    assert reasons == ["max_new_tokens"] * 2
+    for tokens, penalty in zip(got, PENALTIES):
+        expected, gaps = transformers_greedy(model, ids, num_new, penalty)
+        assert_same_tokens(tokens, expected, gaps, f"{family}, repetition_penalty {penalty}")
+        assert len(set(tokens)) >= 8, tokens  # not one token repeated: the comparison has something to compare
+    assert got[0] != got[1]  # the penalty changed the generation, so it was compared too
+
+
+@pytest.fixture
+def one_torch_thread():
+    """transformers on one torch thread for the test: on a machine whose cores other processes hold, torch's
+    two threads wait on each other (SmolLM2 measured 1.22 s per token on two threads, 0.20 s on one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.real_assets
+def test_smollm2_greedy_generation_equals_transformers_generate(smollm2, smollm2_gguf, one_torch_thread):
+    """48 greedy tokens after a chat-templated question and after Austen's first sentence, with and
+    without a repetition penalty: streamjax's torch-free GGUF load against transformers' own. A fifth
+    stream, Austen's without a penalty, ends at a stop string as transformers' `stop_strings` ends it.
+
+    The closest call measured: a top-2 gap of 2.2e-3 (Austen, penalty 1.3, step 42), where the logits of
+    the two agree to 1.8e-4 (test_gguf.py); the printed gaps say how close each run came."""
+    import torch
+    import transformers
+
+    from streamjax import chat_template
+
+    config, params, tokenizer = smollm2
+    template = chat_template.load_chat_template(str(smollm2_gguf))
+    question = [{"role": "user", "content": "Why do leaves change colour in autumn?"}]
+    texts = [chat_template.render(template, question), "It is a truth universally acknowledged, that"]
+    runs = [(tokenizer(text).input_ids, penalty) for text in texts for penalty in PENALTIES]
+    stop = ["human compre"]  # ends inside a token of the Austen continuation (" comprehension")
+    stops = dict(stop=[[]] * len(runs) + [stop], tokenizer=tokenizer, vocab_size=config.vocab_size)
+    prompts, penalties = [ids for ids, _ in runs] + [runs[2][0]], [penalty for _, penalty in runs] + [1.0]
+    got, reasons = streamjax_greedy(config, params, prompts, 48, penalties, **stops)
+    assert reasons == ["max_new_tokens"] * len(runs) + ["stop_string"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    for row, (ids, penalty) in enumerate(runs):
+        expected, gaps = transformers_greedy(model, ids, 48, penalty)
+        assert_same_tokens(got[row], expected, gaps, f"prompt {row // 2}, repetition_penalty {penalty}")
+        print(
+            f"\nprompt {row // 2}, repetition_penalty {penalty}: smallest top-2 gap {gaps.min():.3g} (step {gaps.argmin()})"
+        )
+    assert got[0] != got[1] and got[2] != got[3]  # the penalty changed both generations
+    expected, gaps = transformers_greedy(model, runs[2][0], 48, 1.0, stop_strings=stop, tokenizer=tokenizer)
+    assert_same_tokens(got[4], expected, gaps, f"stop string {stop}")
+    assert len(got[4]) < 48 and got[4] == got[2][: len(got[4])]

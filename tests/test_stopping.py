@@ -1,8 +1,10 @@
-"""streamjax.stopping: stop strings on device against a host-side search, token bytes against the
-tokenizers' own decoding, and end-of-sequence ids against transformers.
+"""streamjax.stopping: stop strings on device against a host-side search and, step for step, against
+transformers' StopStringCriteria on the same tokenizer; token bytes against the tokenizers' own
+decoding; end-of-sequence ids against transformers.
 
 Tests marked `real_assets` use SmolLM2-135M-Instruct's GGUF (its tokenizer, built by streamjax
-without torch, equals transformers' GGUF tokenizer: tests/test_gguf.py).
+without torch, equals transformers' GGUF tokenizer: tests/test_gguf.py) and the Austen text, through
+conftest's asset fixtures: a missing asset fails them unless STREAMJAX_ALLOW_MISSING_ASSETS=1.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamjax import assets, chat_template, data, gguf, stopping
+from streamjax import chat_template, data, gguf, stopping
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the tokenizers")
 
@@ -222,24 +225,93 @@ def test_library_does_not_import_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+# ---------------------------------------------------------------- against transformers' StopStringCriteria
+
+
+def _first_stops_by_transformers(tokenizer, per_stream: list[list[str]], sequences: list[list[int]]) -> list[int]:
+    """Per stream, the first step n at which transformers' StopStringCriteria, called as generate calls it
+    after each new token (on the tokens so far, sequences[b][: n + 1]), returns True; -1 if it never does."""
+    import torch
+
+    firsts = []
+    for stops, ids in zip(per_stream, sequences):
+        criteria = transformers.StopStringCriteria(tokenizer, stops)
+        stopped = (bool(criteria(torch.tensor([ids[: n + 1]]), None)[0]) for n in range(len(ids)))
+        firsts.append(next((n for n, stop in enumerate(stopped) if stop), -1))
+    return firsts
+
+
+def _first_stops_by_streamjax(tokenizer, per_stream: list[list[str]], sequences: list[list[int]]) -> list[int]:
+    """Per stream, the first step at which `StopConditions.check`, fed the tokens one step at a time from the
+    automaton's initial state as the decode loop feeds them, says "stop_string"; -1 if it never does."""
+    conditions = stopping.stop_conditions(
+        len(per_stream), stop=per_stream, tokenizer=tokenizer, vocab_size=len(tokenizer)
+    )
+    steps = max(map(len, sequences))
+    tokens = np.array([ids + [0] * (steps - len(ids)) for ids in sequences], np.int32).T  # [T, B]
+
+    @jax.jit
+    def reasons(conditions, tokens):
+        def step(state, inputs):
+            generated, new = inputs
+            reason, state = conditions.check(new, jnp.full(new.shape, generated), state)
+            return state, reason
+
+        return jax.lax.scan(step, stopping.initial_state(len(per_stream)), (jnp.arange(1, steps + 1), tokens))[1]
+
+    hit = np.asarray(reasons(conditions, tokens)) == stopping.REASONS.index("stop_string")
+    return [int(np.argmax(hit[: len(ids), b])) if hit[: len(ids), b].any() else -1 for b, ids in enumerate(sequences)]
+
+
+def _byte_level_tokenizer():
+    """The hand-made VOCAB as a byte-level BPE tokenizer that transformers reads: ids 0..16 are VOCAB's
+    tokens (in GPT-2's byte-to-unicode spelling, "<|end|>" a special token), then every other single byte."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = gguf.bytes_to_unicode()
+    pieces = ["".join(alphabet[byte] for byte in token) for token in VOCAB]
+    pieces += [alphabet[byte] for byte in range(256) if bytes([byte]) not in VOCAB]
+    backend = Tokenizer(models.BPE({piece: index for index, piece in enumerate(pieces)}, [], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<|end|>", special=True, normalized=False)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_stop_steps_equal_transformers_stop_string_criteria_on_a_byte_level_tokenizer():
+    """The hand-made stop strings over TEXT_IDS, and random overlapping ones over random "abc" tokens."""
+    tokenizer = _byte_level_tokenizer()
+    strings = stopping.token_byte_strings(tokenizer)
+    assert strings[: len(VOCAB)] == VOCAB and set(strings) >= {bytes([byte]) for byte in range(256)}
+    assert {index: token.content for index, token in tokenizer.added_tokens_decoder.items()} == {11: "<|end|>"}
+    per_stream = [["lo wor"], ["or"], ["ello"], ["日"], ["本 "], ["cabc", "bcab", "abcabcab"], ["d!", "<|end|>!"]]
+    per_stream += [["Hell"], [" wo"], ["abca"]]  # complete before their token ends ("lo", " wor", "abcab")
+    per_stream += [["xyz"], ["!x"]]  # never; "!" is the last token, so a match that would go on is still open
+    sequences = [TEXT_IDS] * len(per_stream)
+    rng = np.random.default_rng(1)
+    for _ in range(24):
+        per_stream.append(["".join(rng.choice(list("abc"), rng.integers(2, 8))) for _ in range(rng.integers(1, 4))])
+        sequences.append(rng.choice([8, 9, 10, 13, 14, 15, 16], 30).tolist())  # ab, c, abcab, a, b, bc, ca
+    expected = _first_stops_by_transformers(tokenizer, per_stream, sequences)
+    assert _first_stops_by_streamjax(tokenizer, per_stream, sequences) == expected
+    assert expected[:12] == [2, 2, 1, 7, 9, 12, 4, 1, 2, 12, -1, -1]
+    assert 5 < sum(first < 0 for first in expected[12:]) < 20  # random patterns both stop a stream and miss
+
+
 # ---------------------------------------------------------------- real assets (SmolLM2-135M-Instruct Q4_1)
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[pathlib.Path, object]:
+def smollm2(smollm2_gguf) -> tuple[pathlib.Path, object]:
     """(GGUF path, streamjax's tokenizer) of SmolLM2."""
-    try:
-        path = assets.smollm2_gguf_path()
-    except assets.AssetError as error:
-        pytest.skip(f"SmolLM2 GGUF not available: {error}")
-    return path, gguf.load_gguf_tokenizer(path)
+    return smollm2_gguf, gguf.load_gguf_tokenizer(smollm2_gguf)
 
 
 TRICKY = "Café naïve — “quotes” 日本語 🙂 emoji\n\n  spaced\ttab <|im_start|>special<|im_end|> end.  \n"
 
 
 @pytest.mark.real_assets
-def test_smollm2_token_bytes_are_exact(smollm2):
+def test_smollm2_token_bytes_are_exact(smollm2, austen_text):
     _, tokenizer = smollm2
     strings = stopping.token_byte_strings(tokenizer)
     assert len(strings) == 49152 and max(map(len, strings)) == stopping.token_bytes(tokenizer).table.shape[1]
@@ -260,7 +332,7 @@ def _is_utf8(token: bytes) -> bool:
 
 
 @pytest.mark.real_assets
-def test_smollm2_stop_strings_match_the_decoded_text(smollm2):
+def test_smollm2_stop_strings_match_the_decoded_text(smollm2, austen_text):
     """Stop steps on device against a search in `tokenizer.decode` of each prefix (no token bytes involved)."""
     _, tokenizer = smollm2
     text = TRICKY + data.load_text("austen")[:1500]
@@ -300,3 +372,32 @@ def test_smollm2_eos_ids_equal_transformers(smollm2):
     # <|im_end|> is also the token SmolLM2's template writes after an assistant message.
     special = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
     assert stopping._end_of_turn_token(template, special) == "<|im_end|>"
+
+
+@pytest.mark.real_assets
+def test_smollm2_stop_steps_equal_transformers_stop_string_criteria(smollm2, austen_text):
+    """Stop strings over a real text, tokenized as the tokenizer does and one character at a time (so that
+    a string spans many tokens, some of them a part of a character); transformers reads the same
+    tokenizer as it loads it from the GGUF."""
+    path, tokenizer = smollm2
+    reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = TRICKY + data.load_text("austen")[:1500]
+    whole = tokenizer(text).input_ids
+    by_character = [token for character in text for token in tokenizer(character).input_ids]
+    assert len(whole) < len(by_character) and tokenizer.decode(by_character) == text
+    per_set = [
+        ["PRIDE AND"],  # spans tokens
+        ["iversal"],  # inside one token (" universally")
+        ["aïve —"],  # starts mid-token, non-ASCII
+        ["語 🙂"],  # multi-byte characters split over tokens
+        ["<|im_end|>"],  # a special token's text
+        ["ec", "ce", "ecec"],  # overlapping, frequent
+        ["Mr. Morris", "Mrs. Long says"],  # their beginnings ("Mr. ", "Mrs. Long ") come many times first
+        ["\n\n\n\n"],
+        [text[-7:] + "!?"],  # the text ends in the middle of it
+        ["never in this text"],
+    ]
+    per_stream, sequences = per_set * 2, [whole] * len(per_set) + [by_character] * len(per_set)
+    expected = _first_stops_by_transformers(reference, per_stream, sequences)
+    assert _first_stops_by_streamjax(tokenizer, per_stream, sequences) == expected
+    assert min(expected[:8] + expected[10:18]) > 0 and expected[8:10] == expected[18:20] == [-1, -1]

@@ -128,9 +128,9 @@ def test_a_rerun_keeps_the_runs_its_workdir_finished_and_refuses_another_config(
     (tmp_path / "window-0+124-d2" / "queries.jsonl").unlink()  # a run to redo
     computed = []
     real_run_stream = streameval.run_stream
-    monkeypatch.setattr(streameval, "run_stream", lambda *a, **k: computed.append(a[4]) or real_run_stream(*a, **k))
+    monkeypatch.setattr(streameval, "run_stream", lambda *a, **k: computed.append(a[3:5]) or real_run_stream(*a, **k))
     again = streameval.run(config, tmp_path)
-    assert computed == [0] and again["runs"] == first["runs"]  # only the window run (0 sinks) was computed again
+    assert computed == [(0, 124)] and again["runs"] == first["runs"]  # only the window run was computed again
     config.num_lines = 16
     with pytest.raises(ValueError, match="holds StreamEval runs of another config .* num_lines"):
         streameval.run(config, tmp_path)

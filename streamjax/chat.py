@@ -122,6 +122,24 @@ def turn_input(model: ChatModel, conversation: Conversation, user_message: str) 
     return list(model.tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def end_of_turn_id(model: ChatModel) -> int:
+    """The id that closes an assistant turn as the model's chat template writes it: the end id whose
+    token the template writes first after a reply's content (ChatML: <|im_end|>), whitespace before it
+    skipped. Every turn is closed with it (`chat_turn`, `dialogue`, `streameval`); a reply that stops on
+    another end id (a model's <|endoftext|>) keeps that id, and the template's one follows it.
+    Raises ValueError when none of the model's end ids closes a turn in its template."""
+    after = chat_template.text_after_reply(model.template).lstrip()
+    texts = {end_id: _decode(model.tokenizer, [end_id]) for end_id in model.end_ids}
+    closing = [end_id for end_id, text in texts.items() if text and after.startswith(text)]
+    if not closing:
+        raise ValueError(
+            f"none of the model's end ids {sorted(model.end_ids)} closes an assistant turn in its chat template "
+            f"({model.template.origin}), which writes {after[:40]!r} after a reply; give a template that ends a "
+            f"reply with one of them ({chat_template.TEMPLATE_OPTION})"
+        )
+    return max(closing, key=lambda end_id: len(texts[end_id]))
+
+
 def chat_turn(
     model: ChatModel,
     conversation: Conversation,
@@ -143,14 +161,18 @@ def chat_turn(
         chunk_size=chunk_size, block_size=block_size, on_tokens=printer,
     )  # fmt: skip
     reply_ids = result.tokens[0].tolist()
-    content_ids = reply_ids[:-1] if result.reasons[0] == "end_id" else reply_ids
-    reply = _decode(model.tokenizer, content_ids)
+    ended = result.reasons[0] == "end_id"
+    reply = _decode(model.tokenizer, reply_ids[:-1] if ended else reply_ids)
+    written = _decode(model.tokenizer, reply_ids)
+    # The message is the reply as the cache holds it up to the template's end of turn: an end id that
+    # is not the template's (stays in the cache) stays in the message, and the next turn closes it.
+    closed = ended and reply_ids[-1] == end_of_turn_id(model)
     messages = [
         *conversation.messages,
         {"role": "user", "content": user_message},
-        {"role": "assistant", "content": reply},
+        {"role": "assistant", "content": reply if closed else written},
     ]
-    after = Conversation(result.cache, messages, _decode(model.tokenizer, reply_ids))
+    after = Conversation(result.cache, messages, written)
     return after, _turn_record(after, user_message, reply, inputs, reply_ids, result)
 
 

@@ -165,6 +165,18 @@ def render(template: ChatTemplate, messages: Sequence[Mapping[str, str]], add_ge
         raise ValueError(f"the chat template ({template.origin}) refused the conversation: {error}") from error
 
 
+# An assistant message no template has text for: what the template writes after it closes the turn.
+_PROBE_REPLY = "\x00reply\x00"
+
+
+def text_after_reply(template: ChatTemplate) -> str:
+    """The text the template writes right after an assistant message's content: the rendering of a user
+    message and a reply, without a generation prompt, from the end of the reply on (ChatML:
+    "<|im_end|>\\n"). Raises ValueError if the template refuses that conversation."""
+    probe = [{"role": "user", "content": "question"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    return render(template, probe, add_generation_prompt=False).rpartition(_PROBE_REPLY)[2]
+
+
 def turn_text(
     template: ChatTemplate,
     history: Sequence[Mapping[str, str]],

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from streamjax import chat, chat_template, data, evaluation, generation, plotting, sampling, stopping
+from streamjax import chat, data, evaluation, generation, plotting, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
 
@@ -68,9 +68,11 @@ def _cut(paragraph: str, max_chars: int) -> str:
     return paragraph[: ends[-1]].strip() if ends else paragraph[:max_chars]
 
 
-def dialogue_stream(model: chat.ChatModel, turns: list[tuple[str, str]], end_id: int) -> DialogueStream:
+def dialogue_stream(model: chat.ChatModel, turns: list[tuple[str, str]]) -> DialogueStream:
     """The token stream of `turns` fed as the chat program feeds a conversation, each reference reply
-    tokenized and closed by `end_id`, as if the model had generated it (see `chat.turn_input`)."""
+    tokenized and closed by the template's end of turn (`chat.end_of_turn_id`), as if the model had
+    generated it (see `chat.turn_input`)."""
+    end_id = chat.end_of_turn_id(model)
     conversation = chat.Conversation(cache=None, messages=[])
     tokens: list[int] = []
     inputs, replies = [], []
@@ -99,8 +101,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     workdir = pathlib.Path(workdir).expanduser()
     turns = script_turns(data.load_text(config.data), config.num_turns, config.max_message_chars)
     model = chat.load_chat_model(config.model, config.dtype, template_file=config.chat_template or None)
-    end_id = _end_of_turn_id(model)
-    stream = dialogue_stream(model, turns, end_id)
+    stream = dialogue_stream(model, turns)
     workdir.mkdir(parents=True, exist_ok=True)
     _log(f"{len(turns)} turns, {len(stream.tokens)} tokens; methods {', '.join(methods)}")
     results = {method: _run_method(model, stream, method, config) for method in methods}
@@ -121,17 +122,6 @@ def _check_config(config) -> list[str]:
     if any(turn < 0 or turn >= config.num_turns for turn in config.sample_turns):
         raise ValueError(f"sample_turns {tuple(config.sample_turns)} must lie in [0, num_turns = {config.num_turns})")
     return methods
-
-
-def _end_of_turn_id(model: chat.ChatModel) -> int:
-    """The id the template closes an assistant turn with (among the model's end ids)."""
-    marker = "\x00reply\x00"
-    probe = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
-    after = chat_template.render(model.template, probe, add_generation_prompt=False).rpartition(marker)[2].lstrip()
-    for end_id in sorted(model.end_ids):
-        if after.startswith(model.tokenizer.decode([end_id])):
-            return end_id
-    raise ValueError(f"none of the model's end ids {sorted(model.end_ids)} closes an assistant turn in its template")
 
 
 def _run_method(model: chat.ChatModel, stream: DialogueStream, method: str, config) -> dict[str, Any]:

@@ -38,7 +38,6 @@ from streamjax.loading import ModelSource, resolve_model
 
 _GGUF_END_IDS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 _GGUF_CONTROL = 3  # tokenizer.ggml.token_type of control tokens
-_PROBE_REPLY = "\x00reply\x00"  # an assistant message the template cannot have text for; its turn end follows
 
 
 # ---------------------------------------------------------------- end of sequence
@@ -91,12 +90,10 @@ def _directory_end_ids(source: ModelSource) -> tuple[set[int], dict[str, int]]:
 
 def _end_of_turn_token(template: chat_templates.ChatTemplate, special_tokens: dict[str, int]) -> str | None:
     """The special token the template writes right after an assistant message's content, if any."""
-    probe = [{"role": "user", "content": "question"}, {"role": "assistant", "content": _PROBE_REPLY}]
     try:
-        rendered = chat_templates.render(template, probe, add_generation_prompt=False)
+        after = chat_templates.text_after_reply(template)
     except ValueError:  # a template with demands of its own (say, a system message first): no probe
         return None
-    after = rendered.partition(_PROBE_REPLY)[2]
     return max((token for token in special_tokens if after.startswith(token)), key=len, default=None)
 
 

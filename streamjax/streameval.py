@@ -147,9 +147,10 @@ ANSWER_TOKENS = 24
 
 
 def _teach(model: chat.ChatModel, conversation: chat.Conversation, user: str, answer: str) -> chat.Conversation:
-    """The worked example fed as a turn whose reply is the right answer (teacher-forced, then the end id)."""
+    """The worked example fed as a turn whose reply is the right answer (teacher-forced), closed as the
+    template closes a turn (`chat.end_of_turn_id`)."""
     inputs = chat.turn_input(model, conversation, user)
-    reply_ids = [*model.tokenizer(answer, add_special_tokens=False).input_ids, min(model.end_ids)]
+    reply_ids = [*model.tokenizer(answer, add_special_tokens=False).input_ids, chat.end_of_turn_id(model)]
     tokens = np.asarray([inputs + reply_ids], np.int32)
     _, cache = decoding.prefill(model.params, conversation.cache, tokens, model.config, 256, logits="none")
     written = model.tokenizer.decode(reply_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -180,7 +181,7 @@ def _runs(config) -> list[dict[str, Any]]:
             evaluation.EvalSpec("streaming", config.num_sinks, window)  # checks the cache shape
             for distance in distances:
                 check_stream_shape(config.num_lines, config.query_every, distance)
-                cache = None if method == "dense" else f"{0 if method == 'window' else config.num_sinks}+{window}"
+                cache = None if method == "dense" else "{}+{}".format(*cache_shape(method, config.num_sinks, window))
                 name = f"{method}-{cache}-d{distance}" if cache else f"dense-d{distance}"
                 runs.append({"name": name, "method": method, "window": window, "answer_distance": distance,
                              "cache": cache})  # fmt: skip
@@ -198,14 +199,20 @@ def _int_list(value, name: str) -> list[int]:
 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Every run of the config over `num_samples` seeded streams; per run `queries.jsonl` and
-    `summary.json`, then `results.md` and the plots in `workdir`."""
+    `summary.json`, then `results.md` and the plots in `workdir`. Runs the workdir already finished
+    for this config are kept (`finished_runs`), so rerunning rebuilds the report around a redone run."""
     runs = _runs(config)
     workdir = pathlib.Path(workdir).expanduser()
+    finished = finished_runs(workdir, config)
     model = chat.load_chat_model(config.model, config.dtype, template_file=config.chat_template or None)
     _check_windows(model, config, runs)
     dense_tokens = min(config.dense_max_tokens, model.config.max_position_embeddings)
     summaries = []
     for spec in runs:
+        if spec["name"] in finished:
+            summaries.append(finished[spec["name"]])
+            _log(f"{spec['name']}: finished in {workdir}, kept")
+            continue
         run_dir = workdir / spec["name"]
         run_dir.mkdir(parents=True, exist_ok=True)
         records = []
@@ -231,12 +238,49 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     return report
 
 
+# The config fields that only choose which runs a config makes (not what one run computes).
+RUN_SELECTORS = ("method", "window", "answer_distance")
+
+
+def finished_runs(workdir: pathlib.Path, config) -> dict[str, dict]:
+    """{name: summary} of the runs a workdir's report (its summary.json) lists and whose own files are
+    still there, unchanged: `run` keeps them (to add a method or redo one run, delete its directory).
+    ValueError if the report was made by a config that differs in more than `RUN_SELECTORS`."""
+    report = _read_json(workdir / "summary.json")
+    if report is None:
+        return {}
+    differs = sorted(
+        field for field in set(report["config"]) | set(config.to_dict())
+        if field not in RUN_SELECTORS and report["config"].get(field) != config.to_dict().get(field)
+    )  # fmt: skip
+    if differs:
+        raise ValueError(
+            f"{workdir} holds StreamEval runs of another config (it differs in {', '.join(differs)}); "
+            "use another --workdir"
+        )
+    return {
+        summary["name"]: summary for summary in report["runs"]
+        if (workdir / summary["name"] / "queries.jsonl").is_file()
+        and _read_json(workdir / summary["name"] / "summary.json") == summary
+    }  # fmt: skip
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    """The JSON value of a file (None when it does not exist); ValueError naming a file that is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete it to recompute what it summarises") from None
+
+
 def _check_windows(model: chat.ChatModel, config, runs: list[dict]) -> None:
     """ValueError for a run whose recent window cannot hold one line with its question and the answer."""
     text = f"{line_text(99_999, 99_999)}\n{question(99_999)}"
     needed = len(model.tokenizer(text, add_special_tokens=False).input_ids) + ANSWER_TOKENS
     for spec in runs:
-        window = spec["window"] + (config.num_sinks if spec["method"] == "window" else 0)
+        window = cache_shape(spec["method"], config.num_sinks, spec["window"])[1]
         if spec["method"] != "dense" and window < needed:
             raise ValueError(
                 f"run {spec['name']}: a window of {window} tokens is too small to hold one line with its question "
@@ -244,13 +288,17 @@ def _check_windows(model: chat.ChatModel, config, runs: list[dict]) -> None:
             )
 
 
+def cache_shape(method: str, num_sinks: int, window: int) -> tuple[int, int]:
+    """(sinks, window slots) of a run's cache: StreamingLLM keeps `num_sinks` + `window`; window attention
+    as many slots, all of them recent (0 + num_sinks + window). A run is named by this shape."""
+    return (0, num_sinks + window) if method == "window" else (num_sinks, window)
+
+
 def _cache(spec: dict, num_sinks: int, dense_tokens: int) -> tuple[int, int, int | None]:
     """(sinks, window, token limit) of a run's cache."""
     if spec["method"] == "dense":
         return 0, dense_tokens, dense_tokens
-    if spec["method"] == "window":
-        return 0, num_sinks + spec["window"], None
-    return num_sinks, spec["window"], None
+    return (*cache_shape(spec["method"], num_sinks, spec["window"]), None)
 
 
 def results_table(summaries: list[dict]) -> str:

@@ -137,21 +137,24 @@ CHATML_TEMPLATE = (
 )
 
 
-def save_byte_tokenizer(directory) -> dict[str, int]:
+def save_byte_tokenizer(directory, specials_first: bool = False) -> dict[str, int]:
     """A byte-level tokenizer without merges (ids 0..255 are the bytes, in GPT-2's byte-to-unicode order)
     with "<|im_start|>" (256) and "<|im_end|>" (257), saved with `save_pretrained`; any text tokenizes.
-    Returns the special tokens' ids."""
+    With `specials_first`, SmolLM2's layout instead: "<|endoftext|>" 0, "<|im_start|>" 1, "<|im_end|>" 2,
+    then byte b as id 3 + b. Returns the special tokens' ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from streamjax.gguf import bytes_to_unicode
 
     alphabet = bytes_to_unicode()
-    vocab = {alphabet[byte]: byte for byte in range(256)}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if specials_first else ["<|im_start|>", "<|im_end|>"]
+    first_byte = len(specials) if specials_first else 0
+    ids = {token: index if specials_first else 256 + index for index, token in enumerate(specials)}
+    vocab = {**(ids if specials_first else {}), **{alphabet[byte]: first_byte + byte for byte in range(256)}}
     backend = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    specials = ["<|im_start|>", "<|im_end|>"]
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>").save_pretrained(directory)
-    return {token: 256 + index for index, token in enumerate(specials)}
+    return ids

@@ -17,10 +17,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import random_hf_llama, save_word_tokenizer
+from conftest import CHATML_TEMPLATE, random_hf_llama, save_byte_tokenizer, save_word_tokenizer
 
 from configs import chat as chat_config
-from streamjax import chat, generation, stopping
+from streamjax import chat, chat_template, generation, sampling, stopping
 from streamjax.model import jitted_forward
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -40,6 +40,37 @@ def tiny(tmp_path_factory):
     save_word_tokenizer(root / "model", model.config.vocab_size)
     (root / "template.jinja").write_text(TEMPLATE)
     return root / "model", root / "template.jinja"
+
+
+@pytest.fixture(scope="module")
+def two_end_ids(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's end ids, <|endoftext|> 0 and <|im_end|> 2, of which its ChatML
+    template closes a turn with 2; its final norm is zero, so every logit is 0 and greedy decoding
+    (argmax: the first maximum) always picks 0, the end id that is not the template's."""
+    import torch
+
+    root = tmp_path_factory.mktemp("two_end_ids")
+    model = random_hf_llama(seed=3, vocab_size=259, max_position_embeddings=4096, eos_token_id=[0, 2])
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(root / "model")
+    save_byte_tokenizer(root / "model", specials_first=True)
+    (root / "template.jinja").write_text(CHATML_TEMPLATE)
+    return chat.load_chat_model(str(root / "model"), template_file=str(root / "template.jinja"))
+
+
+def cache_stream(cache) -> list[int]:
+    """The token ids of a cache that holds its whole stream (nothing evicted), in stream order."""
+    length = int(cache.length[0])
+    positions = np.asarray(cache.slot_positions[0])[:length]
+    assert sorted(positions.tolist()) == list(range(int(cache.next_position[0])))  # nothing evicted
+    return np.asarray(cache.slot_tokens[0])[:length][np.argsort(positions)].tolist()
+
+
+def rendered_ids(model: chat.ChatModel, messages: list[dict]) -> list[int]:
+    """The token ids of the template's rendering of `messages` (no generation prompt)."""
+    text = chat_template.render(model.template, messages, add_generation_prompt=False)
+    return model.tokenizer(text, add_special_tokens=False).input_ids
 
 
 def tiny_config(tiny, **overrides):
@@ -127,6 +158,24 @@ def test_each_turn_feeds_only_what_it_adds_and_generation_is_the_library_call(ti
     conversation, second = chat.chat_turn(model, conversation, "w9", chat.turn_settings(config, 1), stops)
     assert second.input_token_ids == inputs and second.reply_token_ids == expected.tokens[0].tolist()
     assert model.end_ids == frozenset({2})
+
+
+def test_a_reply_that_stops_on_another_end_id_is_closed_with_the_template_s(two_end_ids):
+    model = two_end_ids
+    assert model.end_ids == frozenset({0, 2}) and chat.end_of_turn_id(model) == 2  # <|im_end|>, not min 0
+    stops = stopping.stop_conditions(1, end_ids=model.end_ids, max_new_tokens=6)
+    greedy = sampling.sampling_settings(1, temperature=0.0)
+    conversation = chat.new_conversation(model, 4, 400)
+    conversation, first = chat.chat_turn(model, conversation, "Hi", greedy, stops)
+    conversation, second = chat.chat_turn(model, conversation, "Again", greedy, stops)
+    for turn in (first, second):
+        assert turn.reply_token_ids == [0] and turn.finish_reason == "end_id" and turn.reply == ""
+    im_end, newline, im_start = 2, 3 + ord("\n"), 1
+    assert second.input_token_ids[:3] == [im_end, newline, im_start]  # turn 1 closed after its <|endoftext|>
+    stream = cache_stream(conversation.cache)
+    assert stream == first.input_token_ids + [0] + second.input_token_ids + [0]
+    # The cache holds what the template renders of the conversation, up to the last turn's close.
+    assert rendered_ids(model, conversation.messages) == stream + [im_end, newline]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_chat import tiny  # noqa: F401  (the module fixture: a tiny chat model directory and template)
+from test_chat import rendered_ids, tiny, two_end_ids  # noqa: F401  (module fixtures: tiny chat models)
 
 from configs import dialogue as dialogue_config
 from streamjax import chat, dialogue, evaluation
@@ -27,13 +27,23 @@ def test_script_turns_pair_consecutive_paragraphs_and_cut_long_ones():
 def test_the_stream_is_what_the_chat_program_feeds_with_the_references_as_replies(tiny):  # noqa: F811
     model = chat.load_chat_model(str(tiny[0]), template_file=str(tiny[1]))
     turns = [("w5 w6", "w7 w8 w9"), ("w10", "w11"), ("w12 w13", "w14")]
-    stream = dialogue.dialogue_stream(model, turns, end_id=2)
+    stream = dialogue.dialogue_stream(model, turns)
     expected = [90, 92, 5, 6, 2, 90, 93, 7, 8, 9, 2, 90, 92, 10, 2, 90, 93, 11, 2, 90, 92, 12, 13, 2, 90, 93, 14, 2]
     assert stream.tokens.tolist() == expected
     assert stream.inputs == [(0, 7), (11, 17), (19, 26)] and stream.replies == [(7, 11), (17, 19), (26, 28)]
     nll = np.arange(len(expected) - 1, dtype=np.float32)  # nll[i] predicts token i + 1
     assert dialogue.reply_nll(nll, stream) == [np.mean([6, 7, 8, 9]), np.mean([16, 17]), np.mean([25, 26])]
     assert dialogue.reply_nll(nll[:20], stream)[2] is None
+
+
+def test_each_reference_reply_is_closed_with_the_template_s_end_of_turn(two_end_ids):  # noqa: F811
+    turns = [("Hi", "Hello."), ("How are you?", "Well.")]
+    stream = dialogue.dialogue_stream(two_end_ids, turns)
+    replies = [stream.tokens[start:stop].tolist() for start, stop in stream.replies]
+    assert [reply[-1] for reply in replies] == [2, 2] and 0 not in stream.tokens  # <|im_end|>, not min({0, 2})
+    messages = [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+    newline = 3 + ord("\n")
+    assert rendered_ids(two_end_ids, messages) == stream.tokens.tolist() + [newline]  # the template's own stream
 
 
 def test_a_run_writes_its_tables_and_streaming_equals_dense_while_nothing_is_evicted(tiny, tmp_path):  # noqa: F811

@@ -11,10 +11,13 @@ import re
 import jax
 import numpy as np
 import pytest
+import recall_family
+import safetensors.numpy
 from conftest import CHATML_TEMPLATE, random_hf_llama, save_byte_tokenizer
+from test_chat import cache_stream, rendered_ids, two_end_ids  # noqa: F401  (a module fixture)
 
 from configs import streameval as streameval_config
-from streamjax import chat, generation, streameval
+from streamjax import chat, families, generation, streameval
 
 
 def test_the_stream_is_seeded_and_every_answer_is_its_line_s_value():
@@ -99,8 +102,10 @@ def test_the_experiment_writes_complete_records_and_their_accuracy(tiny, tmp_pat
                    "answer_distance": "2,6", "num_samples": 2, "num_sinks": 4})  # fmt: skip
     report = streameval.run(config, tmp_path)
     names = [run["name"] for run in report["runs"]]
-    assert names == ["window-0+120-d2", "window-0+120-d6", "window-0+400-d2", "window-0+400-d6",
+    # Each run is named by its cache: window attention holds as many slots as StreamingLLM, none of them sinks.
+    assert names == ["window-0+124-d2", "window-0+124-d6", "window-0+404-d2", "window-0+404-d6",
                      "streaming-4+120-d2", "streaming-4+120-d6", "streaming-4+400-d2", "streaming-4+400-d6"]  # fmt: skip
+    assert [run["cache"] for run in report["runs"]] == [name.split("-")[1] for name in names]
     for run in report["runs"]:
         records = [json.loads(line) for line in (tmp_path / run["name"] / "queries.jsonl").read_text().splitlines()]
         fields = {"sample", "line", "asked_after", "stream_position", "answer_distance_tokens", "expected",
@@ -111,6 +116,105 @@ def test_the_experiment_writes_complete_records_and_their_accuracy(tiny, tmp_pat
     assert (tmp_path / "results.md").read_text().count("\n") == 2 + 8
     for name in ("accuracy_vs_position.png", "accuracy_vs_distance.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rerun_keeps_the_runs_its_workdir_finished_and_refuses_another_config(tiny, tmp_path, monkeypatch):
+    _, root = tiny
+    config = streameval_config.get_config()
+    config.update({"model": str(root / "model"), "chat_template": str(root / "template.jinja"),
+                   "method": "window,streaming", "window": "120", "num_lines": 12, "query_every": 4,
+                   "answer_distance": "2", "num_samples": 1})  # fmt: skip
+    first = streameval.run(config, tmp_path)
+    (tmp_path / "window-0+124-d2" / "queries.jsonl").unlink()  # a run to redo
+    computed = []
+    real_run_stream = streameval.run_stream
+    monkeypatch.setattr(streameval, "run_stream", lambda *a, **k: computed.append(a[3:5]) or real_run_stream(*a, **k))
+    again = streameval.run(config, tmp_path)
+    assert computed == [(0, 124)] and again["runs"] == first["runs"]  # only the window run was computed again
+    config.num_lines = 16
+    with pytest.raises(ValueError, match="holds StreamEval runs of another config .* num_lines"):
+        streameval.run(config, tmp_path)
+
+
+def test_the_worked_example_and_every_answer_close_with_the_template_s_end_of_turn(two_end_ids, monkeypatch):  # noqa: F811
+    """A model that ends every reply with <|endoftext|> (0) where its template closes turns with <|im_end|> (2)."""
+    model, real_turn, seen = two_end_ids, chat.chat_turn, []  # (stream in the cache, messages) around each turn
+
+    def recording_turn(model, conversation, message, settings, stops, **kwargs):
+        seen.append((cache_stream(conversation.cache), conversation.messages))  # before the cache is donated
+        conversation, turn = real_turn(model, conversation, message, settings, stops, **kwargs)
+        seen.append((cache_stream(conversation.cache), conversation.messages))
+        return conversation, turn
+
+    monkeypatch.setattr(chat, "chat_turn", recording_turn)
+    stream = streameval.make_stream(num_lines=8, query_every=4, answer_distance=2, seed=0)
+    records = streameval.run_stream(model, stream, 4, num_sinks=4, window=3000, max_tokens=None, sample=0)
+    assert len(records) == 2 and all(record["generated"] == "" for record in records)  # each reply: [0]
+    (taught, example), (answered, messages) = seen[0], seen[-1]
+    assert taught[-1] == 2  # the worked example closed with <|im_end|>, not min(end ids) = 0
+    newline = 3 + ord("\n")
+    assert rendered_ids(model, example) == taught + [newline]
+    assert answered[-1] == 0 and rendered_ids(model, messages) == answered + [2, newline]  # its 0, then the close
+
+
+@pytest.fixture(scope="module")
+def recall(tmp_path_factory):
+    """(model directory, template file) of the stand-in that reads exactly what its cache holds
+    (`recall_family`, registered for this module's tests)."""
+    root = tmp_path_factory.mktemp("recall")
+    (root / "model").mkdir()
+    hf_config = {"model_type": "recall", "max_position_embeddings": 1 << 16, "eos_token_id": [0, 2]}
+    (root / "model" / "config.json").write_text(json.dumps(hf_config))
+    identity = np.eye(recall_family.VOCAB_SIZE, dtype=np.float32)
+    safetensors.numpy.save_file({"embed.weight": identity}, str(root / "model" / "model.safetensors"))
+    save_byte_tokenizer(root / "model", specials_first=True)
+    (root / "template.jinja").write_text(CHATML_TEMPLATE)
+    families.register(recall_family)
+    try:
+        yield root / "model", root / "template.jinja"
+    finally:
+        families.FAMILIES.pop("recall")
+
+
+def test_a_model_that_reads_its_cache_answers_every_question_and_the_distance_is_exact(recall):
+    model = chat.load_chat_model(str(recall[0]), template_file=str(recall[1]))
+    stream = streameval.make_stream(num_lines=12, query_every=6, answer_distance=2, seed=0)
+    records = streameval.run_stream(model, stream, 6, num_sinks=4, window=3000, max_tokens=None, sample=0)
+    assert [(r["line"], r["generated"], r["correct"]) for r in records] == [
+        (4, str(stream.values[4]), True), (10, str(stream.values[10]), True)
+    ]  # fmt: skip
+    # One token a byte: from line 4's first byte, "line 4: REGISTER_CONTENT is <vvvvv>" (35) "\n" (1), line 5
+    # (35) "\n" (1), "What is the REGISTER_CONTENT in line 4?" (39), then <|im_end|> "\n" <|im_start|> (3) and
+    # "assistant\n" (10) before the answer: 124. For line 10, each line and the question one byte longer: 127.
+    assert [r["answer_distance_tokens"] for r in records] == [124, 127]
+
+
+def test_the_benchmark_scores_a_model_that_reads_its_cache_by_what_the_cache_holds(recall, tmp_path):
+    """Positive control: the stand-in answers right exactly while the asked line is in its cache."""
+    config = streameval_config.get_config()
+    config.update({"model": str(recall[0]), "chat_template": str(recall[1]), "method": "window,streaming",
+                   "window": "128", "num_lines": 12, "query_every": 6, "answer_distance": "2,5",
+                   "num_samples": 1, "num_sinks": 4})  # fmt: skip
+    report = streameval.run(config, tmp_path)
+    accuracy = {run["name"]: run["accuracy"] for run in report["runs"]}
+    assert accuracy == {"window-0+132-d2": 1.0, "window-0+132-d5": 0.0,
+                        "streaming-4+128-d2": 0.5, "streaming-4+128-d5": 0.0}  # fmt: skip
+    # By hand as above: at 5 lines back, lines 1-5 (35 + 1 bytes each), the question (39) and 13: 232;
+    # lines 7-9 (36 each), 10-11 (37 each), the question (39) and 13: 234.
+    distances = {2: [124, 127], 5: [232, 234]}
+    for run in report["runs"]:
+        window = int(run["cache"].split("+")[1])
+        records = [json.loads(line) for line in (tmp_path / run["name"] / "queries.jsonl").read_text().splitlines()]
+        assert [r["answer_distance_tokens"] for r in records] == distances[run["answer_distance"]]
+        # The query at stream position p sees the window's W tokens before it; the answer's last (fifth)
+        # digit is predicted 4 tokens after the first, so the line must start at most W - 3 tokens back.
+        assert [r["correct"] for r in records] == [r["answer_distance_tokens"] <= window - 3 for r in records]
+        # Past that, the answer stops where the line left the window: a prefix of the value, or nothing.
+        assert all(str(r["expected"]).startswith(r["generated"]) for r in records)
+        assert json.loads((tmp_path / run["name"] / "summary.json").read_text()) == run
+    table = (tmp_path / "results.md").read_text()
+    assert "| window-0+132-d2 | window | 0+132 | 2 | 2 | 1.000 |" in table
+    assert "| streaming-4+128-d5 | streaming | 4+128 | 5 | 2 | 0.000 |" in table
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,8 @@ def _run_method(model: chat.ChatModel, stream: DialogueStream, method: str, conf
     state, segment = evaluation.advance(model.params, model.config, tokens, spec, state, length)
     nll.append(segment)
     nll = np.concatenate(nll)
-    return {"num_tokens": length, "nll": nll, "reply_nll": reply_nll(nll, stream), "samples": samples}
+    cache = "all" if method == "dense" else "{}+{}".format(*spec.cache_shape(length))
+    return {"num_tokens": length, "cache": cache, "nll": nll, "reply_nll": reply_nll(nll, stream), "samples": samples}
 
 
 def _sample(model: chat.ChatModel, cache, last_token: int, config) -> dict[str, Any]:
@@ -175,9 +176,9 @@ def _summary(config, turns, stream: DialogueStream, results: dict) -> dict[str, 
     ]  # fmt: skip
     return {
         "config": config.to_dict(), "made_by": plotting.provenance(), "num_tokens": len(stream.tokens),
-        "cache": f"{config.num_sinks}+{config.window}", "capacity": capacity,
+        "capacity": capacity,
         "methods": {
-            method: {"num_tokens": result["num_tokens"], "samples": result["samples"],
+            method: {"num_tokens": result["num_tokens"], "cache": result["cache"], "samples": result["samples"],
                      "mean_nll": float(np.mean(result["nll"], dtype=np.float64))}
             for method, result in results.items()
         },
@@ -245,7 +246,8 @@ def plot(summary: dict, workdir: pathlib.Path) -> None:
     axes.axvline(summary["capacity"], color="0.6", linestyle=":", linewidth=1)
     axes.set_xlabel("stream position of the reply (tokens)")
     axes.set_ylabel("reply log PPL (mean of 10 turns)")
-    axes.set_title(f"{summary['config']['model']}: streaming dialogue, cache {summary['cache']}", fontsize=9)
+    caches = ", ".join(f"{method} {result['cache']}" for method, result in summary["methods"].items())
+    axes.set_title(f"{summary['config']['model']}: streaming dialogue, caches {caches}", fontsize=9)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout(rect=(0, 0.04, 1, 1))

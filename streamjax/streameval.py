@@ -291,7 +291,7 @@ def _check_windows(model: chat.ChatModel, config, runs: list[dict]) -> None:
 def cache_shape(method: str, num_sinks: int, window: int) -> tuple[int, int]:
     """(sinks, window slots) of a run's cache: StreamingLLM keeps `num_sinks` + `window`; window attention
     as many slots, all of them recent (0 + num_sinks + window). A run is named by this shape."""
-    return (0, num_sinks + window) if method == "window" else (num_sinks, window)
+    return evaluation.EvalSpec(method, num_sinks, window).cache_shape(num_sinks + window)
 
 
 def _cache(spec: dict, num_sinks: int, dense_tokens: int) -> tuple[int, int, int | None]:

@@ -56,6 +56,8 @@ def test_a_run_writes_its_tables_and_streaming_equals_dense_while_nothing_is_evi
     })  # fmt: skip
     summary = dialogue.run(config, tmp_path / "out")
     assert set(summary["methods"]) == {"streaming", "window", "dense"} and summary["num_tokens"] > 3 * 32
+    caches = {method: result["cache"] for method, result in summary["methods"].items()}
+    assert caches == {"streaming": "2+30", "window": "0+32", "dense": "all"}  # each by the cache it holds
     dense = summary["methods"]["dense"]
     assert dense["num_tokens"] == 60 and [s["turn"] for s in dense["samples"]] == [1]  # turn 6 lies past 60 tokens
     for method in ("streaming", "window"):

@@ -1,6 +1,7 @@
 r"""Pre-training with attention sinks at the paper's scale (Table 3): 160M-parameter models, context 2048.
 
-Sized for accelerators (a TPU v2-8 or a GPU), in bfloat16 with a float32 optimizer state; not run here.
+Sized for accelerators (a TPU v2-8 or a GPU), computing in bfloat16 with float32 master weights and optimizer
+state; not run here.
 
     python -m experiments.pretrain --config=configs/pretrain_sink_160m.py --workdir=/tmp/streamjax/pretrain_160m \
         --config.data=/path/to/pg19_or_other_text_dir --config.mesh=data=8

@@ -10,6 +10,7 @@ final norm, and `lm_head` [D, V] when the head is not tied to the embedding.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 
 import jax
@@ -70,15 +71,25 @@ def model_specs(config: ModelConfig, layer: dict, final_norm: dict) -> dict:
 
 
 def init_params(specs: dict, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
-    """Random params for `specs` (a pytree of ParamSpec): normal(0, scale), ones or zeros."""
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    keys = jax.random.split(key, len(leaves))
+    """Random params for `specs` (a pytree of ParamSpec): normal(0, scale), ones or zeros.
+
+    Each normal param draws from `key` folded with a stable hash of its own path ("layers/3/qkv",
+    `param_path_key`), so adding or removing a param (e.g. `sink_logit`) changes no other param's value.
+    """
     fill = {"ones": jnp.ones, "zeros": jnp.zeros}
-    params = [
-        scale * jax.random.normal(k, spec.shape, dtype) if spec.init == "normal" else fill[spec.init](spec.shape, dtype)
-        for k, spec in zip(keys, leaves)
-    ]
-    return jax.tree.unflatten(treedef, params)
+
+    def make(path, spec: ParamSpec) -> jax.Array:
+        if spec.init != "normal":
+            return fill[spec.init](spec.shape, dtype)
+        return scale * jax.random.normal(jax.random.fold_in(key, param_path_key(path)), spec.shape, dtype)
+
+    return jax.tree_util.tree_map_with_path(make, specs, is_leaf=is_spec)
+
+
+def param_path_key(path: tuple) -> int:
+    """A stable 31-bit integer of a pytree path (the first 4 bytes of the SHA-256 of "layers/3/qkv")."""
+    name = "/".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") >> 1
 
 
 def attention_specs(config: ModelConfig, bias: bool) -> dict:

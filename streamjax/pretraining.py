@@ -1,14 +1,22 @@
 """Pre-training with attention sinks (the paper's Table 3): train variants alike, then stream them.
 
 `run(config, workdir)` is what `python -m experiments.pretrain` calls; the config fields are
-documented in `configs/pretrain_sink.py`. Every variant is the same Llama-shaped model trained on the
-same samples (same seed, steps and schedule) and differs in one thing:
+documented in `configs/pretrain_sink.py`. For each seed of `seeds`, every variant is the same Llama-shaped
+model trained alike and differs in one thing:
 
     vanilla      standard softmax, samples of plain text
     sink_token   a learnable sink token (one extra vocabulary entry, `<sink>`) first in every training
                  sample and every evaluated stream (data, not attention)
     zero_sink    SoftMax-off-by-one: one extra logit 0 with a zero value (`ModelConfig.softmax`)
     sink_logit   one learned logit per head with a zero value (gpt-oss's sinks)
+
+What is controlled, per seed: every param a variant shares with another starts bitwise equal (each param
+is drawn from its own path, `params.init_params`; `sink_logit`'s extra logits start at 0, so at step 0 it
+computes what `zero_sink` computes); every variant reads the same text windows in the same order (the
+sampler's key and bound are the same; `sink_token` puts `<sink>` before the same window) and predicts the
+same tokens from the same text (`training.samples_to_batch`); the held-out loss covers the same windows
+and targets; the streams score the same text tokens. Each number is reported per seed and as the mean
+over seeds with its range (min..max) and standard deviation (ddof 1).
 
 Data: the corpus text is cut at a paragraph break into training text and the last `heldout_fraction`
 of it, which training never sees. A byte-level BPE tokenizer of `vocab_size` entries (with `<sink>`)
@@ -23,13 +31,14 @@ steps during training, which measures at what budget window attention starts to 
 Workdir layout:
     config.json, lock        the config and its fingerprint (checked on restart); the process lock
     tokenizer/               the trained tokenizer (transformers files)
-    <variant>/checkpoints/   orbax steps of the training state while training (`streamjax.training`)
-    <variant>/model/         the trained model: config.json, model.safetensors and tokenizer files,
+    seed<s>/<variant>/checkpoints/   orbax steps of the training state while training (`streamjax.training`)
+    seed<s>/<variant>/model/         the trained model: config.json, model.safetensors and tokenizer files,
                              loadable by `experiments.ppl --config.model=...` (vanilla and sink_token
                              also by transformers' LlamaForCausalLM; sink_token's tokenizer adds <sink>)
-    <variant>/summary.json   training history, evaluations, throughput; written last (its presence
-                             means the variant is done)
-    results.md, summary.json, loss.png   the table (the paper's Table 3 layout), all numbers, the plot
+    seed<s>/<variant>/summary.json   training history, evaluations, throughput; written last (its
+                             presence means the variant is done)
+    results.md, summary.json, loss.png   the tables (the paper's Table 3 layout: mean and range over seeds,
+                             then per seed), all numbers, the plot (means over seeds)
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ VARIANTS = {  # name: (sink token first in every sample and stream, softmax)
 SINK_TOKEN = "<sink>"
 SPECIAL_TOKENS = ("<|endoftext|>", SINK_TOKEN)
 # Fields that change no number a run computes: a restart may change them.
-UNFINGERPRINTED_FIELDS = ("variants", "checkpoint_every", "matmul_repeats")
+UNFINGERPRINTED_FIELDS = ("variants", "seeds", "checkpoint_every", "matmul_repeats")
 LATER_FIELD_DEFAULTS = {"dtype": "float32"}
 
 
@@ -70,6 +79,17 @@ def parse_variants(spec: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"variants {spec!r} list a variant twice")
     return names
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """The seeds of a comma-separated list ("0,1,2"), each a non-negative integer, none twice."""
+    try:
+        seeds = [int(part) for part in str(spec).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"seeds must be comma-separated integers, got {spec!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {spec!r} must name one or more distinct integers >= 0")
+    return seeds
 
 
 def parse_sinks(spec: str, cache: int) -> list[int]:
@@ -85,7 +105,7 @@ def parse_sinks(spec: str, cache: int) -> list[int]:
 
 def model_config(config, variant: str) -> ModelConfig:
     """The Llama-shaped ModelConfig of `config.model` for `variant` (its softmax), with `vocab_size`
-    entries and `sample_length` positions."""
+    entries and the positions a sample fills (`sample_length`, one more with the sink token first)."""
     m = config.model
     return ModelConfig(
         family="llama",
@@ -98,13 +118,13 @@ def model_config(config, variant: str) -> ModelConfig:
         intermediate_size=m.intermediate_size,
         norm_eps=1e-5,
         tie_embeddings=m.tie_embeddings,
-        max_position_embeddings=config.sample_length,
+        max_position_embeddings=config.sample_length + (1 if VARIANTS[variant][0] else 0),
         rope_theta=float(m.rope_theta),
         softmax=VARIANTS[variant][1],
     )
 
 
-def train_config(config, sink_token: int | None) -> training.TrainConfig:
+def train_config(config, sink_token: int | None, seed: int) -> training.TrainConfig:
     return training.TrainConfig(
         batch_size=config.batch_size,
         sample_length=config.sample_length,
@@ -115,13 +135,14 @@ def train_config(config, sink_token: int | None) -> training.TrainConfig:
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm,
         sink_token=sink_token,
-        seed=config.seed,
+        seed=seed,
     )
 
 
 def check_config(config) -> list[str]:
     """The variants to run, after checking every field that can be checked without data; ValueError else."""
     variants = parse_variants(config.variants)
+    parse_seeds(config.seeds)
     parse_sinks(config.eval_sinks, config.eval_cache)
     if not 0 < config.heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {config.heldout_fraction}")
@@ -137,7 +158,8 @@ def check_config(config) -> list[str]:
     loading.parse_dtype(config.dtype)
     mesh = experiment.build_mesh(config)
     for variant in variants:  # the ModelConfig's and the TrainConfig's own checks, before any data is read
-        training.check_train_config(train_config(config, 1), model_config(config, variant), 1 << 62, mesh)
+        sink_token = 1 if VARIANTS[variant][0] else None
+        training.check_train_config(train_config(config, sink_token, 0), model_config(config, variant), 1 << 62, mesh)
     return variants
 
 
@@ -258,7 +280,8 @@ def fingerprint(config) -> dict[str, Any]:
 
 
 def run(config, workdir, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every variant of `config`, resuming what `workdir` holds; the summary dict."""
+    """Train and evaluate every variant of `config` for every seed, resuming what `workdir` holds; the
+    summary dict."""
     variants = check_config(config)
     workdir = pathlib.Path(workdir).expanduser().resolve()
     _check_workdir(workdir, config)
@@ -271,8 +294,13 @@ def run(config, workdir, progress: bool = True) -> dict[str, Any]:
         corpus = prepare_corpus(config, workdir)
         matmul = benchmark.measure_matmul(2048, np.float32, config.matmul_repeats)["flops_per_s"]
         summaries = {
-            variant: run_variant(config, variant, corpus, workdir / variant, mesh, matmul, progress, stop)
-            for variant in variants
+            seed: {
+                variant: run_variant(
+                    config, variant, seed, corpus, workdir / f"seed{seed}" / variant, mesh, matmul, progress, stop
+                )
+                for variant in variants
+            }
+            for seed in parse_seeds(config.seeds)
         }
         return report(config, workdir, summaries)
 
@@ -291,13 +319,15 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
             )
 
 
-def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, matmul_flops, progress, stop) -> dict:
-    """Train one variant (resuming), evaluate it, save its model; its summary (read back if done)."""
+def run_variant(
+    config, variant, seed: int, corpus: Corpus, directory: pathlib.Path, mesh, matmul_flops, progress, stop
+) -> dict:
+    """Train one variant from `seed` (resuming), evaluate it, save its model; its summary (read back if done)."""
     if (directory / "summary.json").is_file():
         return files.read_json(directory / "summary.json", f"delete {directory} to train the variant again", ["final"])
     sink_first = VARIANTS[variant][0]
     model = model_config(config, variant)
-    tc = train_config(config, corpus.sink_token if sink_first else None)
+    tc = train_config(config, corpus.sink_token if sink_first else None, seed)
     windows = training.heldout_windows(corpus.heldout, tc, config.heldout_samples)
 
     def evaluate(params: dict) -> dict:
@@ -306,17 +336,23 @@ def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, 
             "ppl": stream_ppl(params, model, corpus, config, sink_first),
         }
 
-    meta = {"fingerprint": fingerprint(config), "variant": variant, "tokens_sha256": _sha256(corpus.train)}
+    meta = {
+        "fingerprint": fingerprint(config),
+        "seed": seed,
+        "variant": variant,
+        "tokens_sha256": _sha256(corpus.train),
+    }
     dtype = loading.parse_dtype(config.dtype)
     state, history = training.train(
         model, tc, corpus.train, directory / "checkpoints", meta=meta, mesh=mesh, dtype=dtype,
         checkpoint_every=config.checkpoint_every, evaluate=evaluate, evaluate_every=config.evaluate_every,
-        progress=progress, stop=stop, description=variant,
+        progress=progress, stop=stop, description=f"seed {seed} {variant}",
     )  # fmt: skip
     tokenizer = with_sink_token(corpus.tokenizer) if sink_first else corpus.tokenizer
     export.save_model(directory / "model", jax.device_get(state.params), model, tokenizer=tokenizer)
     summary = {
         "variant": variant,
+        "seed": seed,
         "softmax": model.softmax,
         "sink_token": tc.sink_token,
         "final": history["evaluations"][-1],
@@ -330,10 +366,11 @@ def run_variant(config, variant, corpus: Corpus, directory: pathlib.Path, mesh, 
 
 def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, history: dict, matmul_flops: float) -> dict:
     """Training tokens/s (median step after the first two, which compile) and FLOP/s against the measured
-    [2048 x 2048] float32 matmul: 3x the forward FLOPs (`benchmark.flops_per_token`, every key of the sample)."""
+    [2048 x 2048] float32 matmul: 3x the forward FLOPs (`benchmark.flops_per_token`, every key of the sample);
+    a token is a position of a sample (with the sink token, one more per sample)."""
     seconds = float(np.median(history["seconds"][2:] or history["seconds"]))
-    tokens = tc.batch_size * tc.sample_length
-    flops = 3 * benchmark.flops_per_token(params, config, tc.sample_length)
+    tokens = tc.batch_size * tc.input_length
+    flops = 3 * benchmark.flops_per_token(params, config, tc.input_length)
     return {
         "median_step_s": seconds,
         "tokens_per_step": tokens,
@@ -345,33 +382,73 @@ def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, hist
     }
 
 
-def report(config, workdir: pathlib.Path, summaries: dict[str, dict]) -> dict[str, Any]:
-    """Write results.md (the final table and the budget table), summary.json and loss.png from the
-    variants' summaries; the summary dict."""
+def report(config, workdir: pathlib.Path, summaries: dict[int, dict[str, dict]]) -> dict[str, Any]:
+    """Write results.md (the final table and the budget table as means over seeds, then the final table of
+    each seed), summary.json and loss.png from the summaries of every seed's variants; the summary dict."""
     layouts = [layout_name(s, config.eval_cache) for s in parse_sinks(config.eval_sinks, config.eval_cache)]
     made_by = plotting.provenance()
-    final, budget = final_table(summaries, layouts), budget_table(summaries, layouts, config)
+    finals = final_stats(summaries, layouts)
+    seeds = ", ".join(str(seed) for seed in summaries)
+    per_seed = "".join(f"Seed {seed}:\n\n{final_table(variants, layouts)}\n" for seed, variants in summaries.items())
     files.write_text(
         workdir / "results.md",
         f"Perplexity over {config.eval_tokens} held-out tokens at each cache layout (S+W), after {config.steps} "
-        f"steps.\n\n{final}\nDuring training: perplexity at {layouts[0]} / at {layouts[-1]} (window attention / "
-        f"with sinks) after each number of steps.\n\n{budget}\nmade by {made_by}\n",
+        f"steps: the mean over seeds {seeds} (min..max in brackets).\n\n{mean_table(finals, layouts)}\n"
+        f"During training: perplexity at {layouts[0]} / at {layouts[-1]} (window attention / with sinks) after each "
+        f"number of steps, the mean over seeds {seeds}.\n\n{budget_table(summaries, layouts, config)}\n"
+        f"Each seed.\n\n{per_seed}made by {made_by}\n",
     )
-    print(final)
-    histories = {name: summary["history"] for name, summary in summaries.items()}
-    title = f"{config.steps} steps of {config.batch_size} x {config.sample_length} tokens"
+    print(mean_table(finals, layouts))
+    histories = {name: mean_history([variants[name]["history"] for variants in summaries.values()]) for name in finals}
+    title = f"{config.steps} steps of {config.batch_size} x {config.sample_length} tokens, mean over seeds {seeds}"
     plotting.plot_training(workdir / "loss.png", histories, layouts, title=title, footer=made_by)
     result = {
         "config": config.to_dict(),
         "made_by": made_by,
-        "variants": {n: _compact(s) for n, s in summaries.items()},
+        "mean": finals,
+        "seeds": {str(seed): {n: _compact(s) for n, s in variants.items()} for seed, variants in summaries.items()},
     }
     files.write_json(workdir / "summary.json", result)
     return result
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """The mean, standard deviation over seeds (ddof 1; 0 for one seed), min and max of `values`, and them."""
+    values = [float(value) for value in values]
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "min": min(values), "max": max(values), "per_seed": values}
+
+
+def final_stats(summaries: dict[int, dict[str, dict]], layouts: list[str]) -> dict[str, dict]:
+    """Per variant, the `spread` over seeds of the final held-out loss and of the perplexity at each layout."""
+    names = list(next(iter(summaries.values())))
+    finals = {name: [variants[name]["final"] for variants in summaries.values()] for name in names}
+    return {
+        name: {
+            "heldout_loss": spread([final["heldout_loss"] for final in rows]),
+            "ppl": {layout: spread([final["ppl"][layout] for final in rows]) for layout in layouts},
+        }
+        for name, rows in finals.items()
+    }
+
+
+def mean_table(finals: dict[str, dict], layouts: list[str]) -> str:
+    """The paper's Table 3 layout over seeds: per variant, the mean (min..max) of the held-out loss and of
+    the perplexity per layout."""
+    lines = ["| variant | held-out loss | " + " | ".join(layouts) + " |", "|---|---:|" + "---:|" * len(layouts)]
+    for name, stats in finals.items():
+        loss = stats["heldout_loss"]
+        ppl = " | ".join(_mean_range(stats["ppl"][layout], ".2f") for layout in layouts)
+        lines.append(f"| {name} | {_mean_range(loss, '.4f')} | {ppl} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_range(stats: dict, spec: str) -> str:
+    return f"{stats['mean']:{spec}} ({stats['min']:{spec}}..{stats['max']:{spec}})"
+
+
 def final_table(summaries: dict[str, dict], layouts: list[str]) -> str:
-    """The paper's Table 3 layout: one row per variant, the held-out loss and the perplexity per layout."""
+    """One seed's Table 3: one row per variant, the held-out loss and the perplexity per layout."""
     lines = ["| variant | held-out loss | " + " | ".join(layouts) + " |", "|---|---:|" + "---:|" * len(layouts)]
     for name, summary in summaries.items():
         ppl = " | ".join(f"{summary['final']['ppl'][layout]:.2f}" for layout in layouts)
@@ -379,19 +456,46 @@ def final_table(summaries: dict[str, dict], layouts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def budget_table(summaries: dict[str, dict], layouts: list[str], config) -> str:
-    """One row per evaluation step: tokens trained and, per variant, "ppl at the first layout / at the last"."""
-    names = list(summaries)
+def budget_table(summaries: dict[int, dict[str, dict]], layouts: list[str], config) -> str:
+    """One row per evaluation step: text tokens trained on and, per variant, the mean over seeds of
+    "ppl at the first layout / at the last"."""
+    names = list(next(iter(summaries.values())))
+    means = {name: mean_evaluations([v[name]["history"]["evaluations"] for v in summaries.values()]) for name in names}
+    by_step = {name: {row["step"]: row["ppl"] for row in means[name]} for name in names}
     lines = ["| step | tokens | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
-    by_step = {name: {row["step"]: row["ppl"] for row in summaries[name]["history"]["evaluations"]} for name in names}
     for step in sorted(set.intersection(*(set(rows) for rows in by_step.values()))):
         cells = " | ".join(f"{by_step[n][step][layouts[0]]:.1f} / {by_step[n][step][layouts[-1]]:.1f}" for n in names)
         lines.append(f"| {step} | {step * config.batch_size * config.sample_length:,} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
+def mean_evaluations(runs: list[list[dict]]) -> list[dict]:
+    """The evaluations [{step, heldout_loss, ppl: {layout: value}}] averaged over runs, at the steps all have."""
+    by_step = [{row["step"]: row for row in rows} for rows in runs]
+    steps = sorted(set.intersection(*(set(rows) for rows in by_step)))
+    return [
+        {
+            "step": step,
+            "heldout_loss": float(np.mean([rows[step]["heldout_loss"] for rows in by_step])),
+            "ppl": {
+                layout: float(np.mean([rows[step]["ppl"][layout] for rows in by_step]))
+                for layout in by_step[0][step]["ppl"]
+            },
+        }
+        for step in steps
+    ]
+
+
+def mean_history(histories: list[dict]) -> dict:
+    """Per-step training `loss` and `evaluations` averaged over runs of the same length (for the plot)."""
+    return {
+        "loss": np.mean([history["loss"] for history in histories], axis=0).tolist(),
+        "evaluations": mean_evaluations([history["evaluations"] for history in histories]),
+    }
+
+
 def _compact(summary: dict) -> dict:
-    """A variant's summary without the per-step lists (they stay in <variant>/summary.json)."""
+    """A variant's summary without the per-step lists (they stay in seed<s>/<variant>/summary.json)."""
     history = summary["history"]
     return {**{k: v for k, v in summary.items() if k != "history"}, "evaluations": history["evaluations"]}
 

@@ -8,14 +8,19 @@ One jitted step (`make_train_step`) does all of a step on the devices:
 2. the loss is the mean NLL of the next token through `model.apply(params, None, inputs, config,
    targets=...)`, the forward pass that streaming evaluation and generation use;
 3. `jax.value_and_grad` gives the gradients, clipped to a global norm, then AdamW with a linear warmup
-   and a cosine decay (optax). bfloat16 params keep a float32 optimizer state: gradients and updates
-   are computed in float32 and the new params rounded to the params' dtype.
+   and a cosine decay (optax). The state's params are float32 master weights, which the optimizer
+   updates; a bfloat16 run casts them to bfloat16 inside the step for the forward and backward pass
+   only (the gradients flow back through the cast in float32), so updates smaller than bfloat16's
+   spacing still accumulate.
 
 With a mesh, params (and their optimizer state) lie on the shards `streamjax.sharding` gives them and
 each batch is split over the "data" axis; XLA's GSPMD adds the gradient all-reduce.
 
-A learnable sink token (the paper's Table 3) is data, not attention: with `sink_token` set, every
-sample is that token followed by L - 1 text tokens, and all L text tokens after it are the targets.
+Every sample is a window of L + 1 text tokens at a sampled start; its targets are the window's last L.
+A learnable sink token (the paper's Table 3) is data, not attention: with `sink_token` set, the inputs
+are that token followed by the window's first L tokens (L + 1 positions), and the targets are the same
+L tokens, so a run with and without the sink token reads the same windows and predicts the same tokens
+from the same text (the sink token's own prediction of the window's first token is not scored).
 The sink variants of attention itself are `ModelConfig.softmax`.
 
 `train` runs steps with a progress bar and orbax checkpoints of the whole `TrainState` (params,
@@ -73,9 +78,13 @@ class TrainConfig:
 
     @property
     def text_length(self) -> int:
-        """Text tokens one sample reads: L inputs and the token after them, or with a sink token L - 1
-        inputs after it and the token after those (its L targets)."""
-        return self.sample_length + (0 if self.sink_token is not None else 1)
+        """Text tokens one sample reads: L inputs and the token after them (with or without a sink token)."""
+        return self.sample_length + 1
+
+    @property
+    def input_length(self) -> int:
+        """Positions one sample fills: its L text inputs, after the sink token if there is one."""
+        return self.sample_length + (1 if self.sink_token is not None else 0)
 
 
 @flax.struct.dataclass
@@ -98,10 +107,12 @@ def check_train_config(train_config: TrainConfig, config: ModelConfig, num_token
             raise ValueError(f"{name} must be > 0, got {value}")
     if tc.sample_length < 2:
         raise ValueError(f"sample_length must be >= 2, got {tc.sample_length}")
-    if tc.sample_length > config.max_position_embeddings:
+    if tc.input_length > config.max_position_embeddings:
         raise ValueError(
-            f"sample_length {tc.sample_length} is beyond the model's {config.max_position_embeddings} positions "
-            "(max_position_embeddings): shorten the samples or give the model more positions"
+            f"samples of {tc.input_length} positions (sample_length {tc.sample_length}"
+            f"{' and the sink token' if tc.sink_token is not None else ''}) are beyond the model's "
+            f"{config.max_position_embeddings} positions (max_position_embeddings): shorten the samples or "
+            "give the model more positions"
         )
     if not 0 <= tc.warmup_steps < tc.steps:
         raise ValueError(
@@ -135,20 +146,19 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(
-    config: ModelConfig, train_config: TrainConfig, params: dict | None = None, mesh: Mesh | None = None, dtype=None
+    config: ModelConfig, train_config: TrainConfig, params: dict | None = None, mesh: Mesh | None = None
 ) -> TrainState:
-    """The state before step 0: `params` (default: random from `train_config.seed`, in `dtype`, default
-    float32), a float32 optimizer state, step 0 and the sampler's key; on the shards of `mesh` if given."""
+    """The state before step 0: float32 master params (`params`, or random from `train_config.seed`), a
+    float32 optimizer state, step 0 and the sampler's key; on the shards of `mesh` if given."""
     key, sampler_key = jax.random.split(jax.random.PRNGKey(train_config.seed))
     specs = families.param_specs(config)
-    if params is None:
-        params = init_params(specs, key, jnp.float32 if dtype is None else dtype)
+    params = init_params(specs, key) if params is None else _float32(params)
     step, replicated = jnp.zeros((), jnp.int32), None
     if mesh is not None:
         params = sharding.shard_params(params, specs, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         step, sampler_key = jax.device_put((step, sampler_key), replicated)
-    opt_state = jax.jit(make_optimizer(train_config).init)(_float32(params))
+    opt_state = jax.jit(make_optimizer(train_config).init)(params)
     if mesh is not None:  # counters made from no input land on one device: replicate them over the mesh
         on_mesh = lambda leaf: leaf if len(leaf.sharding.device_set) == mesh.size else jax.device_put(leaf, replicated)  # noqa: E731
         opt_state = jax.tree.map(on_mesh, opt_state)
@@ -156,40 +166,55 @@ def init_state(
 
 
 def _float32(tree):
-    return jax.tree.map(lambda leaf: leaf.astype(jnp.float32), tree)
+    return _cast(tree, jnp.float32)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda leaf: leaf.astype(dtype), tree)
 
 
 def sample_batch(tokens: jax.Array, key: jax.Array, train_config: TrainConfig) -> tuple[jax.Array, jax.Array]:
-    """(inputs, targets), int32 [B, L] each: B windows of `tokens` [N] at uniform random starts."""
+    """(inputs [B, input_length], targets [B, L]) of B windows of `tokens` [N] (`samples_to_batch`) at the
+    starts `sample_starts` draws."""
     tc = train_config
-    starts = jax.random.randint(key, (tc.batch_size,), 0, tokens.shape[0] - tc.text_length + 1)
-    windows = tokens[starts[:, None] + jnp.arange(tc.text_length)]
+    windows = tokens[sample_starts(key, tokens.shape[0], tc)[:, None] + jnp.arange(tc.text_length)]
     return samples_to_batch(windows, tc.sink_token)
 
 
+def sample_starts(key: jax.Array, num_tokens: int, train_config: TrainConfig) -> jax.Array:
+    """int32 [B]: the first text token of each window, uniform over the `num_tokens` - text_length + 1 starts
+    (the same for a run with and without a sink token)."""
+    return jax.random.randint(key, (train_config.batch_size,), 0, num_tokens - train_config.text_length + 1)
+
+
 def samples_to_batch(windows: jax.Array, sink_token: int | None) -> tuple[jax.Array, jax.Array]:
-    """(inputs, targets) of text windows [B, text_length]: shifted by one, or the sink token first."""
+    """(inputs, targets) of text windows [B, L + 1]: inputs the first L tokens (after the sink token if
+    given: [B, L + 1]), targets [B, L] the last L tokens either way."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
     if sink_token is None:
-        return windows[:, :-1], windows[:, 1:]
+        return inputs, targets
     sinks = jnp.full((windows.shape[0], 1), sink_token, windows.dtype)
-    return jnp.concatenate([sinks, windows[:, :-1]], axis=1), windows
+    return jnp.concatenate([sinks, inputs], axis=1), targets
 
 
 def loss(params: dict, inputs: jax.Array, targets: jax.Array, config: ModelConfig) -> jax.Array:
-    """Mean next-token NLL (float32 []) of `targets` [B, L] given `inputs` [B, L], causal from position 0."""
-    return jnp.mean(apply(params, None, inputs, config, targets=targets, logits="none").nll)
+    """Mean next-token NLL (float32 []) of `targets` [B, L], the tokens after the last L of `inputs` [B, P + L],
+    causal from position 0; the first P positions (e.g. a sink token) are context whose predictions are not
+    scored."""
+    context = inputs.shape[1] - targets.shape[1]
+    padded = jnp.concatenate([inputs[:, 1 : context + 1], targets], axis=1)  # position p predicts padded[:, p]
+    return jnp.mean(apply(params, None, inputs, config, targets=padded, logits="none").nll[:, context:])
 
 
-def _train_step(state: TrainState, tokens: jax.Array, *, config, train_config, batch_sharding):
+def _train_step(state: TrainState, tokens: jax.Array, *, config, train_config, batch_sharding, compute_dtype):
     sampler_key, key = jax.random.split(state.sampler_key)
     inputs, targets = sample_batch(tokens, key, train_config)
     if batch_sharding is not None:
         inputs, targets = jax.lax.with_sharding_constraint((inputs, targets), batch_sharding)
-    value, grads = jax.value_and_grad(loss)(state.params, inputs, targets, config)
-    master, grads = _float32(state.params), _float32(grads)
-    updates, opt_state = make_optimizer(train_config).update(grads, state.opt_state, master)
-    dtypes = jax.tree.map(lambda leaf: leaf.dtype, state.params)
-    params = jax.tree.map(lambda p, dtype: p.astype(dtype), optax.apply_updates(master, updates), dtypes)
+    compute_loss = lambda master: loss(_cast(master, compute_dtype), inputs, targets, config)  # noqa: E731
+    value, grads = jax.value_and_grad(compute_loss)(state.params)
+    updates, opt_state = make_optimizer(train_config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": value,
         "grad_norm": optax.tree.norm(grads),
@@ -199,15 +224,22 @@ def _train_step(state: TrainState, tokens: jax.Array, *, config, train_config, b
 
 
 def make_train_step(
-    config: ModelConfig, train_config: TrainConfig, state: TrainState, mesh: Mesh | None = None
+    config: ModelConfig,
+    train_config: TrainConfig,
+    state: TrainState,
+    mesh: Mesh | None = None,
+    compute_dtype=jnp.float32,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
     """The jitted `step(state, tokens) -> (state, metrics)`; `tokens` int32 [N] are the training text.
 
-    The state is donated, and comes out on the shards it went in on (those of `state`), so a restored
-    checkpoint runs the very same program.
+    The forward and backward pass read the float32 master params cast to `compute_dtype` (e.g. bfloat16);
+    the optimizer updates the float32 masters. The state is donated, and comes out on the shards it went
+    in on (those of `state`), so a restored checkpoint runs the very same program.
     """
     batch = None if mesh is None else sharding.batch_sharding(mesh, train_config.batch_size)
-    step = functools.partial(_train_step, config=config, train_config=train_config, batch_sharding=batch)
+    step = functools.partial(
+        _train_step, config=config, train_config=train_config, batch_sharding=batch, compute_dtype=compute_dtype
+    )
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
@@ -218,7 +250,8 @@ def make_train_step(
 
 
 def heldout_windows(tokens: np.ndarray, train_config: TrainConfig, max_samples: int) -> np.ndarray:
-    """Consecutive, non-overlapping text windows [M, text_length] of held-out `tokens`, at most `max_samples`."""
+    """Consecutive, non-overlapping text windows [M, text_length] of held-out `tokens`, at most `max_samples`
+    (the same windows, so the same targets, with and without a sink token)."""
     count = min(tokens.shape[0] // train_config.text_length, max_samples)
     if count < 1:
         raise ValueError(
@@ -265,7 +298,7 @@ def train(
     description: str = "train",
 ) -> tuple[TrainState, dict]:
     """Train `train_config.steps` steps on `tokens` [N], resuming from `directory`'s checkpoints, from
-    `params` or random params in `dtype` (`init_state`).
+    `params` or random params (`init_state`: float32 masters), computing in `dtype` (default float32).
 
     `meta` (JSON) identifies the job: a checkpoint saved with other `meta` is refused. `evaluate(params)`
     (a dict of numbers), if given, runs before the first step, every `evaluate_every` steps and after the
@@ -274,11 +307,11 @@ def train(
     A `stop` (`experiment.StopRequests`) that caught a signal saves the state after the step and stops.
     """
     check_train_config(train_config, config, tokens.shape[0], mesh)
-    state = init_state(config, train_config, params, mesh, dtype)
+    state = init_state(config, train_config, params, mesh)
     history = {"loss": [], "learning_rate": [], "grad_norm": [], "seconds": [], "evaluations": [], "starts": []}
     state, history = _restore(directory, state, history, meta)
     history["starts"].append(int(state.step))
-    step_fn = make_train_step(config, train_config, state, mesh)
+    step_fn = make_train_step(config, train_config, state, mesh, jnp.float32 if dtype is None else dtype)
     device_tokens = jnp.asarray(tokens, jnp.int32)
     if mesh is not None:
         device_tokens = jax.device_put(device_tokens, NamedSharding(mesh, PartitionSpec()))

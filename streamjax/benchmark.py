@@ -83,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import streamjax
-from streamjax import evaluation, families, generation, loading, plotting, sampling, stopping
+from streamjax import evaluation, families, files, generation, loading, plotting, sampling, stopping
 from streamjax.cache import SinkCache, check_cache_shape, init_cache
 from streamjax.config import ModelConfig
 from streamjax.model import jitted_forward
@@ -726,7 +726,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     results["targets"] = targets(results, config)
     results["meta"].update(load_average_before=load_before, load_average_after=_load_average())
     results["meta"]["wall_s"] = time.perf_counter() - started
-    (workdir / "efficiency.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    files.write_text(workdir / "efficiency.json", json.dumps(results, indent=2, default=_json_default) + "\n")
     plot_all(results, workdir)
     return results
 
@@ -816,4 +816,4 @@ def _finish(figure, path, footer: str) -> None:
     figure.tight_layout(rect=(0, 0.04 if footer else 0, 1, 1))
     if footer:
         plotting.add_footer(figure, footer)
-    figure.savefig(os.fspath(path))
+    plotting.save_figure(figure, path)

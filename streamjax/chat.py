@@ -376,7 +376,7 @@ def resident_bytes() -> int:
 
 
 def _write_summary(workdir: pathlib.Path, config, turns: list[Turn]) -> None:
-    from streamjax import plotting
+    from streamjax import files, plotting
 
     steady = lambda tokens, seconds: tokens / seconds if seconds > 0 else None  # noqa: E731
     summary = {
@@ -394,4 +394,4 @@ def _write_summary(workdir: pathlib.Path, config, turns: list[Turn]) -> None:
         "stream_position": turns[-1].stream_position if turns else 0,
         "made_by": plotting.provenance(),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_json(workdir / "summary.json", summary)

@@ -17,7 +17,6 @@ StreamingLLM (`evaluation` methods, chunk route):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -28,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from streamjax import chat, data, evaluation, generation, plotting, sampling, stopping
+from streamjax import chat, data, evaluation, files, generation, plotting, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
 
@@ -106,9 +105,9 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     _log(f"{len(turns)} turns, {len(stream.tokens)} tokens; methods {', '.join(methods)}")
     results = {method: _run_method(model, stream, method, config) for method in methods}
     summary = _summary(config, turns, stream, results)
-    (workdir / "dialogue.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (workdir / "results.md").write_text(results_table(summary) + "\n")
-    (workdir / "replies.md").write_text(replies_table(summary) + "\n")
+    files.write_json(workdir / "dialogue.json", summary)
+    files.write_text(workdir / "results.md", results_table(summary) + "\n")
+    files.write_text(workdir / "replies.md", replies_table(summary) + "\n")
     plot(summary, workdir)
     print(results_table(summary), flush=True)
     return summary
@@ -252,7 +251,7 @@ def plot(summary: dict, workdir: pathlib.Path) -> None:
     axes.grid(alpha=0.3)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     plotting.add_footer(figure, summary["made_by"])
-    figure.savefig(os.fspath(workdir / "reply_ppl.png"))
+    plotting.save_figure(figure, workdir / "reply_ppl.png")
     _plot_decode(summary, workdir)
 
 
@@ -275,7 +274,7 @@ def _plot_decode(summary: dict, workdir: pathlib.Path) -> None:
         axes.legend(fontsize=8)
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     plotting.add_footer(figure, summary["made_by"])
-    figure.savefig(os.fspath(workdir / "decode.png"))
+    plotting.save_figure(figure, workdir / "decode.png")
 
 
 def _log(message: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from streamjax import chat, decoding, evaluation, plotting, sampling, stopping
+from streamjax import chat, decoding, evaluation, files, plotting, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
 INSTRUCTION = (
@@ -221,18 +221,18 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             sinks, window, limit = _cache(spec, config.num_sinks, dense_tokens)
             records += run_stream(model, stream, config.query_every, sinks, window, limit, sample)
             _log(f"{spec['name']} sample {sample}: {sum(r['correct'] for r in records)}/{len(records)} correct so far")
-        (run_dir / "queries.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        files.write_text(run_dir / "queries.jsonl", "".join(json.dumps(record) + "\n" for record in records))
         summary = {
             **spec, "queries": len(records),
             "accuracy": float(np.mean([r["correct"] for r in records])) if records else None,
             "cache": spec["cache"] or f"all (up to {dense_tokens})",
             "max_stream_position": max((r["stream_position"] for r in records), default=0),
         }  # fmt: skip
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        files.write_json(run_dir / "summary.json", summary)
         summaries.append(summary)
     report = {"config": config.to_dict(), "made_by": plotting.provenance(), "runs": summaries}
-    (workdir / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
-    (workdir / "results.md").write_text(results_table(summaries) + "\n")
+    files.write_text(workdir / "results.md", results_table(summaries) + "\n")
+    files.write_json(workdir / "summary.json", report)  # last: the runs it lists are written
     plot(workdir, summaries, report["made_by"])
     print(results_table(summaries), flush=True)
     return report
@@ -365,7 +365,7 @@ def _finish(figure, axes, path: pathlib.Path, made_by: str) -> None:
     axes.legend(fontsize=7)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     plotting.add_footer(figure, made_by)
-    figure.savefig(os.fspath(path))
+    plotting.save_figure(figure, path)
 
 
 def _log(message: str) -> None:

@@ -211,7 +211,8 @@ def test_sigterm_while_training_saves_exits_143_and_the_same_command_resumes_bit
     evaluation or between them): it saves the state after the step it is in, exits 143 saying so, and the same
     run resumes from there to the uninterrupted run's losses, evaluations and weights, bit for bit."""
     _, workdir, _ = finished
-    child = _child("running:20", {"data": str(text_file), **TINY_FIELDS, "variants": "vanilla"}, tmp_path)
+    overrides = {"data": str(text_file), **TINY_FIELDS, "variants": "vanilla", "seeds": "0"}
+    child = _child("running:20", overrides, tmp_path)
     deadline = time.monotonic() + 300
     while not (tmp_path / "ready").exists():
         assert child.poll() is None, f"the run ended before step 20: {(tmp_path / 'log').read_text()[-2000:]}"
@@ -220,20 +221,22 @@ def test_sigterm_while_training_saves_exits_143_and_the_same_command_resumes_bit
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=300) == 128 + signal.SIGTERM
     log = (tmp_path / "log").read_text()
-    stopped = re.search(r"stopped by SIGTERM: vanilla saved after step (\d+) of 40 in (\S+); run the same command", log)
+    stopped = re.search(
+        r"stopped by SIGTERM: seed 0 vanilla saved after step (\d+) of 40 in (\S+); run the same command", log
+    )
     assert stopped, log[-2000:]
     saved = int(stopped[1])
-    assert 20 <= saved < 40 and stopped[2] == str((tmp_path / "w").resolve() / "vanilla" / "checkpoints")
-    resumed = pretraining.run(tiny_config(text_file, variants="vanilla"), tmp_path / "w", progress=False)
-    history = json.loads((tmp_path / "w" / "vanilla" / "summary.json").read_text())["history"]
-    uninterrupted = json.loads((workdir / "vanilla" / "summary.json").read_text())["history"]
+    assert 20 <= saved < 40 and stopped[2] == str((tmp_path / "w").resolve() / "seed0" / "vanilla" / "checkpoints")
+    resumed = pretraining.run(tiny_config(text_file, variants="vanilla", seeds="0"), tmp_path / "w", progress=False)
+    history = json.loads((tmp_path / "w" / "seed0" / "vanilla" / "summary.json").read_text())["history"]
+    uninterrupted = json.loads((workdir / "seed0" / "vanilla" / "summary.json").read_text())["history"]
     assert history["starts"] == [0, saved]
     for name in ("loss", "grad_norm", "learning_rate", "evaluations"):
         assert history[name] == uninterrupted[name], name
-    want = weights.read_safetensors(workdir / "vanilla" / "model" / "model.safetensors")
-    got = weights.read_safetensors(tmp_path / "w" / "vanilla" / "model" / "model.safetensors")
+    want = weights.read_safetensors(workdir / "seed0" / "vanilla" / "model" / "model.safetensors")
+    got = weights.read_safetensors(tmp_path / "w" / "seed0" / "vanilla" / "model" / "model.safetensors")
     assert sorted(got) == sorted(want) and all(np.array_equal(got[name], want[name]) for name in want)
-    assert resumed["variants"]["vanilla"]["final"] == finished[2]["variants"]["vanilla"]["final"]
+    assert resumed["seeds"]["0"]["vanilla"]["final"] == finished[2]["seeds"]["0"]["vanilla"]["final"]
 
 
 # --------------------------------------------------------------------------------------------------

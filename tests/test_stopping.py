@@ -310,6 +310,17 @@ def smollm2(smollm2_gguf) -> tuple[pathlib.Path, object]:
 TRICKY = "Café naïve — “quotes” 日本語 🙂 emoji\n\n  spaced\ttab <|im_start|>special<|im_end|> end.  \n"
 
 
+# Stop-string sets over SmolLM2's tokens that both SmolLM2 comparisons check.
+SMOLLM2_STOP_SETS = [
+    ["PRIDE AND"],  # spans tokens
+    ["iversal"],  # inside one token (" universally")
+    ["aïve —"],  # starts mid-token, non-ASCII
+    ["語 🙂"],  # multi-byte characters split over tokens
+    ["<|im_end|>"],  # a special token's text
+    ["ec", "ce", "ecec"],  # overlapping, frequent
+]
+
+
 @pytest.mark.real_assets
 def test_smollm2_token_bytes_are_exact(smollm2, austen_text):
     _, tokenizer = smollm2
@@ -338,12 +349,7 @@ def test_smollm2_stop_strings_match_the_decoded_text(smollm2, austen_text):
     text = TRICKY + data.load_text("austen")[:1500]
     ids = tokenizer(text).input_ids
     per_stream = [
-        ["PRIDE AND"],  # spans tokens
-        ["iversal"],  # inside one token (" universally")
-        ["aïve —"],  # starts mid-token, non-ASCII
-        ["語 🙂"],  # multi-byte characters split over tokens
-        ["<|im_end|>"],  # a special token's text
-        ["ec", "ce", "ecec"],  # overlapping, frequent
+        *SMOLLM2_STOP_SETS,
         [" Bennet", "Mr."],
         ["never in this text"],
     ]
@@ -386,12 +392,7 @@ def test_smollm2_stop_steps_equal_transformers_stop_string_criteria(smollm2, aus
     by_character = [token for character in text for token in tokenizer(character).input_ids]
     assert len(whole) < len(by_character) and tokenizer.decode(by_character) == text
     per_set = [
-        ["PRIDE AND"],  # spans tokens
-        ["iversal"],  # inside one token (" universally")
-        ["aïve —"],  # starts mid-token, non-ASCII
-        ["語 🙂"],  # multi-byte characters split over tokens
-        ["<|im_end|>"],  # a special token's text
-        ["ec", "ce", "ecec"],  # overlapping, frequent
+        *SMOLLM2_STOP_SETS,
         ["Mr. Morris", "Mrs. Long says"],  # their beginnings ("Mr. ", "Mrs. Long ") come many times first
         ["\n\n\n\n"],
         [text[-7:] + "!?"],  # the text ends in the middle of it

@@ -16,7 +16,7 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = "smollm2"
     config.chat_template = ""  # "" uses the model's own; a Jinja file replaces it
-    config.data = "austen"  # a corpus of `streamjax.data` whose paragraphs make the turns
+    config.data = "austen"  # a corpus of `streamjax.files.corpora` whose paragraphs make the turns
     config.num_turns = 300
     config.max_message_chars = 600  # a longer paragraph is cut after its last sentence within this
     # Comma-separated, run in this order: streaming, window (no sinks, the last S + W tokens), dense (every

@@ -22,7 +22,7 @@ def get_config(arg=None):
     """The default: SmolLM2-135M (float32), caches 256..4096, StreamingLLM at 4 + 1020 for routes and streams."""
     options = parse_arg(arg, small=False)
     config = ml_collections.ConfigDict()
-    # Model: "smollm2" (the GGUF of `streamjax.assets`), a .gguf file, a checkpoint directory, or
+    # Model: "smollm2" (the GGUF of `streamjax.files.assets`), a .gguf file, a checkpoint directory, or
     # "random": weights drawn at random for the ModelConfig fields in `random_model` (nothing loaded).
     config.model = "smollm2"
     config.random_model = ml_collections.ConfigDict()
@@ -47,7 +47,7 @@ def get_config(arg=None):
     # more than num_sinks + route_window + route_chunk_size, so the cache has evicted and chunks followed chunks.
     config.route_compare_tokens = 2048
     config.route_repeats = 2
-    # Generation (`streamjax.generation`, greedy) on a full num_sinks + route_window cache: a decode block of
+    # Generation (`streamjax.stream.generation`, greedy) on a full num_sinks + route_window cache: a decode block of
     # generation_block steps against as many bare jitted steps (batch 1), and batch generation_batch against batch 1,
     # timed alternately for generation_rounds rounds; and from the long stream's early and late positions.
     config.generation_block = 32

@@ -28,7 +28,7 @@ def get_config(arg=None):
     """The default: SmolLM2-135M, Pride and Prejudice, StreamingLLM with 4 sinks + 1020 recent tokens."""
     del arg
     config = ml_collections.ConfigDict()
-    # Model: "smollm2" (the SmolLM2-135M-Instruct GGUF of `streamjax.assets`), a .gguf file, a Hugging
+    # Model: "smollm2" (the SmolLM2-135M-Instruct GGUF of `streamjax.files.assets`), a .gguf file, a Hugging
     # Face checkpoint directory (with tokenizer files), or a hub id already in the local HF cache.
     config.model = "smollm2"
     # Text: "austen" (six novels, Pride and Prejudice first), "mobydick", a .txt file or a directory.
@@ -50,7 +50,7 @@ def get_config(arg=None):
     config.chunk_size = 512
     config.dtype = "float32"  # params and cache: float32, bfloat16 or float16
     # Devices: "" is the default device, nothing to set up. "data=1,model=8" (or "model=8") splits heads,
-    # MLP and vocabulary over 8 devices (`streamjax.sharding`); data * model must be the device count.
+    # MLP and vocabulary over 8 devices (`streamjax.model.sharding`); data * model must be the device count.
     # A run resumes only on the mesh it started on: a split changes float rounding in the last bits.
     config.mesh = ""
     # Save a checkpoint every this many predictions (a multiple of chunk_size); 0: never.

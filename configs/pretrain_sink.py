@@ -26,7 +26,7 @@ def get_config(arg=None):
     commit f17279b, it took 52 minutes of wall time (03:34 to 04:27 UTC, load averages of about 10)."""
     del arg
     config = ml_collections.ConfigDict()
-    # Text: a corpus spec of `streamjax.data` ("austen", "mobydick", a .txt file or a directory).
+    # Text: a corpus spec of `streamjax.files.corpora` ("austen", "mobydick", a .txt file or a directory).
     config.data = "austen"
     # The last share of the text (cut at a paragraph break) is held out: never trained on.
     config.heldout_fraction = 0.05

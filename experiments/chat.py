@@ -1,21 +1,188 @@
-"""Endless multi-turn chat in constant memory: a thin entry point to `streamjax.chat.run_chat`.
+"""Endless multi-turn chat in constant memory (the chat library is `streamjax.stream.chat`).
 
 python -m experiments.chat --config=configs/chat.py --workdir=/tmp/streamjax/chat
+
+A scripted conversation (`config.script`: a .txt of user turns or a .jsonl of records) or an interactive
+one; every turn is appended to `workdir/transcript.jsonl`, `workdir/summary.json` at the end.
 """
 
-from absl import app
+from __future__ import annotations
 
-from experiments import common
-from streamjax import chat
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Mapping
 
-_CONFIG, _WORKDIR = common.define_flags(
-    "A configs/chat*.py file (fields: configs/chat.py).", "Directory for transcript.jsonl and summary.json."
-)
+from experiments.program import main
+from streamjax.files import chat_models, loading
+from streamjax.model import sharding
+from streamjax.model.cache import check_cache_shape
+from streamjax.runs import machine, provenance, writes
+from streamjax.stream import chat, sampling, stopping, templates
+
+CONFIG_FIELDS = (
+    "model", "num_sinks", "window", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+    "max_new_tokens", "system_prompt", "stop", "dtype", "mesh", "script", "chat_template", "chunk_size", "block_size",
+)  # fmt: skip
+NO_LIMIT = -1  # config.max_new_tokens of a reply that only an end id or a stop string ends
+COMMANDS = {"/reset": "start a new conversation", "/stats": "cache, stream and speed", "/quit": "end the chat"}
 
 
-def main(argv):
-    common.run(argv, chat.run_chat, _CONFIG, _WORKDIR)
+def check_config(config) -> tuple[sampling.SamplingSettings, list[str]]:
+    """Raise ValueError for a chat config that cannot run (before anything is loaded); returns the first
+    turn's sampling settings and the stop strings."""
+    missing = [field for field in CONFIG_FIELDS if field not in config]
+    unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
+    if missing or unknown:
+        raise ValueError(f"config fields missing: {missing}, unknown: {unknown} (see configs/chat.py)")
+    check_cache_shape(config.num_sinks, config.window)
+    if not isinstance(config.max_new_tokens, int) or (config.max_new_tokens < 0 and config.max_new_tokens != NO_LIMIT):
+        raise ValueError(
+            f"max_new_tokens must be an int >= 0, or {NO_LIMIT} for no limit; got {config.max_new_tokens!r}"
+        )
+    stop = [config.stop] if isinstance(config.stop, str) else list(config.stop)
+    if any(not isinstance(string, str) or not string for string in stop):
+        raise ValueError(f"stop must be a tuple of non-empty strings, got {config.stop!r}")
+    for field in ("chunk_size", "block_size"):
+        if not isinstance(config[field], int) or config[field] < 1:
+            raise ValueError(f"{field} must be an int >= 1, got {config[field]!r}")
+    loading.parse_dtype(config.dtype)
+    if config.mesh:
+        sharding.parse_mesh(config.mesh)
+    return chat.turn_settings(config, 0), stop
+
+
+def run(
+    config, workdir: str | os.PathLike, lines=None, write: Callable[[str], None] | None = None
+) -> tuple[chat.Conversation, list[chat.Turn]]:
+    """The chat program: a scripted conversation (`config.script`) or an interactive one, reading user
+    turns from `lines` (default stdin) and writing replies as they come with `write` (default stdout).
+    Every turn is appended to `workdir/transcript.jsonl`; `workdir/summary.json` at the end. Returns the
+    conversation as it ends and every turn's record."""
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    _, stop = check_config(config)
+    system, script = read_script(config.script) if config.script else (config.system_prompt, None)
+    workdir = pathlib.Path(workdir).expanduser()
+    transcript = workdir / "transcript.jsonl"
+    if transcript.exists():
+        raise ValueError(f"{transcript} holds an earlier chat; use another --workdir or move it away")
+    mesh = sharding.config_mesh(config.mesh)
+    model = chat_models.load_chat_model(config.model, config.dtype, mesh, config.chat_template or None)
+    limit = None if config.max_new_tokens == NO_LIMIT else config.max_new_tokens
+    stops = stopping.stop_conditions(
+        1, end_ids=model.end_ids, max_new_tokens=limit, stop=stop, tokenizer=model.tokenizer,
+        vocab_size=model.config.vocab_size,
+    )  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    conversation = chat.new_conversation(model, config.num_sinks, config.window, system)
+    turns: list[chat.Turn] = []
+    messages = iter(script) if script is not None else _typed_lines(lines, write)
+    for message in messages:
+        if message in COMMANDS:
+            if message == "/quit":
+                break
+            if message == "/reset":
+                conversation = chat.new_conversation(model, config.num_sinks, config.window, system)
+            write(_stats(conversation, turns) if message == "/stats" else "(a new conversation)\n")
+            continue
+        write("model> " if script is None else f"user> {message}\nmodel> ")
+        settings = chat.turn_settings(config, len(turns))
+        conversation, turn = chat.chat_turn(
+            model, conversation, message, settings, stops, on_text=write,
+            chunk_size=config.chunk_size, block_size=config.block_size,
+        )  # fmt: skip
+        write("\n")
+        turns.append(turn)
+        with transcript.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(turn.record()) + "\n")
+    _write_summary(workdir, config, turns)
+    return conversation, turns
+
+
+def _typed_lines(lines, write):
+    """User turns typed at the terminal (or read from `lines`), until end of input."""
+    if lines is None:
+        write(f"Chat with the model; {', '.join(f'{c} ({what})' for c, what in COMMANDS.items())}.\n")
+    source = iter(lines) if lines is not None else None
+    while True:
+        try:
+            line = next(source) if source is not None else input("you> ")
+        except (StopIteration, EOFError):
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def _stats(conversation: chat.Conversation, turns: list[chat.Turn]) -> str:
+    cache = conversation.cache
+    last = turns[-1] if turns else None
+    speed = ""
+    if last:
+        rates = last.prefill_tokens_per_second, last.decode_tokens_per_second
+        speed = ", last turn: prefill {:.1f}, decode {:.1f} tok/s".format(*rates)
+    return (
+        f"cache {int(cache.length[0])}/{cache.capacity} slots ({cache.num_sinks} sinks + {cache.window} window), "
+        f"stream position {int(cache.next_position[0])}, {conversation.turns} turns{speed}, "
+        f"process memory {machine.resident_bytes() / 2**20:.0f} MiB\n"
+    )
+
+
+def _write_summary(workdir: pathlib.Path, config, turns: list[chat.Turn]) -> None:
+
+    steady = lambda tokens, seconds: tokens / seconds if seconds > 0 else None  # noqa: E731
+    summary = {
+        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        "turns": len(turns),
+        "tokens_fed": sum(len(turn.input_token_ids) for turn in turns),
+        "tokens_generated": sum(len(turn.reply_token_ids) for turn in turns),
+        "compile_seconds": sum(turn.compile_seconds for turn in turns),
+        "steady_prefill_tokens_per_second": steady(
+            sum(len(t.input_token_ids) for t in turns[1:]), sum(t.prefill_seconds for t in turns[1:])
+        ),
+        "steady_decode_tokens_per_second": steady(
+            sum(max(len(t.reply_token_ids) - 1, 0) for t in turns[1:]), sum(t.decode_seconds for t in turns[1:])
+        ),
+        "stream_position": turns[-1].stream_position if turns else 0,
+        "made_by": provenance.made_by(),
+    }
+    writes.write_json(workdir / "summary.json", summary)
+
+
+def read_script(path: str) -> tuple[str, list[str]]:
+    """(system prompt or "", user messages) of a script: a .txt file (one user turn per non-empty line)
+    or a .jsonl file of {"role": "user" | "system", "content": str} records (a system one first only)."""
+    file = pathlib.Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"chat script {file} does not exist")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}:{number} is not a JSON record: {error}") from None
+        return _script_turns(records, file)
+    if file.suffix != ".txt":
+        raise ValueError(f"chat script {file} must be a .txt file (one user turn per line) or a .jsonl file")
+    return "", lines
+
+
+def _script_turns(records: list[Mapping], file) -> tuple[str, list[str]]:
+    messages = templates.validate_messages(records)
+    system = ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" or (message["role"] == "system" and index):
+            raise ValueError(f"{file}: record {index + 1} has role {message['role']!r}; a script holds user turns "
+                             "and at most one system record, first")  # fmt: skip
+        if message["role"] == "system":
+            system = message["content"]
+    users = [message["content"] for message in messages if message["role"] == "user"]
+    if not users:
+        raise ValueError(f"chat script {file} has no user turn")
+    return system, users
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main(run)

@@ -13,7 +13,7 @@ One jitted step (`make_train_step`) does all of a step on the devices:
    only (the gradients flow back through the cast in float32), so updates smaller than bfloat16's
    spacing still accumulate.
 
-With a mesh, params (and their optimizer state) lie on the shards `streamjax.sharding` gives them and
+With a mesh, params (and their optimizer state) lie on the shards `streamjax.model.sharding` gives them and
 each batch is split over the "data" axis; XLA's GSPMD adds the gradient all-reduce.
 
 Every sample is a window of L + 1 text tokens at a sampled start; its targets are the window's last L.
@@ -25,7 +25,7 @@ The sink variants of attention itself are `ModelConfig.softmax`.
 
 `train` runs steps with a progress bar and orbax checkpoints of the whole `TrainState` (params,
 optimizer state, step and sampler key: one pytree) plus the loss history, verified on restore
-(`streamjax.checkpoints`); a run killed at any moment and rerun ends with bitwise the same params.
+(`streamjax.runs.checkpoints`); a run killed at any moment and rerun ends with bitwise the same params.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from streamjax import checkpoints, families, sharding
-from streamjax.config import ModelConfig
-from streamjax.experiment import NonFiniteError
-from streamjax.model import apply
-from streamjax.params import init_params
+from streamjax.model import families, sharding
+from streamjax.model.config import ModelConfig
+from streamjax.model.params import init_params
+from streamjax.model.transformer import apply
+from streamjax.runs import checkpoints
+from streamjax.runs.finite import NonFiniteError
 
 
 @dataclasses.dataclass(frozen=True)

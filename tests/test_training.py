@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cpu_devices_env, random_hf_llama, to_streamjax
+from support.models import cpu_devices_env, random_hf_llama, to_streamjax
 
-from streamjax import families, training
-from streamjax.config import ModelConfig
-from streamjax.model import apply
-from streamjax.weights import convert_tensors
+from streamjax import training
+from streamjax.files.weights import convert_tensors
+from streamjax.model import families
+from streamjax.model.config import ModelConfig
+from streamjax.model.transformer import apply
 
 TINY = ModelConfig(
     family="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -246,7 +247,8 @@ _MESH_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, "tests")
     from test_training import TINY, TOKENS
-    from streamjax import sharding, training
+    from streamjax import training
+    from streamjax.model import sharding
 
     tc = training.TrainConfig(batch_size=8, sample_length=16, steps=4, learning_rate=1e-2, warmup_steps=1)
     results = {}

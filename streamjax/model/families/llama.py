@@ -1,0 +1,146 @@
+"""Llama-family decoder (Llama 1/2/3, SmolLM2, Qwen2-style q/k/v biases) in functional JAX.
+
+Letters: B streams, T new tokens, D model dim, F MLP dim, H head dim.
+
+A pre-norm block with RMSNorm, attention (`attention.self_attention`) and the gated SiLU MLP, whose
+gate and up projections are one [D, 2, F] matrix (`gate_up`).
+
+A Llama with a sink softmax (`ModelConfig.softmax`) is saved with `"model_type": "llama_attention_sink"`
+(so that transformers refuses it rather than computing a standard softmax) and `"softmax": "zero_sink"`
+or `"sink_logit"`; its learned logits are `model.layers.{i}.self_attn.sinks` [N] (gpt-oss's name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from streamjax.model import params as P
+from streamjax.model.attention import LayerCache, LayerOutputs, self_attention
+from streamjax.model.cache import ChunkPlan
+from streamjax.model.config import SOFTMAX_VARIANTS, ModelConfig, check_known_fields, require, rope_from_hf
+from streamjax.model.families.blocks import add_bias, rms_norm
+
+NAME = "llama"
+SINK_MODEL_TYPE = "llama_attention_sink"
+HF_MODEL_TYPES = ("llama", SINK_MODEL_TYPE)
+TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
+
+_HANDLED_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+    "mlp_bias", "pretraining_tp", "softmax",
+}  # fmt: skip
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from a Hugging Face `LlamaConfig` dict (old `rope_scaling` or new `rope_parameters`)."""
+    check_known_fields(hf, _HANDLED_FIELDS, NAME)
+    require(hf.get("hidden_act", "silu") == "silu", f"llama hidden_act {hf.get('hidden_act')!r} is not supported")
+    softmax = _softmax_from_hf(hf)
+    rope = rope_from_hf(hf, NAME, ("default", "linear", "llama3"))
+    require(rope.partial_rotary_factor == 1.0, "llama partial_rotary_factor other than 1 is not supported")
+    num_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        family=NAME,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        rope_theta=rope.theta,
+        rope_scaling=rope.scaling,
+        softmax=softmax,
+    )
+
+
+def _softmax_from_hf(hf: Mapping[str, Any]) -> str:
+    """The softmax of a Llama config: "standard" for model_type "llama", its `softmax` field for a sink model."""
+    softmax = hf.get("softmax")
+    if hf.get("model_type") != SINK_MODEL_TYPE:
+        require(
+            softmax is None,
+            f'llama config sets softmax={softmax!r}: a sink-softmax Llama has "model_type": "{SINK_MODEL_TYPE}" '
+            "(which transformers refuses instead of computing a standard softmax); remove the field otherwise",
+        )
+        return "standard"
+    require(
+        softmax in SOFTMAX_VARIANTS and softmax != "standard",
+        f'model_type "{SINK_MODEL_TYPE}" needs "softmax" set to "zero_sink" or "sink_logit", got {softmax!r} '
+        '(a standard Llama is model_type "llama")',
+    )
+    return softmax
+
+
+def layer_specs(config: ModelConfig) -> dict:
+    D, F = config.hidden_size, config.intermediate_size
+    specs = {
+        **P.norm_specs("attn_norm", config, bias=False),
+        **P.attention_specs(config, config.attention_bias),
+        **P.norm_specs("mlp_norm", config, bias=False),
+        "gate_up": P.ParamSpec((D, 2, F), ("embed", "parts", "mlp")),
+        "down": P.ParamSpec((F, D), ("mlp", "embed")),
+    }
+    if config.mlp_bias:
+        specs["gate_up_bias"] = P.ParamSpec((2, F), ("parts", "mlp"), init="zeros")
+        specs["down_bias"] = P.ParamSpec((D,), ("embed",), init="zeros")
+    return specs
+
+
+def final_norm_specs(config: ModelConfig) -> dict:
+    return P.norm_specs("final_norm", config, bias=False)
+
+
+def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
+    """How each Hugging Face tensor maps onto a param (HF linear weights are [out, in])."""
+    layer = "model.layers.{i}"
+    gate_up = tuple(f"{layer}.mlp.{name}_proj" for name in ("gate", "up"))
+    rules = [
+        *P.head_rules("model.embed_tokens.weight", "lm_head.weight", config),
+        P.TensorRule("model.norm.weight", ("final_norm",)),
+        P.TensorRule(f"{layer}.input_layernorm.weight", ("layers", "attn_norm")),
+        P.TensorRule(f"{layer}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
+        *P.separate_qkv_rules(tuple(f"{layer}.self_attn.{x}_proj" for x in "qkv"), config, config.attention_bias),
+        *P.output_rules(f"{layer}.self_attn.o_proj", config, config.attention_bias),
+        P.TensorRule(
+            tuple(f"{s}.weight" for s in gate_up), ("layers", "gate_up"), lambda g, u: np.stack([g.T, u.T], 1)
+        ),
+        P.TensorRule(f"{layer}.mlp.down_proj.weight", ("layers", "down"), np.transpose),
+    ]
+    if config.softmax == "sink_logit":
+        rules.append(P.TensorRule(f"{layer}.self_attn.sinks", ("layers", "sink_logit")))
+    if config.mlp_bias:
+        rules += [
+            P.TensorRule(
+                tuple(f"{s}.bias" for s in gate_up), ("layers", "gate_up_bias"), lambda g, u: np.stack([g, u])
+            ),
+            P.TensorRule(f"{layer}.mlp.down_proj.bias", ("layers", "down_bias")),
+        ]
+    return rules
+
+
+def decoder_layer(
+    p: dict, x: jax.Array, layer_cache: LayerCache | None, plan: ChunkPlan, config: ModelConfig
+) -> tuple[jax.Array, LayerOutputs]:
+    attended, outputs = self_attention(p, rms_norm(x, p["attn_norm"], config.norm_eps), layer_cache, plan, config)
+    x = x + attended
+    h = rms_norm(x, p["mlp_norm"], config.norm_eps)
+    gate_up = add_bias(jnp.einsum("btd,dpf->btpf", h, p["gate_up"]), p.get("gate_up_bias"))  # one product for both
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return x + add_bias(jnp.einsum("btf,fd->btd", hidden, p["down"]), p.get("down_bias")), outputs
+
+
+def final_norm(params: dict, x: jax.Array, config: ModelConfig) -> jax.Array:
+    return rms_norm(x, params["final_norm"], config.norm_eps)

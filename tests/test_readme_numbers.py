@@ -127,9 +127,9 @@ def test_the_checker_finds_and_misses_what_it_should(tmp_path):
 
 
 def test_a_fresh_stream_from_token_0_is_bitwise_the_long_streams_start():
-    """The README's control claim, on the committed files: the control's stream started at 0 (10,240
+    """docs/ppl/README.md's control claim, on the committed files: the control's stream started at 0 (10,240
     tokens) and the first 20,480 tokens of the long stream's configuration predict the same tokens alike."""
-    fresh = np.load(ROOT / "docs/long_stream/control/streaming-from 0/nll.npy")
-    long = np.load(ROOT / "docs/long_stream/first_20480/streaming-4+1020/nll.npy")
+    fresh = np.load(ROOT / "docs/ppl/long_stream/control/streaming-from 0/nll.npy")
+    long = np.load(ROOT / "docs/ppl/long_stream/first_20480/streaming-4+1020/nll.npy")
     assert fresh.shape == (10_239,) and long.shape == (20_479,)
     np.testing.assert_array_equal(fresh, long[: fresh.shape[0]])

@@ -1,4 +1,4 @@
-r"""The streaming dialogue experiment (`python -m experiments.dialogue`, `streamjax/dialogue.py`).
+r"""The streaming dialogue experiment (`python -m experiments.dialogue`, `experiments/dialogue.py`).
 
     python -m experiments.dialogue --config=configs/dialogue.py --workdir=/tmp/streamjax/dialogue
 

@@ -9,7 +9,7 @@ A tiny random model and small sizes, for a quick end-to-end check (seconds, any 
     python -m experiments.efficiency --config=configs/efficiency.py:small=True --workdir=/tmp/streamjax/eff_small
 
 Any field can be overridden, e.g. `--config.repeats=9 --config.cache_sizes='(512,1024)'`. Outputs are
-described in `streamjax/benchmark.py`. This file lists every field; `configs/efficiency_llama2_7b.py`
+described in `experiments/efficiency.py`. This file lists every field; `configs/efficiency_llama2_7b.py`
 starts from it.
 """
 

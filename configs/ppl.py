@@ -17,7 +17,7 @@ one model split 8 ways, loaded straight onto its shards:
         --config.mesh=data=1,model=8 --config.dtype=bfloat16
 
 A killed run resumes from its last checkpoint when started again with the same --workdir; a
-finished one is only reported. The workdir layout is described in `streamjax/experiment.py`.
+finished one is only reported. The workdir layout is described in `experiments/ppl.py`.
 This file lists every field; the other `configs/ppl_*.py` start from it.
 """
 

@@ -10,7 +10,7 @@ Some variants only, or a longer run:
         --config.variants=vanilla,sink_token --config.steps=1000
 
 For each seed of `seeds` it trains each variant (vanilla, sink_token, zero_sink, sink_logit:
-`streamjax/pretraining.py`) from the same random init (every shared param bitwise equal) on the same text
+`experiments/pretrain.py`) from the same random init (every shared param bitwise equal) on the same text
 windows in the same order, then streams the held-out text through each at the cache layouts 0+W, 1+(W-1),
 2+(W-2), 4+(W-4); the tables give each seed and the mean and range over seeds. A killed run resumes from
 its checkpoints when started again with the same --workdir. The paper's scale is
@@ -66,7 +66,7 @@ def get_config(arg=None):
     config.chunk_size = 64
     # Checkpoint the training state every this many steps (a restart resumes bitwise).
     config.checkpoint_every = 50
-    # "" runs on the default device; e.g. "data=8" or "data=4,model=2" (see streamjax/sharding.py).
+    # "" runs on the default device; e.g. "data=8" or "data=4,model=2" (see streamjax/model/sharding.py).
     config.mesh = ""
     # The dtype of the forward and backward pass: "float32" or "bfloat16" (float32 master weights and optimizer
     # state either way; models are saved in float32).

@@ -1,4 +1,4 @@
-r"""StreamEval (`python -m experiments.streameval`, `streamjax/streameval.py`): questions answered inside
+r"""StreamEval (`python -m experiments.streameval`, `experiments/streameval.py`): questions answered inside
 an endless stream of numbered lines (the paper's Figure 9 and Table 7).
 
     python -m experiments.streameval --config=configs/streameval.py --workdir=/tmp/streamjax/streameval

@@ -223,7 +223,7 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     if text.shape[0] < 2:
         raise ValueError(f"the text of {config.data!r} has {text.shape[0]} token(s); at least two are needed")
     fed = {item.name: with_sink_prefix(item, tokenizer, run_text(item, tokenizer, text)) for item in runs}
-    weights = loading.weightsprovenance.tokens_sha256(source)
+    weights = loading.weights_sha256(source)
     if started:
         check_workdir(workdir, config, weights)
     model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype), mesh)

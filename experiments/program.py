@@ -25,7 +25,11 @@ def main(run: Callable[[Any, str], Any]) -> None:
     config = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (its fields: see that file).")
     workdir = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints; rerun to resume.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: call(argv, run, config, workdir))
+
+    def program(argv: list[str]) -> None:  # returns None: absl exits with what main returns
+        call(argv, run, config, workdir)
+
+    app.run(program)
 
 
 def call(argv: list[str], run: Callable[[Any, str], Any], config, workdir) -> Any:

@@ -7,14 +7,15 @@ import json
 
 import numpy as np
 import pytest
-from support import chat_models
-from support.chat_models import rendered_ids
+from support import tiny_chat
+from support.tiny_chat import rendered_ids
 
 from configs import dialogue as dialogue_config
 from experiments import dialogue
-from streamjax.stream import chat, perplexity
+from streamjax.files import chat_models
+from streamjax.stream import perplexity
 
-tiny, two_end_ids = chat_models.tiny, chat_models.two_end_ids  # the shared fixtures, under their names
+tiny, two_end_ids = tiny_chat.tiny, tiny_chat.two_end_ids  # the shared fixtures, under their names
 
 TEXT = "\n\n".join(
     ["CHAPTER I", "w5 w6 w7.", "w8 w9.", "Chapter 2", "w10 w11 w12. w13 w14. w15 w16.", "w17.", "w18 w19.", "w20."]
@@ -29,7 +30,7 @@ def test_script_turns_pair_consecutive_paragraphs_and_cut_long_ones():
 
 
 def test_the_stream_is_what_the_chat_program_feeds_with_the_references_as_replies(tiny):
-    model = chat.load_chat_model(str(tiny[0]), template_file=str(tiny[1]))
+    model = chat_models.load_chat_model(str(tiny[0]), template_file=str(tiny[1]))
     turns = [("w5 w6", "w7 w8 w9"), ("w10", "w11"), ("w12 w13", "w14")]
     stream = dialogue.dialogue_stream(model, turns)
     expected = [90, 92, 5, 6, 2, 90, 93, 7, 8, 9, 2, 90, 92, 10, 2, 90, 93, 11, 2, 90, 92, 12, 13, 2, 90, 93, 14, 2]

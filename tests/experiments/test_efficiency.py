@@ -17,7 +17,7 @@ import pytest
 import streamjax
 from configs import efficiency as efficiency_config
 from experiments import efficiency
-from streamjax.model import families
+from streamjax.model import costs, families
 from streamjax.model.config import ModelConfig
 from streamjax.model.params import init_params
 
@@ -70,12 +70,12 @@ def test_byte_and_flop_accounting_by_hand(tiny_params):
     D, F, L, N, K, H, V = 32, 48, 2, 4, 2, 8, 50
     layer_matrices = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F)
     norms = L * 2 * D + D
-    assert efficiency.matmul_params(tiny_params, TINY) == layer_matrices + D * V
+    assert costs.matmul_params(tiny_params, TINY) == layer_matrices + D * V
     # Untied: the head [D, V] is read, the embedding only for its one row.
-    assert efficiency.param_bytes_per_token(tiny_params, TINY) == 4 * (layer_matrices + norms + D * V + D)
-    assert efficiency.cache_bytes(TINY, 100, np.float32) == 2 * L * 100 * K * H * 4
+    assert costs.param_bytes_per_token(tiny_params, TINY) == 4 * (layer_matrices + norms + D * V + D)
+    assert costs.cache_bytes(TINY, 100, np.float32) == 2 * L * 100 * K * H * 4
     attention = 4 * L * N * H * 37
-    assert efficiency.flops_per_token(tiny_params, TINY, keys_per_query=37) == 2 * (layer_matrices + D * V) + attention
+    assert costs.flops_per_token(tiny_params, TINY, keys_per_query=37) == 2 * (layer_matrices + D * V) + attention
 
 
 def test_targets_compare_each_value_with_its_bound():

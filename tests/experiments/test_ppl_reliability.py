@@ -23,12 +23,13 @@ from support import ppl_runs
 from support.models import random_hf_llama, save_word_tokenizer
 from support.ppl_runs import REPO, run_entry_point, start_killed_run, tiny_config, tiny_flags
 
-tiny, finished = ppl_runs.tiny, ppl_runs.finished  # the shared fixtures, under their names
-
 from experiments import ppl
 from streamjax.files import export, loading
 from streamjax.runs import checkpoints, writes
+from streamjax.runs.finite import NonFiniteError
 from streamjax.stream import perplexity
+
+tiny, finished = ppl_runs.tiny, ppl_runs.finished  # the shared fixtures, under their names
 
 
 def _wait_for(path: pathlib.Path, process: subprocess.Popen, case: pathlib.Path, seconds: float = 120) -> None:
@@ -548,7 +549,7 @@ def test_float16_overflow_stops_the_run_at_its_first_chunk_with_the_position(tin
     model, first_fed = overflowing
     config = tiny_config(tiny, model=str(model), method="streaming", dtype="float16")
     segment_start = first_fed // 16 * 16  # the chunk that feeds the token
-    with pytest.raises(ppl.NonFiniteError) as raised:
+    with pytest.raises(NonFiniteError) as raised:
         ppl.run(config, tmp_path, progress=False)
     message = str(raised.value)
     assert f"predictions from {segment_start} are not finite (dtype float16" in message, message

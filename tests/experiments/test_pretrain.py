@@ -21,7 +21,7 @@ import pytest
 
 from configs import ppl as ppl_config
 from configs import pretrain_sink
-from experiments import pretrain
+from experiments import ppl, pretrain
 from streamjax import training
 from streamjax.files import corpora, loading, weights
 from streamjax.model.transformer import forward
@@ -131,12 +131,12 @@ def test_a_trained_model_streams_through_experiments_ppl_with_the_same_numbers(f
     _, heldout = pretrain.split_text(corpora.load_text(config.data), config.heldout_fraction)
     heldout_file = tmp_path / "heldout.txt"
     heldout_file.write_text(heldout)
-    ppl = ppl_config.get_config()
-    ppl.update(
+    ppl_run = ppl_config.get_config()
+    ppl_run.update(
         model=str(workdir / "seed0" / "vanilla" / "model"), data=str(heldout_file), method="streaming", num_sinks=2,
         window=14, num_tokens=config.eval_tokens, chunk_size=config.chunk_size, checkpoint_every=0,
     )  # fmt: skip
-    result = ppl.run(ppl, tmp_path / "ppl", progress=False)
+    result = ppl.run(ppl_run, tmp_path / "ppl", progress=False)
     want = summary["seeds"]["0"]["vanilla"]["final"]["ppl"]["2+14"]
     assert result["runs"][0]["ppl"] == pytest.approx(want, rel=1e-6)
 
@@ -287,7 +287,7 @@ def test_a_sample_longer_than_the_positions_is_refused_and_the_sink_token_has_on
 
 def test_a_workdir_of_another_config_is_refused(finished, text_file):
     _, workdir, _ = finished
-    with pytest.raises(ValueError, match="fields steps differ"):
+    with pytest.raises(ValueError, match=r"different config \(steps: 40 in the workdir, 41 now\)"):
         pretrain.run(tiny_config(text_file, steps=41), workdir, progress=False)
 
 

@@ -12,14 +12,15 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
-from support import chat_models, recall_family
-from support.chat_models import cache_stream, rendered_ids
+from support import recall_family, tiny_chat
+from support.tiny_chat import cache_stream, rendered_ids
 
-two_end_ids = chat_models.two_end_ids  # the shared fixture, under its name
+two_end_ids = tiny_chat.two_end_ids  # the shared fixture, under its name
 from support.models import CHATML_TEMPLATE, random_hf_llama, save_byte_tokenizer
 
 from configs import streameval as streameval_config
 from experiments import streameval
+from streamjax.files import chat_models
 from streamjax.model import families
 from streamjax.stream import chat, generation
 
@@ -66,7 +67,7 @@ def tiny(tmp_path_factory):
     model.save_pretrained(root / "model")
     save_byte_tokenizer(root / "model")
     (root / "template.jinja").write_text(CHATML_TEMPLATE)
-    return chat.load_chat_model(str(root / "model"), template_file=str(root / "template.jinja")), root
+    return chat_models.load_chat_model(str(root / "model"), template_file=str(root / "template.jinja")), root
 
 
 def test_answers_inside_the_stream_are_the_library_s_generation_from_the_same_cache(tiny, monkeypatch):
@@ -181,7 +182,7 @@ def recall(tmp_path_factory):
 
 
 def test_a_model_that_reads_its_cache_answers_every_question_and_the_distance_is_exact(recall):
-    model = chat.load_chat_model(str(recall[0]), template_file=str(recall[1]))
+    model = chat_models.load_chat_model(str(recall[0]), template_file=str(recall[1]))
     stream = streameval.make_stream(num_lines=12, query_every=6, answer_distance=2, seed=0)
     records = streameval.run_stream(model, stream, 6, num_sinks=4, window=3000, max_tokens=None, sample=0)
     assert [(r["line"], r["generated"], r["correct"]) for r in records] == [

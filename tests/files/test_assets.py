@@ -99,7 +99,7 @@ def test_pytest_reports_a_real_asset_test_without_its_asset(tmp_path, allow, out
     env = {key: value for key, value in os.environ.items() if key != ALLOW_MISSING_ASSETS}
     env.update(STREAMJAX_CACHE=str(tmp_path / "cache"), PATH=str(tmp_path / "bin"), PIP_NO_INDEX="1")
     env.update({ALLOW_MISSING_ASSETS: allow} if allow else {})
-    test = "tests/test_data.py::test_austen_with_smollm2_tokenizer"
+    test = "tests/files/test_corpora.py::test_austen_with_smollm2_tokenizer"
     command = [sys.executable, "-m", "pytest", test, "-q", "-rs", "-p", "no:cacheprovider"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     output = result.stdout + result.stderr

@@ -19,6 +19,7 @@ import transformers
 
 from streamjax.files import corpora
 from streamjax.files import gguf as sj_gguf
+from streamjax.stream import token_bytes
 
 TINY = {"vocab_extra": ("Ġt", "he", "Ġthe"), "hidden": 32, "heads": 4, "kv_heads": 2, "inner": 64, "layers": 2}
 TRICKY_TEXT = (
@@ -34,7 +35,7 @@ def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def _tiny_tokens() -> tuple[list[str], list[int], list[str]]:
-    alphabet = list(sj_gguf.bytes_to_unicode().values())
+    alphabet = list(token_bytes.bytes_to_unicode().values())
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet, *TINY["vocab_extra"]]
     token_types = [3, 3, 3] + [1] * (len(tokens) - 3)
     return tokens, token_types, ["Ġ t", "h e", "Ġt he"]

@@ -17,14 +17,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-from support import chat_models
-from support.chat_models import REPO, cache_stream, rendered_ids
+from support import tiny_chat
+from support.tiny_chat import REPO, cache_stream, rendered_ids
 
 from configs import chat as chat_config
+from experiments import chat as chat_program
+from streamjax.files import chat_models
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import chat, generation, sampling, stopping
 
-tiny, two_end_ids = chat_models.tiny, chat_models.two_end_ids  # the shared fixtures, under their names
+tiny, two_end_ids = tiny_chat.tiny, tiny_chat.two_end_ids  # the shared fixtures, under their names
 
 
 def tiny_config(tiny, **overrides):
@@ -57,7 +59,7 @@ def assert_transcript_is_the_cache(records: list[dict], cache) -> None:
 def test_a_scripted_chat_writes_a_transcript_that_accounts_for_the_cache(tiny, tmp_path):
     turns = ["w5 w6 w7", "w8", "w9 w10 w11 w12", "w13 w14", "w15"]
     config = tiny_config(tiny, script=script(tmp_path / "turns.txt", turns))
-    conversation, returned = chat.run_chat(config, tmp_path / "out", write=lambda text: None)
+    conversation, returned = chat_program.run(config, tmp_path / "out", write=lambda text: None)
     records = [json.loads(line) for line in (tmp_path / "out" / "transcript.jsonl").read_text().splitlines()]
     assert [record["turn"] for record in records] == [1, 2, 3, 4, 5] and [r["user"] for r in records] == turns
     assert records == [turn.record() for turn in returned]
@@ -77,7 +79,7 @@ def test_a_scripted_chat_writes_a_transcript_that_accounts_for_the_cache(tiny, t
 
 def test_the_text_shown_as_it_streams_is_the_reply_without_its_end_id(tiny):
     config = tiny_config(tiny)
-    model = chat.load_chat_model(config.model, template_file=config.chat_template)
+    model = chat_models.load_chat_model(config.model, template_file=config.chat_template)
     shown: list[str] = []
     printer = chat._TextPrinter(model.tokenizer, shown.append, hidden_ids=model.end_ids)
     printer([np.array([5, 6])])
@@ -88,7 +90,7 @@ def test_the_text_shown_as_it_streams_is_the_reply_without_its_end_id(tiny):
 def test_typed_commands_reset_report_and_quit(tiny, tmp_path):
     written: list[str] = []
     lines = ["w5 w6", "/stats", "/reset", "w7", "/quit", "w8"]
-    conversation, turns = chat.run_chat(tiny_config(tiny), tmp_path, lines=lines, write=written.append)
+    conversation, turns = chat_program.run(tiny_config(tiny), tmp_path, lines=lines, write=written.append)
     assert [turn.user for turn in turns] == ["w5 w6", "w7"]  # "/quit" ended it before "w8"
     text = "".join(written)
     assert "cache " in text and "/16 slots (2 sinks + 14 window)" in text and "stream position" in text
@@ -102,7 +104,7 @@ def test_typed_commands_reset_report_and_quit(tiny, tmp_path):
 def test_each_turn_feeds_only_what_it_adds_and_generation_is_the_library_call(tiny, tmp_path):
     """Turn 2 of the chat equals generating from the same cache state with `generation.generate`."""
     config = tiny_config(tiny)
-    model = chat.load_chat_model(config.model, template_file=config.chat_template)
+    model = chat_models.load_chat_model(config.model, template_file=config.chat_template)
     stops = stopping.stop_conditions(1, end_ids=model.end_ids, max_new_tokens=6)
     conversation = chat.new_conversation(model, 2, 14)
     conversation, first = chat.chat_turn(model, conversation, "w5 w6", chat.turn_settings(config, 0), stops)
@@ -164,7 +166,7 @@ def test_bad_input_is_refused_before_compiling_and_writes_nothing(tiny, tmp_path
         (out / "transcript.jsonl").write_text("{}\n")
     compiled = jitted_forward._cache_size(), generation._decode_block._cache_size()
     with pytest.raises(ValueError, match=message):
-        chat.run_chat(tiny_config(tiny, **overrides), out, write=lambda text: None)
+        chat_program.run(tiny_config(tiny, **overrides), out, write=lambda text: None)
     assert (jitted_forward._cache_size(), generation._decode_block._cache_size()) == compiled
     assert not (out / "summary.json").exists()
     assert case == "transcript already there" or not out.exists()
@@ -196,7 +198,7 @@ def test_smollm2_chats_past_its_cache(smollm2_gguf, tmp_path):
     config = chat_config.get_config()
     config.update({"model": str(smollm2_gguf), "num_sinks": 4, "window": 124, "max_new_tokens": 24,
                    "temperature": 0.0, "script": script(tmp_path / "turns.txt", turns)})  # fmt: skip
-    conversation, returned = chat.run_chat(config, tmp_path / "out", write=lambda text: None)
+    conversation, returned = chat_program.run(config, tmp_path / "out", write=lambda text: None)
     records = [turn.record() for turn in returned]
     assert len(records) == 6 and records[-1]["stream_position"] > 1.5 * 128  # 4 + 124 slots, far past them
     assert records[0]["input_token_ids"][0] == 1  # <|im_start|> of the template's system message

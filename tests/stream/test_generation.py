@@ -20,7 +20,7 @@ from support.models import random_hf_llama, to_streamjax
 import streamjax
 from streamjax.files import chat_templates
 from streamjax.model.transformer import jitted_forward
-from streamjax.stream import generation, sampling, stopping
+from streamjax.stream import generation, sampling, stopping, token_bytes
 
 VOCAB = 97
 
@@ -113,7 +113,7 @@ def test_end_ids_and_stop_strings_end_a_stream_on_the_token_that_hits_them():
 
 
 class _ByteTokenizer:
-    """Just enough of a tokenizer for `stopping.token_bytes`: id i is one printable ASCII character."""
+    """Just enough of a tokenizer for `token_bytes.token_bytes`: id i is one printable ASCII character."""
 
     @staticmethod
     def text(token: int) -> str:
@@ -125,9 +125,9 @@ class _ByteTokenizer:
 
 @pytest.fixture(autouse=True)
 def _byte_tokens(monkeypatch):
-    real = stopping.token_byte_strings
+    real = token_bytes.token_byte_strings
     monkeypatch.setattr(
-        stopping,
+        token_bytes,
         "token_byte_strings",
         lambda tokenizer: (
             [_ByteTokenizer.text(i).encode() for i in range(VOCAB)]

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamjax.files import chat_templates, corpora, gguf
-from streamjax.stream import stopping, templates
+from streamjax.files import chat_templates, corpora, end_ids, gguf
+from streamjax.stream import stopping, templates, token_bytes
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the tokenizers")
 
@@ -47,7 +47,7 @@ def _occurrences(text: bytes, pattern: bytes) -> list[int]:
     return found
 
 
-def _run(per_stream: list[list[str]], table: stopping.TokenBytes, ids: np.ndarray) -> np.ndarray:
+def _run(per_stream: list[list[str]], table: token_bytes.TokenBytes, ids: np.ndarray) -> np.ndarray:
     """[T, B] stopped flags of B streams fed the tokens ids [T, B] one step at a time (jitted)."""
     stops = stopping.stop_strings(per_stream)
     state = stopping.initial_state(len(per_stream))
@@ -70,7 +70,7 @@ def test_hand_made_stop_strings_stop_at_the_completing_token():
         ["xyz"],  # never
         [],  # no stop strings
     ]
-    flags = _run(per_stream, stopping.pack_token_bytes(VOCAB), np.tile(np.array(TEXT_IDS)[:, None], len(per_stream)))
+    flags = _run(per_stream, token_bytes.pack_token_bytes(VOCAB), np.tile(np.array(TEXT_IDS)[:, None], len(per_stream)))
     first = [int(np.argmax(column)) if column.any() else -1 for column in flags.T]
     assert first == [2, 2, 1, 7, 9, 12, 4, -1, -1]
     for b, patterns in enumerate(per_stream):
@@ -85,7 +85,7 @@ def test_random_overlapping_stop_strings_match_the_search():
     streams = 16
     ids = rng.choice(alphabet_tokens, (60, streams))
     per_stream = [["".join(rng.choice(list("abc"), rng.integers(1, 7))) for _ in range(rng.integers(1, 4))] for _ in range(streams)]  # fmt: skip
-    flags = _run(per_stream, stopping.pack_token_bytes(VOCAB), ids)
+    flags = _run(per_stream, token_bytes.pack_token_bytes(VOCAB), ids)
     for b in range(streams):
         assert flags[:, b].tolist() == _stops_by_search(VOCAB, ids[:, b].tolist(), per_stream[b]), per_stream[b]
     assert 0.05 < flags.mean() < 0.95  # patterns both hit and miss
@@ -104,7 +104,7 @@ def test_automaton_of_known_patterns():
 
 def test_in_a_scan_padded_automata_share_one_program():
     """read_token inside lax.scan equals the step-by-step run; padded to one size, other stop strings reuse the program."""
-    table = stopping.pack_token_bytes(VOCAB)
+    table = token_bytes.pack_token_bytes(VOCAB)
     ids = np.tile(np.array(TEXT_IDS, np.int32)[:, None], 2)
 
     @jax.jit
@@ -127,7 +127,7 @@ def test_bad_stop_strings_raise():
     with pytest.raises(ValueError, match=r"stop string '' of stream 1 is not a non-empty string"):
         stopping.stop_strings([["a"], [""]])
     with pytest.raises(ValueError, match=r"vocab_size 2 is smaller than the tokenizer's 3 tokens"):
-        stopping.pack_token_bytes([b"a", b"b", b"c"], vocab_size=2)
+        token_bytes.pack_token_bytes([b"a", b"b", b"c"], vocab_size=2)
 
 
 def _sentencepiece_tokenizer():
@@ -149,7 +149,7 @@ def _sentencepiece_tokenizer():
 
 def test_sentencepiece_token_bytes_and_stop_strings():
     tokenizer = _sentencepiece_tokenizer()
-    strings = stopping.token_byte_strings(tokenizer)
+    strings = token_bytes.token_byte_strings(tokenizer)
     anchor = tokenizer.convert_tokens_to_ids("h")  # a first token, so the decoder's Strip never touches the next
     for index, token in enumerate(strings):
         expected = tokenizer.decode([anchor, index], clean_up_tokenization_spaces=False)
@@ -160,7 +160,7 @@ def test_sentencepiece_token_bytes_and_stop_strings():
     assert tokenizer.convert_ids_to_tokens(ids)[3:6] == ["<0xE6>", "<0x97>", "<0xA5>"]  # 日 by byte fallback
     assert b"".join(strings[i] for i in ids) == b" " + text.encode()  # the normalizer's leading "▁"
     per_stream = [["日"], ["o w"], ["wor!"], ["d 日本"]]
-    flags = _run(per_stream, stopping.token_bytes(tokenizer), np.tile(np.array(ids)[:, None], len(per_stream)))
+    flags = _run(per_stream, token_bytes.token_bytes(tokenizer), np.tile(np.array(ids)[:, None], len(per_stream)))
     assert [int(np.argmax(column)) for column in flags.T] == [5, 1, 8, 6]
     for b, patterns in enumerate(per_stream):
         assert flags[:, b].tolist() == _stops_by_search(strings, ids, patterns)
@@ -173,16 +173,16 @@ def test_other_tokenizers_are_refused():
     backend.decoder = decoders.WordPiece()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     with pytest.raises(ValueError, match=r"exact bytes.*byte-level BPE and SentencePiece-style.*WordPiece"):
-        stopping.token_bytes(tokenizer)
+        token_bytes.token_bytes(tokenizer)
     with pytest.raises(ValueError, match=r"need a fast \(tokenizers-backed\) tokenizer"):
-        stopping.token_bytes(object())
+        token_bytes.token_bytes(object())
 
 
 def test_eos_ids_of_checkpoint_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": 5}))
-    assert stopping.eos_token_ids(str(tmp_path)) == {5}  # no template: the metadata's ids only
+    assert end_ids.eos_token_ids(str(tmp_path)) == {5}  # no template: the metadata's ids only
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
-    assert stopping.eos_token_ids(str(tmp_path)) == {5, 7}
+    assert end_ids.eos_token_ids(str(tmp_path)) == {5, 7}
     assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == [5, 7]
     # A template that closes turns with its own special token <|end|> (id 9) adds it.
     tokens = [{"id": 9, "content": "<|end|>", "special": True}, {"id": 10, "content": "<|endoftext|>", "special": True}]
@@ -190,9 +190,9 @@ def test_eos_ids_of_checkpoint_directories(tmp_path):
     (tmp_path / "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
     )
-    assert stopping.eos_token_ids(str(tmp_path)) == {5, 7, 9}
+    assert end_ids.eos_token_ids(str(tmp_path)) == {5, 7, 9}
     plain = templates.ChatTemplate("{% for m in messages %}{{ m.content }}\n{% endfor %}", {}, "plain")
-    assert stopping.eos_token_ids(str(tmp_path), template=plain) == {5, 7}
+    assert end_ids.eos_token_ids(str(tmp_path), template=plain) == {5, 7}
 
 
 def test_eos_ids_of_a_gguf_with_an_end_of_turn_id(tmp_path):
@@ -211,13 +211,13 @@ def test_eos_ids_of_a_gguf_with_an_end_of_turn_id(tmp_path):
         writer.close,
     ):
         write()
-    assert stopping.eos_token_ids(str(tmp_path / "m.gguf")) == {2, 3}
+    assert end_ids.eos_token_ids(str(tmp_path / "m.gguf")) == {2, 3}
 
 
 def test_library_does_not_import_torch():
     code = (
-        "import sys; from streamjax import stopping; "
-        "t = stopping.pack_token_bytes([b'ab', b'c']); s = stopping.stop_strings([['bc']]); "
+        "import sys; from streamjax.stream import stopping, token_bytes; "
+        "t = token_bytes.pack_token_bytes([b'ab', b'c']); s = stopping.stop_strings([['bc']]); "
         "state, stop = stopping.read_token(s, t, stopping.initial_state(1), stopping.jnp.array([0])); "
         "state, stop = stopping.read_token(s, t, state, stopping.jnp.array([1])); assert bool(stop[0]); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
@@ -269,7 +269,7 @@ def _byte_level_tokenizer():
     tokens (in GPT-2's byte-to-unicode spelling, "<|end|>" a special token), then every other single byte."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = gguf.bytes_to_unicode()
+    alphabet = token_bytes.bytes_to_unicode()
     pieces = ["".join(alphabet[byte] for byte in token) for token in VOCAB]
     pieces += [alphabet[byte] for byte in range(256) if bytes([byte]) not in VOCAB]
     backend = Tokenizer(models.BPE({piece: index for index, piece in enumerate(pieces)}, [], fuse_unk=False))
@@ -282,7 +282,7 @@ def _byte_level_tokenizer():
 def test_stop_steps_equal_transformers_stop_string_criteria_on_a_byte_level_tokenizer():
     """The hand-made stop strings over TEXT_IDS, and random overlapping ones over random "abc" tokens."""
     tokenizer = _byte_level_tokenizer()
-    strings = stopping.token_byte_strings(tokenizer)
+    strings = token_bytes.token_byte_strings(tokenizer)
     assert strings[: len(VOCAB)] == VOCAB and set(strings) >= {bytes([byte]) for byte in range(256)}
     assert {index: token.content for index, token in tokenizer.added_tokens_decoder.items()} == {11: "<|end|>"}
     per_stream = [["lo wor"], ["or"], ["ello"], ["日"], ["本 "], ["cabc", "bcab", "abcabcab"], ["d!", "<|end|>!"]]
@@ -325,8 +325,8 @@ SMOLLM2_STOP_SETS = [
 @pytest.mark.real_assets
 def test_smollm2_token_bytes_are_exact(smollm2, austen_text):
     _, tokenizer = smollm2
-    strings = stopping.token_byte_strings(tokenizer)
-    assert len(strings) == 49152 and max(map(len, strings)) == stopping.token_bytes(tokenizer).table.shape[1]
+    strings = token_bytes.token_byte_strings(tokenizer)
+    assert len(strings) == 49152 and max(map(len, strings)) == token_bytes.token_bytes(tokenizer).table.shape[1]
     for index, token in enumerate(strings):  # the decoder's own (lossy where a token ends mid-character) text
         assert tokenizer.decode([index], clean_up_tokenization_spaces=False) == token.decode("utf-8", "replace")
     assert sum(not _is_utf8(token) for token in strings) > 100  # tokens holding part of a character exist
@@ -354,7 +354,7 @@ def test_smollm2_stop_strings_match_the_decoded_text(smollm2, austen_text):
         [" Bennet", "Mr."],
         ["never in this text"],
     ]
-    flags = _run(per_stream, stopping.token_bytes(tokenizer), np.tile(np.array(ids)[:, None], len(per_stream)))
+    flags = _run(per_stream, token_bytes.token_bytes(tokenizer), np.tile(np.array(ids)[:, None], len(per_stream)))
     prefixes = [tokenizer.decode(ids[: n + 1], clean_up_tokenization_spaces=False) for n in range(len(ids))]
     for b, patterns in enumerate(per_stream):
         # A stop string is whole characters, so in the decoded prefixes (a partial last character
@@ -374,11 +374,11 @@ def test_smollm2_eos_ids_equal_transformers(smollm2):
     # from_pretrained makes the generation config this way when there is no generation_config.json (a GGUF)
     generation = transformers.GenerationConfig.from_model_config(config)
     template = chat_templates.load_chat_template(str(path))
-    assert stopping.eos_token_ids(str(path), template) == {config.eos_token_id} == {generation.eos_token_id} == {2}
+    assert end_ids.eos_token_ids(str(path), template) == {config.eos_token_id} == {generation.eos_token_id} == {2}
     assert tokenizer.eos_token_id == 2 and tokenizer.eos_token == "<|im_end|>"  # = transformers' (test_gguf.py)
     # <|im_end|> is also the token SmolLM2's template writes after an assistant message.
     special = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
-    assert stopping._end_of_turn_token(template, special) == "<|im_end|>"
+    assert end_ids.end_of_turn_token(template, special) == "<|im_end|>"
 
 
 @pytest.mark.real_assets

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from streamjax.files import chat_models
 from streamjax.stream import chat, templates
 from support.models import CHATML_TEMPLATE, random_hf_llama, save_byte_tokenizer, save_word_tokenizer
 
@@ -45,7 +46,7 @@ def two_end_ids(tmp_path_factory):
     model.save_pretrained(root / "model")
     save_byte_tokenizer(root / "model", specials_first=True)
     (root / "template.jinja").write_text(CHATML_TEMPLATE)
-    return chat.load_chat_model(str(root / "model"), template_file=str(root / "template.jinja"))
+    return chat_models.load_chat_model(str(root / "model"), template_file=str(root / "template.jinja"))
 
 
 def rendered_ids(model: chat.ChatModel, messages: list[dict]) -> list[int]:

@@ -32,6 +32,7 @@ from streamjax.runs import log, machine, plots, provenance, writes
 from streamjax.stream import chat, generation, perplexity, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
+SMOOTHING_TURNS = 10  # reply_ppl.png draws the mean over this many turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,12 +237,13 @@ def plot(summary: dict, workdir: pathlib.Path) -> None:
     for method in summary["methods"]:
         values = np.array([np.nan if t[f"{method}_nll"] is None else t[f"{method}_nll"] for t in summary["turns"]])
         known = ~np.isnan(values)
-        counts = np.convolve(known, np.ones(10), "same")
-        smooth = np.convolve(np.where(known, values, 0.0), np.ones(10), "same") / np.maximum(counts, 1)
+        kernel = np.ones(min(SMOOTHING_TURNS, len(values)))  # "same" keeps len(values) only if the kernel fits
+        counts = np.convolve(known, kernel, "same")
+        smooth = np.convolve(np.where(known, values, 0.0), kernel, "same") / np.maximum(counts, 1)
         axes.plot(positions, np.where(np.isnan(values), np.nan, smooth), label=method, linewidth=1.2)
     axes.axvline(summary["capacity"], color="0.6", linestyle=":", linewidth=1)
     axes.set_xlabel("stream position of the reply (tokens)")
-    axes.set_ylabel("reply log PPL (mean of 10 turns)")
+    axes.set_ylabel(f"reply log PPL (mean of {SMOOTHING_TURNS} turns)")
     caches = ", ".join(f"{method} {result['cache']}" for method, result in summary["methods"].items())
     axes.set_title(f"{summary['config']['model']}: streaming dialogue, caches {caches}", fontsize=9)
     axes.legend(fontsize=8)

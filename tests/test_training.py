@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.models import cpu_devices_env, random_hf_llama, to_streamjax
 
 from streamjax import training
 from streamjax.files.weights import convert_tensors
 from streamjax.model import families
 from streamjax.model.config import ModelConfig
 from streamjax.model.transformer import apply
+from support.models import cpu_devices_env, random_hf_llama, to_streamjax
 
 TINY = ModelConfig(
     family="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from streamjax.files import loading
 from streamjax.model import families
 from streamjax.model.config import ModelConfig, UnsupportedConfigError
 from streamjax.model.families.llama import SINK_MODEL_TYPE
@@ -129,10 +130,10 @@ def _leaves(tree: Any, is_leaf=None) -> list:
 
 
 def parse_dtype(dtype: str | Any) -> np.dtype:
-    """The numpy dtype of a name in DTYPES ("float32", "bfloat16") or of such a dtype."""
+    """The numpy dtype to save in: a name or dtype `loading.parse_dtype` reads, one of DTYPES (float32, bfloat16)."""
     try:
-        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    except TypeError:
+        name = loading.parse_dtype(dtype).name
+    except (TypeError, ValueError):
         name = repr(dtype)
     if name not in DTYPES:
         raise ExportError(f"cannot save in dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -57,7 +57,7 @@ def self_attention(
     `config.softmax == "sink_logit"` the learned sink logits `sink_logit` [N].
     """
     batch, length, dim = h.shape
-    qkv = _add_bias(jnp.einsum("btd,dkph->btkph", h, p["qkv"]), p.get("qkv_bias"))  # [B, T, K, G + 2, H]
+    qkv = add_bias(jnp.einsum("btd,dkph->btkph", h, p["qkv"]), p.get("qkv_bias"))  # [B, T, K, G + 2, H]
     if config.clip_qkv is not None:
         qkv = jnp.clip(qkv, -config.clip_qkv, config.clip_qkv)
     group = qkv.shape[3] - 2
@@ -66,7 +66,7 @@ def self_attention(
     sink = sink_scores(config, p.get("sink_logit"))
     attended, weights = sink_window_attention(queries, keys, values, layer_cache, plan, config, sink)
     attended = attended.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)  # [B, T, N * H]
-    out = _add_bias(attended @ p["o"].reshape(-1, dim), p.get("o_bias"))
+    out = add_bias(attended @ p["o"].reshape(-1, dim), p.get("o_bias"))
     return out, LayerOutputs(keys, values, weights)
 
 
@@ -187,5 +187,6 @@ def _head_matmul(left: jax.Array, right: jax.Array, right_contracting: int) -> j
     return out.reshape(batch, heads, groups, length, -1)
 
 
-def _add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """x plus its bias, for the layers whose checkpoints have one (bias None: x as it is)."""
     return x if bias is None else x + bias

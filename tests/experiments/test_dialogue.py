@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from support import tiny_chat
-from support.tiny_chat import rendered_ids
 
 from configs import dialogue as dialogue_config
 from experiments import dialogue
 from streamjax.files import chat_models
 from streamjax.stream import perplexity
+from support import tiny_chat
+from support.tiny_chat import rendered_ids
 
 tiny, two_end_ids = tiny_chat.tiny, tiny_chat.two_end_ids  # the shared fixtures, under their names
 
@@ -90,3 +90,20 @@ def test_bad_config_is_refused_before_loading(tmp_path):
             dialogue.run(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert perplexity.METHODS  # the methods are evaluation's
+
+
+def test_the_plots_of_a_dialogue_shorter_than_the_smoothing_window(tmp_path):
+    """Fewer turns than `SMOOTHING_TURNS` (6 here) still plot: the mean runs over the turns there are."""
+    turns = [
+        {"reply_start": 40 * t, "streaming_nll": 2.0 + t / 10, "dense_nll": None if t == 3 else 2.0} for t in range(6)
+    ]
+    sample = {"position": 100, "decode_ms_per_token": 1.5, "resident_bytes": 2**30}
+    summary = {
+        "turns": turns,
+        "methods": {method: {"cache": "4+28", "samples": [sample]} for method in ("streaming", "dense")},
+        "capacity": 32,
+        "config": {"model": "tiny"},
+        "made_by": "a test",
+    }
+    dialogue.plot(summary, tmp_path)
+    assert (tmp_path / "reply_ppl.png").stat().st_size > 0 and (tmp_path / "decode.png").stat().st_size > 0

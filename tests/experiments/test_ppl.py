@@ -23,9 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import ppl_runs
-from support.models import cpu_devices_env, random_hf_llama
-from support.ppl_runs import NUM_TOKENS, REPO, run_entry_point, start_killed_run, tiny_config, tiny_flags
 
 from configs import ppl as ppl_config
 from experiments import ppl
@@ -33,6 +30,9 @@ from streamjax.files import corpora, loading
 from streamjax.model import families, sharding
 from streamjax.runs import checkpoints
 from streamjax.stream import perplexity
+from support import ppl_runs
+from support.models import cpu_devices_env, random_hf_llama
+from support.ppl_runs import NUM_TOKENS, REPO, run_entry_point, start_killed_run, tiny_config, tiny_flags
 
 tiny, finished = ppl_runs.tiny, ppl_runs.finished  # the shared fixtures, under their names
 

@@ -19,15 +19,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from support import ppl_runs
-from support.models import random_hf_llama, save_word_tokenizer
-from support.ppl_runs import REPO, run_entry_point, start_killed_run, tiny_config, tiny_flags
 
 from experiments import ppl
 from streamjax.files import export, loading
 from streamjax.runs import checkpoints, writes
 from streamjax.runs.finite import NonFiniteError
 from streamjax.stream import perplexity
+from support import ppl_runs
+from support.models import random_hf_llama, save_word_tokenizer
+from support.ppl_runs import REPO, run_entry_point, start_killed_run, tiny_config, tiny_flags
 
 tiny, finished = ppl_runs.tiny, ppl_runs.finished  # the shared fixtures, under their names
 

@@ -12,17 +12,17 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+
 from support import recall_family, tiny_chat
 from support.tiny_chat import cache_stream, rendered_ids
 
 two_end_ids = tiny_chat.two_end_ids  # the shared fixture, under its name
-from support.models import CHATML_TEMPLATE, random_hf_llama, save_byte_tokenizer
-
 from configs import streameval as streameval_config
 from experiments import streameval
 from streamjax.files import chat_models
 from streamjax.model import families
 from streamjax.stream import chat, generation
+from support.models import CHATML_TEMPLATE, random_hf_llama, save_byte_tokenizer
 
 
 def test_the_stream_is_seeded_and_every_answer_is_its_line_s_value():

@@ -16,11 +16,11 @@ import types
 import gguf
 import numpy as np
 import pytest
-from support.models import random_hf_llama, save_word_tokenizer
 
 from streamjax.files import assets, corpora, loading, weights
 from streamjax.files import gguf as sj_gguf
 from streamjax.model.config import UnsupportedConfigError
+from support.models import random_hf_llama, save_word_tokenizer
 
 
 def _write(path, content: bytes | bytearray):

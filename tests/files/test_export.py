@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from support.models import hf_state_dict, random_hf_llama, save_word_tokenizer, to_streamjax
 
 import streamjax
 from streamjax.files import loading
@@ -23,6 +22,7 @@ from streamjax.files.export import ExportError, hf_config, hf_tensors, save_mode
 from streamjax.model import families
 from streamjax.model.config import ModelConfig, freeze_mapping
 from streamjax.model.params import ParamSpec, init_params, is_spec
+from support.models import hf_state_dict, random_hf_llama, save_word_tokenizer, to_streamjax
 
 VOCAB = 97
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, size=(2, 24))

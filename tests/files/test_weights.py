@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from support.models import hf_logits, hf_state_dict, random_hf_llama
 
 import streamjax
 from streamjax.files.weights import WeightsError, read_hf_directory
 from streamjax.model import sharding
 from streamjax.model.config import UnsupportedConfigError
 from streamjax.model.transformer import check_tokens, jitted_forward
+from support.models import hf_logits, hf_state_dict, random_hf_llama
 
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(1, 24))
 

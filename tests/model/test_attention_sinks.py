@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import reference_families
-from support.models import cpu_devices_env, hf_state_dict, random_hf_llama, randomize_weights
-from support.reference import kept_indices, llama_stream_logits
-from support.reference_families import mpt_stream_logits
 
 import streamjax
 from streamjax.files.weights import WeightsError, convert_tensors
 from streamjax.model import families, sharding, transformer
 from streamjax.model.config import SOFTMAX_VARIANTS, ModelConfig, UnsupportedConfigError
+from support import reference_families
+from support.models import cpu_devices_env, hf_state_dict, random_hf_llama, randomize_weights
+from support.reference import kept_indices, llama_stream_logits
+from support.reference_families import mpt_stream_logits
 
 NUM_SINKS, WINDOW, NUM_TOKENS = 2, 6, 24  # the stream runs well past the cache of 8
 TOKENS = np.random.RandomState(2).randint(0, 97, size=(1, NUM_TOKENS))

@@ -14,12 +14,12 @@ import functools
 
 import numpy as np
 import pytest
+
+import streamjax
 from support.family_models import VARIANTS as FAMILY_VARIANTS
 from support.family_models import converted, stream_reference
 from support.models import hf_state_dict, random_hf_llama, to_streamjax
 from support.reference import llama_stream_logits
-
-import streamjax
 
 VOCAB = 97
 WINDOW = 6

@@ -9,6 +9,11 @@ import math
 import jax
 import numpy as np
 import pytest
+
+import streamjax
+from streamjax.files.weights import convert_tensors
+from streamjax.model import families
+from streamjax.model.config import UnsupportedConfigError
 from support.family_models import (
     HF_CLASSES,
     STREAM_TOKENS,
@@ -21,11 +26,6 @@ from support.family_models import (
     hf_model,
     stream_reference,
 )
-
-import streamjax
-from streamjax.files.weights import convert_tensors
-from streamjax.model import families
-from streamjax.model.config import UnsupportedConfigError
 
 # About 3x the largest differences measured: logits against transformers 7.6e-6, against the numpy
 # references 4.9e-6 (the logits themselves reach 8).

@@ -12,12 +12,12 @@ import types
 import jax
 import numpy as np
 import pytest
-from support import toy_family
 
 import streamjax
 from streamjax.files.weights import convert_tensors
 from streamjax.model import families
 from streamjax.model.params import init_params
+from support import toy_family
 
 TOKENS = np.random.RandomState(4).randint(0, 61, size=(2, 20))
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from support.models import hf_logits, random_hf_llama, to_streamjax
 
 import streamjax
+from support.models import hf_logits, random_hf_llama, to_streamjax
 
 LLAMA3_SCALING = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.models import hf_state_dict, random_hf_llama
 
 import streamjax
 from streamjax.files.weights import convert_tensors
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import perplexity
+from support.models import hf_state_dict, random_hf_llama
 
 HALF_TOLERANCE = {"bfloat16": 0.016, "float16": 0.0018}  # NLL, absolute: 3x the measured 5.1e-3 and 6.0e-4
 

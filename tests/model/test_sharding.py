@@ -51,10 +51,9 @@ def _shard_shapes(tree) -> dict:
 
 def _reference(name: str) -> dict:
     """Single-device results of model `name`, computed once for every mesh."""
-    from support.models import random_hf_llama, to_streamjax
-
     from streamjax import init_cache
     from streamjax.stream import feed, perplexity
+    from support.models import random_hf_llama, to_streamjax
 
     hf = random_hf_llama(seed=3, **MODELS[name])
     config, params = to_streamjax(hf)
@@ -78,11 +77,10 @@ def _reference(name: str) -> dict:
 
 
 def _measure(ref: dict, mesh_name: str) -> dict:
-    from support.models import hf_state_dict
-
     from streamjax.files.weights import convert_tensors
     from streamjax.model import transformer
     from streamjax.stream import perplexity
+    from support.models import hf_state_dict
 
     config, params, new_cache = ref["config"], ref["params"], ref["new_cache"]
     specs = families.param_specs(config)

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support.models import hf_logits, hf_state_dict, random_hf_llama, to_streamjax
-from support.reference import llama_stream_logits
 
 import streamjax
 from streamjax.model.transformer import jitted_forward
+from support.models import hf_logits, hf_state_dict, random_hf_llama, to_streamjax
+from support.reference import llama_stream_logits
 
 NUM_TOKENS = 300
 TOKENS = np.random.RandomState(1).randint(0, 97, size=(1, NUM_TOKENS))

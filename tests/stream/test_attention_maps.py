@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support.models import random_hf_llama, to_streamjax
 
 from streamjax.stream import attention_maps
+from support.models import random_hf_llama, to_streamjax
 
 
 @pytest.fixture(scope="module")

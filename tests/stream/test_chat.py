@@ -17,14 +17,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from support import tiny_chat
-from support.tiny_chat import REPO, cache_stream, rendered_ids
 
 from configs import chat as chat_config
 from experiments import chat as chat_program
 from streamjax.files import chat_models
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import chat, generation, sampling, stopping
+from support import tiny_chat
+from support.tiny_chat import REPO, cache_stream, rendered_ids
 
 tiny, two_end_ids = tiny_chat.tiny, tiny_chat.two_end_ids  # the shared fixtures, under their names
 

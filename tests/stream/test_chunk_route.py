@@ -11,10 +11,10 @@ import functools
 
 import numpy as np
 import pytest
-from support.models import random_hf_llama, randomize_weights, to_streamjax
 
 import streamjax
 from streamjax.stream import perplexity
+from support.models import random_hf_llama, randomize_weights, to_streamjax
 
 VOCAB = 97
 TEXT = np.random.RandomState(7).randint(0, VOCAB, size=71)  # 70 predictions: chunks of 64 leave 6

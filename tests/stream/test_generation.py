@@ -14,13 +14,13 @@ import functools
 import jax
 import numpy as np
 import pytest
-from support.family_models import converted, hf_model
-from support.models import random_hf_llama, to_streamjax
 
 import streamjax
 from streamjax.files import chat_templates
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import generation, sampling, stopping, token_bytes
+from support.family_models import converted, hf_model
+from support.models import random_hf_llama, to_streamjax
 
 VOCAB = 97
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from streamjax.model.attention import LayerCache, LayerOutputs, self_attention
+from streamjax.model.attention import LayerCache, LayerOutputs, add_bias, self_attention
 from streamjax.model.cache import ChunkPlan
 from streamjax.model.config import ModelConfig
 
@@ -48,10 +48,6 @@ def layer_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, e
 def norm(p: dict, name: str, x: jax.Array, config: ModelConfig) -> jax.Array:
     """The LayerNorm `name` of params `p` (with `name_bias` if it has one) applied to x [..., D]."""
     return layer_norm(x, p[name], p.get(f"{name}_bias"), config.norm_eps)
-
-
-def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
-    return x if bias is None else x + bias
 
 
 def mlp_block(p: dict, h: jax.Array, config: ModelConfig) -> jax.Array:

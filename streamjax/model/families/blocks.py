@@ -1,5 +1,5 @@
-"""Building blocks the family files share: norms, activations, the two-matrix MLP, and the pre-norm
-LayerNorm decoder layer of MPT, GPT-NeoX and Falcon.
+"""Building blocks the family files share: activations, the two-matrix MLP, and the pre-norm LayerNorm
+decoder layer of MPT, GPT-NeoX and Falcon (the norms themselves are `streamjax.model.norms`).
 
 Letters: B streams, T new tokens, D model dim, F MLP dim.
 """
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from streamjax.model.attention import LayerCache, LayerOutputs, add_bias, self_attention
 from streamjax.model.cache import ChunkPlan
 from streamjax.model.config import ModelConfig
+from streamjax.model.norms import layer_norm
 
 # Hugging Face activation names -> functions ("gelu" is the exact erf form, the others its tanh form).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -25,24 +26,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32 and cast back."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
-
-
-def layer_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
-    """LayerNorm over the last axis, computed in float32 and cast back."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    normed = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-    if weight is not None:
-        normed = normed * weight
-    return normed if bias is None else normed + bias
 
 
 def norm(p: dict, name: str, x: jax.Array, config: ModelConfig) -> jax.Array:

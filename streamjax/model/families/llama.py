@@ -23,7 +23,7 @@ from streamjax.model import params as P
 from streamjax.model.attention import LayerCache, LayerOutputs, add_bias, self_attention
 from streamjax.model.cache import ChunkPlan
 from streamjax.model.config import SOFTMAX_VARIANTS, ModelConfig, check_known_fields, require, rope_from_hf
-from streamjax.model.families.blocks import rms_norm
+from streamjax.model.norms import rms_norm
 
 NAME = "llama"
 SINK_MODEL_TYPE = "llama_attention_sink"

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from streamjax.model.cache import ChunkPlan, sink_block
 from streamjax.model.config import ModelConfig
+from streamjax.model.norms import rms_norm
 from streamjax.model.positions import apply_rope, config_alibi_slopes
 
 
@@ -35,7 +36,8 @@ class LayerCache(NamedTuple):
 class LayerOutputs(NamedTuple):
     """What a layer hands back besides its activations.
 
-    keys, values: [B, K, T, H] the chunk's keys (before RoPE) and values, for the cache.
+    keys, values: [B, K, T, H] the chunk's keys (after `q_norm`/`k_norm` if any, before RoPE) and values,
+        for the cache.
     weights: [B, N, T, S + C + T] the softmax weights over sinks, cache slots (sink slots 0) and the
         chunk. Only computed when a caller returns them: jit drops outputs nobody uses. With a sink
         softmax (`ModelConfig.softmax` "zero_sink", "sink_logit") they are the weights of the real keys
@@ -54,7 +56,9 @@ def self_attention(
 
     Params: `qkv` [D, K, G + 2, H] (per kv head its G queries, its key, its value: one matrix product
     for all three), `o` [N, H, D], optional `qkv_bias` [K, G + 2, H] and `o_bias` [D], and with
-    `config.softmax == "sink_logit"` the learned sink logits `sink_logit` [N].
+    `config.softmax == "sink_logit"` the learned sink logits `sink_logit` [N], and with `config.qk_norm`
+    the per-head query and key RMSNorm weights `q_norm` and `k_norm` [H] (applied before RoPE, so the
+    cache holds normed keys).
     """
     batch, length, dim = h.shape
     qkv = add_bias(jnp.einsum("btd,dkph->btkph", h, p["qkv"]), p.get("qkv_bias"))  # [B, T, K, G + 2, H]
@@ -63,6 +67,8 @@ def self_attention(
     group = qkv.shape[3] - 2
     queries = qkv[:, :, :, :group].transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     keys, values = (qkv[:, :, :, part].transpose(0, 2, 1, 3) for part in (group, group + 1))  # [B, K, T, H]
+    if config.qk_norm:
+        queries, keys = rms_norm(queries, p["q_norm"], config.norm_eps), rms_norm(keys, p["k_norm"], config.norm_eps)
     sink = sink_scores(config, p.get("sink_logit"))
     attended, weights = sink_window_attention(queries, keys, values, layer_cache, plan, config, sink)
     attended = attended.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)  # [B, T, N * H]

@@ -77,6 +77,11 @@ class ModelConfig:
     one learned logit per query head (param `sink_logit` [N] per layer, as gpt-oss's `sinks`) added
     unscaled to each head's softmax, with no value, position bias or mask. The sink takes a share of
     each softmax, so the weights over the real keys sum to less than 1.
+
+    Attention options of the RMSNorm families: `attention_bias` gives the q, k, v and output
+    projections biases; `qkv_bias` gives q, k and v theirs but the output projection none (Qwen2);
+    `qk_norm` RMS-normalises each query and key head over H with its own weight (params `q_norm`,
+    `k_norm` [H], eps `norm_eps`) before RoPE, so the cache holds normed keys (Qwen3).
     """
 
     family: str
@@ -92,6 +97,8 @@ class ModelConfig:
     max_position_embeddings: int
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
     position: str = "rope"
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
@@ -184,3 +191,51 @@ def rope_from_hf(
     require(not missing, f"{family} rope {kind!r} lacks the fields {', '.join(missing)}")
     scaling = None if kind == "default" else freeze_mapping({"rope_type": kind, **rope})
     return RopeSettings(float(theta), scaling, float(partial_default if partial is None else partial))
+
+
+# The fields with which a Qwen2 or Qwen3 config limits layers to a sliding window; Mistral has only
+# `sliding_window`, which then applies to every layer.
+SLIDING_WINDOW_FIELDS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def sliding_layers(hf: Mapping[str, Any], family: str, defaults: Mapping[str, Any] | None = None) -> list[int]:
+    """The layers that a Hugging Face config limits to its `sliding_window`, by transformers' rule.
+
+    Qwen2/Qwen3: only with `use_sliding_window`, the layers whose `layer_types` entry is
+    "sliding_attention" (without `layer_types`, those from `max_window_layers` on); Mistral (no such
+    fields): every layer, unless `sliding_window` is null. `defaults` are the values of the fields a
+    config may omit (its config class's; without them: the window applies, from layer 0 on). A window
+    of at least `max_position_embeddings` tokens never limits a position the model was trained on, so
+    its layers count as full. Refuses a `layer_types` of the wrong length or with a type other than
+    `LAYER_TYPES`.
+    """
+    hf = {"use_sliding_window": True, "max_window_layers": 0, **(defaults or {}), **hf}
+    num_layers, types = hf["num_hidden_layers"], hf.get("layer_types")
+    if types is not None:
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        require(not unknown, f"{family} layer_types has unknown layer types {unknown}; known: {LAYER_TYPES}")
+        require(len(types) == num_layers, f"{family} layer_types has {len(types)} entries for {num_layers} layers")
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings")
+    if window is None or not hf["use_sliding_window"] or (context is not None and window >= context):
+        return []
+    if types is None:
+        types = ["sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(num_layers)]
+    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+
+
+def require_full_attention(hf: Mapping[str, Any], family: str, defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse a config that limits any layer to a sliding window (`sliding_layers`, with its `defaults`):
+    such layers need a cache laid out per layer type (the hybrid cache of issue 24), which streamjax
+    does not have yet."""
+    layers = sliding_layers(hf, family, defaults)
+    fields = ", ".join(f"{name}={hf[name]!r}" for name in sorted(SLIDING_WINDOW_FIELDS - {"layer_types"}) if name in hf)
+    require(
+        not layers,
+        f"{family} config limits layers {layers} to a sliding window ({fields}, max_position_embeddings="
+        f"{hf.get('max_position_embeddings')!r}{', and its layer_types' if 'layer_types' in hf else ''}): "
+        "sliding-window layers need the hybrid cache of issue 24, which streamjax does not have yet. A model "
+        "whose layers all attend fully loads: use_sliding_window false, every layer_types entry "
+        '"full_attention", or sliding_window null or at least max_position_embeddings.',
+    )

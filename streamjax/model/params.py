@@ -92,12 +92,14 @@ def param_path_key(path: tuple) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") >> 1
 
 
-def attention_specs(config: ModelConfig, bias: bool) -> dict:
-    """Specs of one layer's fused qkv [D, K, G + 2, H] and output o [N, H, D] projections (and biases).
+def attention_specs(config: ModelConfig, bias: bool, output_bias: bool | None = None) -> dict:
+    """Specs of one layer's fused qkv [D, K, G + 2, H] and output o [N, H, D] projections, with `bias`
+    the qkv biases and with `output_bias` (default: `bias`) o's.
 
     qkv holds, per kv head, its G query heads, then its key and its value head (query head n is
     g of kv head n // G), so one matrix product projects all three and "kv_heads" shards them alike.
-    A model with `config.softmax == "sink_logit"` adds the learned sink logits `sink_logit` [N] (zeros).
+    A model with `config.softmax == "sink_logit"` adds the learned sink logits `sink_logit` [N] (zeros),
+    one with `config.qk_norm` the query and key norms `q_norm` and `k_norm` [H] (ones).
     """
     D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     parts = N // K + 2
@@ -107,9 +109,12 @@ def attention_specs(config: ModelConfig, bias: bool) -> dict:
     }
     if bias:
         specs["qkv_bias"] = ParamSpec((K, parts, H), ("kv_heads", "parts", "head_dim"), init="zeros")
+    if bias if output_bias is None else output_bias:
         specs["o_bias"] = ParamSpec((D,), ("embed",), init="zeros")
     if config.softmax == "sink_logit":
         specs["sink_logit"] = ParamSpec((N,), ("heads",), init="zeros")
+    if config.qk_norm:
+        specs.update({name: ParamSpec((H,), ("head_dim",), init="ones") for name in ("q_norm", "k_norm")})
     return specs
 
 

@@ -1,5 +1,5 @@
-"""One tiny random model per layout option of MPT, GPT-NeoX and Falcon, with transformers' logits and the numpy
-references' streams (shared by the family, chunk-reference and generation tests)."""
+"""One tiny random model per layout option of MPT, GPT-NeoX, Falcon, Qwen2, Qwen3 and Mistral, with transformers'
+logits and the numpy references' streams (shared by the family, chunk-reference and generation tests)."""
 
 import functools
 
@@ -8,6 +8,7 @@ import numpy as np
 from streamjax.files.weights import convert_tensors
 from streamjax.model import families
 from support.models import hf_logits, hf_state_dict, randomize_weights
+from support.reference import llama_stream_logits
 from support.reference_families import falcon_stream_logits, gpt_neox_stream_logits, mpt_stream_logits
 
 VOCAB = 97
@@ -17,6 +18,12 @@ TOKENS = np.random.RandomState(0).randint(0, VOCAB, size=(2, 40))
 
 
 STREAM_TOKENS = np.random.RandomState(1).randint(0, VOCAB, size=(1, 150))
+
+
+LLAMA_STYLE_BASE = {
+    "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 6,
+    "num_key_value_heads": 2, "max_position_embeddings": 512,
+}  # fmt: skip
 
 
 HF_CLASSES = {  # family -> (config class, model class, tiny base settings)
@@ -31,6 +38,10 @@ HF_CLASSES = {  # family -> (config class, model class, tiny base settings)
         "FalconForCausalLM",
         {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 96},
     ),
+    **{
+        family: (f"{prefix}Config", f"{prefix}ForCausalLM", LLAMA_STYLE_BASE)
+        for family, prefix in (("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"))
+    },
 }
 
 
@@ -74,6 +85,40 @@ VARIANTS = {  # name -> (family, settings); together they cover every layout opt
 }
 
 
+LLAMA_STYLE_VARIANTS = {  # Qwen2, Qwen3 and Mistral (tests/model/test_qwen_mistral.py): GQA/MQA, tied and untied
+    "qwen2_gqa_untied": (
+        "qwen2",
+        {"tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 300.0}},
+    ),
+    # The sliding-window fields are set, but no layer slides: both layers are below max_window_layers.
+    "qwen2_mqa_tied_no_layer_slides": (
+        "qwen2",
+        {
+            "num_key_value_heads": 1,
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 2,
+        },
+    ),
+    "qwen3_gqa_untied_wide_head": ("qwen3", {"head_dim": 16, "tie_word_embeddings": False}),
+    "qwen3_tied_attention_bias_linear_rope": (
+        "qwen3",
+        {
+            "num_key_value_heads": 3,
+            "head_dim": 8,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+        },
+    ),
+    "mistral_gqa_untied_no_window": ("mistral", {"sliding_window": None, "tie_word_embeddings": False}),
+    "mistral_tied_window_at_context": ("mistral", {"sliding_window": 512, "head_dim": 12, "tie_word_embeddings": True}),
+}
+
+ALL_VARIANTS = {**VARIANTS, **LLAMA_STYLE_VARIANTS}
+
+
 def _graft_mpt_biases(model):
     """MPT with no_bias=False has a bias on every linear and LayerNorm (llm-foundry); transformers'
     MptForCausalLM drops them, so they are added here to its own modules, which then use them."""
@@ -90,11 +135,11 @@ def hf_model(variant: str, std: float = 0.2):
     import torch
     import transformers
 
-    family, settings = VARIANTS[variant]
+    family, settings = ALL_VARIANTS[variant]
     config_class, model_class, base = HF_CLASSES[family]
     torch.manual_seed(sum(map(ord, variant)))
     model = getattr(transformers, model_class)(
-        getattr(transformers, config_class)(vocab_size=VOCAB, **base, **settings)
+        getattr(transformers, config_class)(**{"vocab_size": VOCAB, **base, **settings})
     )
     if family == "mpt" and not model.config.no_bias:
         _graft_mpt_biases(model)
@@ -126,7 +171,10 @@ def stream_reference(variant: str, tokens, num_sinks: int, window: int) -> np.nd
     model = hf_model(variant)
     import torch
 
-    family, state_dict, hf_config = VARIANTS[variant][0], hf_state_dict(model), model.config
+    family, state_dict, hf_config = ALL_VARIANTS[variant][0], hf_state_dict(model), model.config
+    if variant in LLAMA_STYLE_VARIANTS:  # Llama's tensor names and layout
+        inv_freq = model.model.rotary_emb.inv_freq.numpy().astype(np.float64)  # scaled as transformers scales it
+        return llama_stream_logits(state_dict, hf_config, tokens, num_sinks, window, inv_freq)
     if family == "mpt":
         alibi = model.transformer.build_mpt_alibi_tensor(hf_config.n_heads, 2)[:, 0].numpy()
         return mpt_stream_logits(state_dict, hf_config, tokens, num_sinks, window, slopes=alibi[:, 1] - alibi[:, 0])

@@ -33,14 +33,15 @@ def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
 
 
 def randomize_weights(model, std: float):
-    """Every weight of a transformers model ~ N(0, std), LayerNorm weights 1 + N(0, std); eval mode."""
+    """Every weight of a transformers model ~ N(0, std), LayerNorm and RMSNorm weights 1 + N(0, std); eval mode."""
     import torch
 
     with torch.no_grad():
         for module in model.modules():
+            is_norm = isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
             for name, parameter in module.named_parameters(recurse=False):
                 parameter.normal_(0.0, std)
-                if isinstance(module, torch.nn.LayerNorm) and name == "weight":
+                if is_norm and name == "weight":
                     parameter.add_(1.0)
     return model.eval()
 

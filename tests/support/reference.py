@@ -8,6 +8,11 @@ that order (positions within the cache), and attends with those positions.
 `softmax` (`ModelConfig.softmax`) written as what it means: "zero_sink" prepends a key and a value of
 zeros (its logit q.0 is 0 at any position), "sink_logit" prepends a column holding each head's learned
 logit `model.layers.{i}.self_attn.sinks` [N] and a value of zeros.
+
+The Llama-style families that differ from Llama in their tensors are read from the tensors: a
+projection has a bias where the checkpoint has one (Qwen2: q, k and v), and where it has
+`self_attn.q_norm` and `k_norm` (Qwen3) each query and key head is RMS-normed before RoPE, so the
+kept keys are normed and un-rotated.
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ def _rms_norm(x, weight, eps):
     return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
+def _linear(sd, name, h):
+    """h @ `name`.weight.T, plus `name`.bias where the checkpoint has one."""
+    return h @ sd[f"{name}.weight"].T + sd.get(f"{name}.bias", 0)
+
+
+def _head_norm(sd, name, heads, eps):
+    """heads [n, H] RMS-normed by `name`.weight where the checkpoint has it (Qwen3's q_norm, k_norm)."""
+    weight = sd.get(f"{name}.weight")
+    return heads if weight is None else _rms_norm(heads, weight, eps)
+
+
 def _rope(x, position, inv_freq):
     """x [heads, H] rotated by `position` (half-split layout)."""
     angles = position * inv_freq
@@ -39,8 +55,8 @@ def llama_stream_logits(
     """Logits [T, V] of one stream of `tokens`, one token at a time (float64)."""
     sd = {name: np.asarray(value, np.float64) for name, value in state_dict.items()}
     num_layers, num_heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
-    num_kv_heads, head_dim = hf_config.num_key_value_heads, hf_config.head_dim
-    eps, bias = hf_config.rms_norm_eps, hf_config.attention_bias
+    num_kv_heads, eps = hf_config.num_key_value_heads, hf_config.rms_norm_eps
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     keys = [[] for _ in range(num_layers)]
     values = [[] for _ in range(num_layers)]
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
@@ -50,10 +66,12 @@ def llama_stream_logits(
         x = sd["model.embed_tokens.weight"][token]
         for layer in range(num_layers):
             p = lambda name: sd[f"model.layers.{layer}.{name}"]  # noqa: E731
-            linear = lambda name, h: h @ p(name + ".weight").T + (p(name + ".bias") if bias else 0)  # noqa: E731
+            linear = lambda name, h: _linear(sd, f"model.layers.{layer}.{name}", h)  # noqa: E731
+            head_norm = lambda name, h: _head_norm(sd, f"model.layers.{layer}.{name}", h, eps)  # noqa: E731
             h = _rms_norm(x, p("input_layernorm.weight"), eps)
-            q = linear("self_attn.q_proj", h).reshape(num_heads, head_dim)
-            keys[layer].append(linear("self_attn.k_proj", h).reshape(num_kv_heads, head_dim))
+            q = head_norm("self_attn.q_norm", linear("self_attn.q_proj", h).reshape(num_heads, head_dim))
+            k = linear("self_attn.k_proj", h).reshape(num_kv_heads, head_dim)
+            keys[layer].append(head_norm("self_attn.k_norm", k))
             values[layer].append(linear("self_attn.v_proj", h).reshape(num_kv_heads, head_dim))
             q = _rope(q, len(kept) - 1, inv_freq)
             k = np.stack([_rope(keys[layer][j], pos, inv_freq) for pos, j in enumerate(kept)])  # [S, K, H]

@@ -1,9 +1,11 @@
-"""Llama-family decoder (Llama 1/2/3, SmolLM2, Qwen2-style q/k/v biases) in functional JAX.
+"""Llama-family decoder (Llama 1/2/3, SmolLM2) in functional JAX, and the Llama-style config conversion
+that the Qwen2, Qwen3 and Mistral families (which use this decoder) share.
 
 Letters: B streams, T new tokens, D model dim, F MLP dim, H head dim.
 
-A pre-norm block with RMSNorm, attention (`attention.self_attention`) and the gated SiLU MLP, whose
-gate and up projections are one [D, 2, F] matrix (`gate_up`).
+A pre-norm block with RMSNorm, attention (`attention.self_attention`, with the biases and query/key
+norms its `ModelConfig` asks for) and the gated SiLU MLP, whose gate and up projections are one
+[D, 2, F] matrix (`gate_up`).
 
 A Llama with a sink softmax (`ModelConfig.softmax`) is saved with `"model_type": "llama_attention_sink"`
 (so that transformers refuses it rather than computing a standard softmax) and `"softmax": "zero_sink"`
@@ -30,24 +32,37 @@ SINK_MODEL_TYPE = "llama_attention_sink"
 HF_MODEL_TYPES = ("llama", SINK_MODEL_TYPE)
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
 
-_HANDLED_FIELDS = {
+# The fields of a Llama-style Hugging Face config that `llama_style_config` reads.
+LLAMA_STYLE_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-    "mlp_bias", "pretraining_tp", "softmax",
-}  # fmt: skip
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
+})  # fmt: skip
+_HANDLED_FIELDS = LLAMA_STYLE_FIELDS | {"attention_bias", "mlp_bias", "pretraining_tp", "softmax"}
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face `LlamaConfig` dict (old `rope_scaling` or new `rope_parameters`)."""
     check_known_fields(hf, _HANDLED_FIELDS, NAME)
-    require(hf.get("hidden_act", "silu") == "silu", f"llama hidden_act {hf.get('hidden_act')!r} is not supported")
-    softmax = _softmax_from_hf(hf)
-    rope = rope_from_hf(hf, NAME, ("default", "linear", "llama3"))
-    require(rope.partial_rotary_factor == 1.0, "llama partial_rotary_factor other than 1 is not supported")
+    return llama_style_config(
+        hf,
+        NAME,
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        softmax=_softmax_from_hf(hf),
+    )
+
+
+def llama_style_config(hf: Mapping[str, Any], family: str, **options: Any) -> ModelConfig:
+    """The `family` ModelConfig of a Llama-style Hugging Face config dict (RMSNorm, SiLU-gated MLP, RoPE
+    of type default, linear or llama3): its `LLAMA_STYLE_FIELDS`, with `options` (biases, `qk_norm`,
+    `softmax`) setting the rest. The caller has refused the fields it does not handle."""
+    require(hf.get("hidden_act", "silu") == "silu", f"{family} hidden_act {hf.get('hidden_act')!r} is not supported")
+    rope = rope_from_hf(hf, family, ("default", "linear", "llama3"))
+    require(rope.partial_rotary_factor == 1.0, f"{family} partial_rotary_factor other than 1 is not supported")
     num_heads = hf["num_attention_heads"]
     return ModelConfig(
-        family=NAME,
+        family=family,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
@@ -58,11 +73,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        attention_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False),
         rope_theta=rope.theta,
         rope_scaling=rope.scaling,
-        softmax=softmax,
+        **options,
     )
 
 
@@ -88,7 +101,7 @@ def layer_specs(config: ModelConfig) -> dict:
     D, F = config.hidden_size, config.intermediate_size
     specs = {
         **P.norm_specs("attn_norm", config, bias=False),
-        **P.attention_specs(config, config.attention_bias),
+        **P.attention_specs(config, config.attention_bias or config.qkv_bias, output_bias=config.attention_bias),
         **P.norm_specs("mlp_norm", config, bias=False),
         "gate_up": P.ParamSpec((D, 2, F), ("embed", "parts", "mlp")),
         "down": P.ParamSpec((F, D), ("mlp", "embed")),
@@ -112,7 +125,9 @@ def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
         P.TensorRule("model.norm.weight", ("final_norm",)),
         P.TensorRule(f"{layer}.input_layernorm.weight", ("layers", "attn_norm")),
         P.TensorRule(f"{layer}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
-        *P.separate_qkv_rules(tuple(f"{layer}.self_attn.{x}_proj" for x in "qkv"), config, config.attention_bias),
+        *P.separate_qkv_rules(
+            tuple(f"{layer}.self_attn.{x}_proj" for x in "qkv"), config, config.attention_bias or config.qkv_bias
+        ),
         *P.output_rules(f"{layer}.self_attn.o_proj", config, config.attention_bias),
         P.TensorRule(
             tuple(f"{s}.weight" for s in gate_up), ("layers", "gate_up"), lambda g, u: np.stack([g.T, u.T], 1)
@@ -121,6 +136,8 @@ def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
     ]
     if config.softmax == "sink_logit":
         rules.append(P.TensorRule(f"{layer}.self_attn.sinks", ("layers", "sink_logit")))
+    if config.qk_norm:
+        rules += [P.TensorRule(f"{layer}.self_attn.{name}.weight", ("layers", name)) for name in ("q_norm", "k_norm")]
     if config.mlp_bias:
         rules += [
             P.TensorRule(

@@ -132,7 +132,7 @@ def _write_summary(workdir: pathlib.Path, config, turns: list[chat.Turn]) -> Non
 
     steady = lambda tokens, seconds: tokens / seconds if seconds > 0 else None  # noqa: E731
     summary = {
-        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        "config": provenance.plain_config(config),
         "turns": len(turns),
         "tokens_fed": sum(len(turn.input_token_ids) for turn in turns),
         "tokens_generated": sum(len(turn.reply_token_ids) for turn in turns),

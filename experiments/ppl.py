@@ -28,8 +28,8 @@ Faults: SIGTERM or SIGINT saves the state at the end of the segment and raises `
 (`StopRequests`); a full disk while saving a checkpoint or writing a result raises an ENOSPC OSError
 naming the file and what is intact; a corrupt summary.json, timeline.json or config.json raises
 `writes.CorruptFile` naming the file and the fix; a NaN or infinite NLL raises `NonFiniteError` naming
-the prediction; a second process on the workdir gets `WorkdirInUse`. README "Reliability" lists each
-with its test.
+the prediction; a second process on the workdir gets `WorkdirInUse`. docs/ppl/README.md
+("Reliability: what a long run survives") lists each with its test.
 
 Resuming: every run advances in segments of `chunk_size` predictions on a grid anchored at the
 first token, and checkpoints only at segment ends (`checkpoint_every` is a multiple of

@@ -278,7 +278,7 @@ def stream_ppl(params: dict, config: ModelConfig, corpus: Corpus, run_config, si
 def fingerprint(config) -> dict[str, Any]:
     """The fields that make a run's numbers (a config, or a fingerprint saved before); a field added later
     is left out at its default (`LATER_FIELD_DEFAULTS`), so that workdirs made before it still match."""
-    fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    fields = provenance.plain_config(config)
     return {
         key: value
         for key, value in fields.items()

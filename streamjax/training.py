@@ -52,7 +52,7 @@ from streamjax.model import families, sharding
 from streamjax.model.config import ModelConfig
 from streamjax.model.params import init_params
 from streamjax.model.transformer import apply
-from streamjax.runs import checkpoints
+from streamjax.runs import checkpoints, log
 from streamjax.runs.finite import NonFiniteError
 
 
@@ -370,5 +370,5 @@ def _restore(directory: pathlib.Path, state: TrainState, history: dict, meta: di
     restored = checkpoints.restore_latest(directory, abstract, check)
     if restored is None:
         return state, history
-    tqdm.write(f"resuming {directory} from step {restored.step}")
+    log.log("training", f"resuming {directory} from step {restored.step}")
     return flax.serialization.from_state_dict(state, restored.tree), restored.meta["history"]

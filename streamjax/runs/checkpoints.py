@@ -23,7 +23,6 @@ import hashlib
 import json
 import pathlib
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,7 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+
+from streamjax.runs import log
 
 
 class CorruptCheckpoint(Exception):
@@ -164,4 +164,4 @@ def quarantine(directory: pathlib.Path, step: int, problem: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(directory / str(step)), target)
     message = f"checkpoint {directory / str(step)} is corrupt ({problem}); moved to {target}, trying the one before"
-    tqdm.write(message, file=sys.stderr)
+    log.log("checkpoints", message)

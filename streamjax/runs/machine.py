@@ -89,12 +89,11 @@ def sampled_memory(interval: float = 0.002) -> Iterator[dict[str, Any]]:
         stop.set()
         thread.join()
         samples.append(in_use_bytes())
-        known = [value for value in samples if value is not None]
         stats = jax.devices()[0].memory_stats()
         on_device = bool(stats and "bytes_in_use" in stats)
         result.update(
             source="device.memory_stats() bytes_in_use" if on_device else "process resident set (/proc/self/statm)",
-            phase_peak_bytes=max(known) if known else None,
+            phase_peak_bytes=max(samples),
             bytes_after=samples[-1],
             lifetime_peak_bytes=stats.get("peak_bytes_in_use") if on_device else peak_resident_bytes(),
         )
@@ -110,6 +109,7 @@ def in_use_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
+    """The most resident memory this process has used so far, in bytes (`ru_maxrss`)."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -167,8 +167,10 @@ def _key_blocks(queries, keys, values, layer_cache, plan: ChunkPlan, config: Mod
 
 
 def _block_scores(block: _Block, config: ModelConfig, scale: float) -> jax.Array:
-    """Masked scores [B, K, G, T, keys] in float32 of one key block."""
+    """Masked scores [B, K, G, T, keys] in float32 of one key block (soft-capped if the config says so)."""
     scores = _head_matmul(block.queries, block.keys, right_contracting=2 if block.keys_last else 3) * scale
+    if config.attn_logit_softcap is not None:
+        scores = config.attn_logit_softcap * jnp.tanh(scores / config.attn_logit_softcap)
     if config.position == "alibi":
         slopes = config_alibi_slopes(config).reshape(config.num_kv_heads, -1)
         distance = block.query_positions[:, :, None] - block.key_positions[:, None, :]  # [B, T, keys]

@@ -54,6 +54,11 @@ ROPE_TYPE_KEYS: dict[str, frozenset[str]] = {
 }
 
 
+# A layer's attention: over the whole cache ("full_attention"), or over its `sliding_window` most
+# recent keys ("sliding_attention"); Hugging Face's names.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 class UnsupportedConfigError(ValueError):
     """A Hugging Face config asks for something this implementation does not compute."""
 
@@ -82,6 +87,15 @@ class ModelConfig:
     projections biases; `qkv_bias` gives q, k and v theirs but the output projection none (Qwen2);
     `qk_norm` RMS-normalises each query and key head over H with its own weight (params `q_norm`,
     `k_norm` [H], eps `norm_eps`) before RoPE, so the cache holds normed keys (Qwen3).
+
+    Layer types (Gemma 2/3, sliding-window Qwen2/Qwen3/Mistral): `layer_types` names each layer's
+    attention, "full_attention" or "sliding_attention" (None: every layer full); a sliding layer lets a
+    token see the `sliding_window` most recent keys, itself included (Hugging Face's `sliding_window`),
+    and rotates with `sliding_rope_theta` / `sliding_rope_scaling` where those are set (Gemma 3), else with
+    the full layers' RoPE. How each layer type is cached is the cache's layout (`cache.CacheLayout`).
+
+    Gemma options: `embedding_multiplier` scales the embedded tokens (Gemma: sqrt(D)); `attn_logit_softcap`
+    c caps every attention score to c * tanh(score / c) before masking, `final_logit_softcap` the logits.
     """
 
     family: str
@@ -109,6 +123,13 @@ class ModelConfig:
     hidden_act: str = "silu"
     residual_layout: str = "sequential"
     softmax: str = "standard"
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    sliding_rope_theta: float | None = None
+    sliding_rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    embedding_multiplier: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -125,6 +146,26 @@ class ModelConfig:
             )
         if self.softmax not in SOFTMAX_VARIANTS:
             raise UnsupportedConfigError(f"unknown softmax {self.softmax!r}: use one of {SOFTMAX_VARIANTS}")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            return
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise UnsupportedConfigError(f"unknown layer types {unknown}: every layer is one of {LAYER_TYPES}")
+        if len(self.layer_types) != self.num_layers:
+            raise UnsupportedConfigError(f"{len(self.layer_types)} layer_types given for {self.num_layers} layers")
+        if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window < 1):
+            raise UnsupportedConfigError(
+                f"sliding_attention layers need a sliding_window >= 1 (keys seen, itself included), "
+                f"got {self.sliding_window!r}"
+            )
+
+    @property
+    def layer_type_of(self) -> tuple[str, ...]:
+        """Each layer's attention type ("full_attention" for every layer without `layer_types`)."""
+        return self.layer_types or ("full_attention",) * self.num_layers
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -196,8 +237,6 @@ def rope_from_hf(
 # The fields with which a Qwen2 or Qwen3 config limits layers to a sliding window; Mistral has only
 # `sliding_window`, which then applies to every layer.
 SLIDING_WINDOW_FIELDS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def sliding_layers(hf: Mapping[str, Any], family: str, defaults: Mapping[str, Any] | None = None) -> list[int]:

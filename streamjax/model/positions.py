@@ -18,12 +18,16 @@ import numpy as np
 from streamjax.model.config import ModelConfig
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [R / 2] of the rotary embedding, with `linear` or `llama3` scaling."""
+def rope_frequencies(config: ModelConfig, layer_type: str = "full_attention") -> np.ndarray:
+    """Inverse frequencies [R / 2] of the rotary embedding of a `layer_type` layer (sliding layers use
+    `sliding_rope_theta` / `sliding_rope_scaling` where the config sets them), with `linear` or `llama3`
+    scaling."""
+    theta, scaling = config.rope_theta, config.rope_scaling_dict
+    if layer_type == "sliding_attention" and config.sliding_rope_theta is not None:
+        theta, scaling = config.sliding_rope_theta, dict(config.sliding_rope_scaling or ())
     rotary_dim = config.rotary_dim or config.head_dim
     exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim
-    inv_freq = (1.0 / (config.rope_theta**exponents)).astype(np.float32)
-    scaling = config.rope_scaling_dict
+    inv_freq = (1.0 / (theta**exponents)).astype(np.float32)
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / np.float32(scaling["factor"])

@@ -66,7 +66,7 @@ def apply(
     batch, length = tokens.shape
     plan = plan_chunk(cache, batch, length, config, num_valid)
     layer_caches = [None] * config.num_layers if cache is None else list(map(LayerCache, cache.keys, cache.values))
-    x, outputs = params["embed"][tokens], []
+    x, outputs = _embed(params, tokens, config), []
     for p, layer_cache in zip(params["layers"], layer_caches, strict=True):
         x, layer_outputs = family.decoder_layer(p, x, layer_cache, plan, config)
         outputs.append(layer_outputs)
@@ -83,11 +83,23 @@ def apply(
     return ForwardOutput(None if logits == "none" else scores, new_cache, nll, weights)
 
 
+def _embed(params: dict, tokens: jax.Array, config: ModelConfig) -> jax.Array:
+    """The embedded tokens [B, T, D], times `config.embedding_multiplier` (in the params' dtype, as Gemma)."""
+    x = params["embed"][tokens]
+    if config.embedding_multiplier is None:
+        return x
+    return x * jnp.asarray(config.embedding_multiplier, x.dtype)
+
+
 def _head(params: dict, x: jax.Array, config: ModelConfig) -> jax.Array:
-    """Logits [..., V] in float32 of the final hidden states x [..., D]."""
+    """Logits [..., V] in float32 of the final hidden states x [..., D], soft-capped if the config says so."""
     if config.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+    if config.final_logit_softcap is None:
+        return logits
+    return config.final_logit_softcap * jnp.tanh(logits / config.final_logit_softcap)
 
 
 def _token_nll(logits: jax.Array, targets: jax.Array, num_valid: jax.Array | None) -> jax.Array:

@@ -19,7 +19,16 @@ integers, so a stream may run forever: stream indices are int32 that wrap modulo
 ever subtracted.
 
 Without a cache (`cache=None`) a chunk is a plain causal pass from position 0: no sink block, no cache
-slots, every earlier token of the chunk in the window block. Training and re-computation use it.
+slots, every earlier token of the chunk in the window block (within `sliding_window` on sliding
+layers). Training and re-computation use it.
+
+Hybrid models (`ModelConfig.layer_types`, e.g. Gemma 3's five sliding layers to one full layer) keep a
+cache per layer type. The full-attention layers keep the StreamingLLM cache above (S + W, the
+`SinkCache` itself); the sliding layers, which the model itself limits to its `sliding_window` w (keys
+seen, itself included), keep their own ring in `SinkCache.sliding`: by default no sinks and the w - 1
+tokens before the query, which is exactly the model's own sliding attention, or with `sliding_sinks`
+sinks besides (an ablation). Each layer type is planned once per chunk with its own fill state and its
+own RoPE (`plan_layers`), and written with its own destinations.
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ class SinkCache:
         An array per layer, so that no layer's slots are copied out of a larger buffer.
     slot_positions: [B, C] int32 stream index of the token each slot holds (wrapping).
     slot_tokens: [B, C] int32 token id each slot holds.
+    With layer types (`ModelConfig.layer_types`), keys and values hold the full-attention layers only
+    (in layer order) and `sliding` is the sliding layers' cache: a `SinkCache` of the same streams with
+    its own sinks, window and fill state, and the sliding layers' keys and values. `layer_types` is the
+    config's (static); None for a model without layer types.
     length: [B] int32 number of filled slots, saturating at C; also the next query's position.
     cursor: [B] int32 ring slot (0..W-1) that the next window token overwrites.
     next_position: [B] int32 stream index of the next token (wrapping).
@@ -66,10 +79,23 @@ class SinkCache:
     next_position: jax.Array = flax.struct.field(metadata=_axes("batch"))
     num_sinks: int = flax.struct.field(pytree_node=False)
     window: int = flax.struct.field(pytree_node=False)
+    sliding: SinkCache | None = None
+    layer_types: tuple[str, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def capacity(self) -> int:
         return self.num_sinks + self.window
+
+    @property
+    def num_slots(self) -> int:
+        """Key (and value) slots of one stream over all layers: every layer's capacity, summed."""
+        own = sum(keys.shape[-1] for keys in self.keys)
+        return own + (0 if self.sliding is None else self.sliding.num_slots)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the keys and values."""
+        return (self.keys or self.sliding.keys)[0].dtype
 
     @property
     def batch_size(self) -> int:
@@ -81,15 +107,48 @@ class SinkCache:
         return {field.name: field.metadata["axes"] for field in dataclasses.fields(cls) if "axes" in field.metadata}
 
 
-def check_cache_shape(num_sinks: int, window: int) -> None:
-    """Raise ValueError for a sink/window pair that does not describe a cache."""
-    for name, value in (("num_sinks", num_sinks), ("window", window)):
+def check_cache_shape(num_sinks: int, window: int, names: tuple[str, str] = ("num_sinks", "window")) -> None:
+    """Raise ValueError for a sink/window pair that does not describe a cache (called `names` in errors)."""
+    for name, value in zip(names, (num_sinks, window)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if num_sinks < 0:
-        raise ValueError(f"num_sinks must be >= 0 (0 is plain window attention), got {num_sinks}")
+        raise ValueError(f"{names[0]} must be >= 0 (0 is plain window attention), got {num_sinks}")
     if window < 1:
-        raise ValueError(f"window must be >= 1 (the recent tokens kept besides the sinks), got {window}")
+        raise ValueError(f"{names[1]} must be >= 1 (the recent tokens kept besides the sinks), got {window}")
+
+
+def layer_indices(config: ModelConfig, layer_type: str) -> list[int]:
+    """The layers of `config` of one layer type, in order."""
+    return [i for i, kind in enumerate(config.layer_type_of) if kind == layer_type]
+
+
+def check_sliding_cache(config: ModelConfig, sliding_sinks: int, sliding_window: int | None) -> int:
+    """The ring size of the sliding layers' cache (`sliding_window`, default the model's w - 1); raise
+    ValueError for a ring the model's sliding attention does not allow, or sinks without sliding layers."""
+    if not layer_indices(config, "sliding_attention"):
+        if sliding_sinks or sliding_window is not None:
+            raise ValueError(
+                f"sliding_sinks={sliding_sinks}, sliding_window={sliding_window} given, but no layer of this "
+                f"{config.family} model is a sliding layer (layer_types {config.layer_types}): leave them unset"
+            )
+        return 0
+    own = config.sliding_window - 1
+    if own < 1:
+        raise ValueError(
+            f"sliding_window={config.sliding_window}: a sliding layer that sees only its own token keeps no cache; "
+            "streamjax needs sliding_window >= 2"
+        )
+    ring = own if sliding_window is None else sliding_window
+    check_cache_shape(sliding_sinks, ring, names=("sliding_sinks", "sliding_window"))
+    if ring > own:
+        raise ValueError(
+            f"sliding_window={ring} asks the sliding layers to keep more tokens than the model lets them see: its "
+            f"sliding attention covers the {own} tokens before the query (config sliding_window "
+            f"{config.sliding_window}, itself included). Use a ring of at most {own} (default: exactly {own}, "
+            "the model's own attention)."
+        )
+    return ring
 
 
 def init_cache(
@@ -99,19 +158,38 @@ def init_cache(
     window: int,
     dtype: jnp.dtype = jnp.float32,
     first_position: int = 0,
+    *,
+    sliding_sinks: int = 0,
+    sliding_window: int | None = None,
 ) -> SinkCache:
     """An empty cache for `batch_size` streams, keys and values in `dtype`; `first_position` labels
-    the first token (any int, wrapped to int32)."""
+    the first token (any int, wrapped to int32).
+
+    `num_sinks` and `window` are the full-attention layers' S and W. A model with sliding layers keeps
+    theirs in `SinkCache.sliding`: `sliding_sinks` sinks (default 0) and a ring of `sliding_window` tokens
+    (default w - 1, the model's own sliding attention; smaller is an ablation, larger is refused).
+    """
     check_cache_shape(num_sinks, window)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ring = check_sliding_cache(config, sliding_sinks, sliding_window)
+    full_layers = len(layer_indices(config, "full_attention"))
+    cache = _empty_cache(config, batch_size, num_sinks, window, full_layers, dtype, first_position)
+    if ring == 0:
+        return cache
+    sliding_layers = config.num_layers - full_layers
+    sliding = _empty_cache(config, batch_size, sliding_sinks, ring, sliding_layers, dtype, first_position)
+    return cache.replace(sliding=sliding, layer_types=config.layer_type_of)
+
+
+def _empty_cache(config, batch_size, num_sinks, window, num_layers, dtype, first_position) -> SinkCache:
     capacity = num_sinks + window
     keys_shape = (batch_size, config.num_kv_heads, config.head_dim, capacity)
     values_shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
     wrapped_first = (first_position + 2**31) % 2**32 - 2**31
     return SinkCache(
-        keys=tuple(jnp.zeros(keys_shape, dtype) for _ in range(config.num_layers)),
-        values=tuple(jnp.zeros(values_shape, dtype) for _ in range(config.num_layers)),
+        keys=tuple(jnp.zeros(keys_shape, dtype) for _ in range(num_layers)),
+        values=tuple(jnp.zeros(values_shape, dtype) for _ in range(num_layers)),
         slot_positions=jnp.zeros((batch_size, capacity), jnp.int32),
         slot_tokens=jnp.zeros((batch_size, capacity), jnp.int32),
         length=jnp.zeros((batch_size,), jnp.int32),
@@ -160,14 +238,21 @@ class ChunkPlan:
 
 
 def plan_chunk(
-    cache: SinkCache | None, batch_size: int, num_new: int, config: ModelConfig, num_valid: jax.Array | None = None
+    cache: SinkCache | None,
+    batch_size: int,
+    num_new: int,
+    config: ModelConfig,
+    num_valid: jax.Array | None = None,
+    layer_type: str = "full_attention",
 ) -> ChunkPlan:
     """The plan of feeding `num_new` tokens to every stream of `cache` (or, for None, a causal pass
-    over a fresh chunk); stream b feeds only its first `num_valid[b]` tokens (default: all)."""
+    over a fresh chunk) for the layers of `layer_type`, with their RoPE; stream b feeds only its first
+    `num_valid[b]` tokens (default: all)."""
     if num_valid is None:
         num_valid = jnp.full((batch_size,), num_new, jnp.int32)
-    if cache is None:  # no slots; every earlier token of the chunk is within the window
-        num_sinks, window, slots = 0, num_new, jnp.zeros((batch_size, 0), jnp.int32)
+    if cache is None:  # no slots; every earlier token of the chunk within the layer's reach is in the window
+        window = config.sliding_window - 1 if layer_type == "sliding_attention" else num_new
+        num_sinks, slots = 0, jnp.zeros((batch_size, 0), jnp.int32)
         fill = (slots, *(jnp.zeros((batch_size,), jnp.int32) for _ in range(3)))
     else:
         num_sinks, window = cache.num_sinks, cache.window
@@ -175,7 +260,7 @@ def plan_chunk(
     plan_stream = lambda *state: _plan_stream(*state, num_sinks=num_sinks, window=window, num_new=num_new)  # noqa: E731
     fields = jax.vmap(plan_stream)(*fill, num_valid)
     capacity = fill[0].shape[1]
-    rotations = _rope_rotations(fields, config, num_sinks, window, capacity, num_new)
+    rotations = _rope_rotations(fields, config, layer_type, num_sinks, window, capacity, num_new)
     return ChunkPlan(**fields, num_valid=num_valid, rotations=rotations, num_sinks=num_sinks, capacity=capacity)
 
 
@@ -211,12 +296,12 @@ def _plan_stream(slot_positions, length, cursor, next_position, num_valid, *, nu
     )
 
 
-def _rope_rotations(fields: dict, config: ModelConfig, num_sinks: int, window: int, capacity: int, num_new: int):
+def _rope_rotations(fields: dict, config: ModelConfig, layer_type: str, num_sinks, window, capacity, num_new):
     """RoPE tables of the plan's five position sets (see `ChunkPlan.rotations`); None for ALiBi."""
     if config.position != "rope":
         return None
     # Sink-block positions lie in [0, S + W]; window-block offsets from the chunk start in [-W, T).
-    inv_freq, last = rope_frequencies(config), max(capacity, num_new)
+    inv_freq, last = rope_frequencies(config, layer_type), max(capacity, num_new)
     batch = fields["sink_query_positions"].shape[0]
     sink_keys = jnp.broadcast_to(jnp.arange(num_sinks), (batch, num_sinks))
     key_offsets = fields["window_key_positions"]
@@ -228,6 +313,65 @@ def _rope_rotations(fields: dict, config: ModelConfig, num_sinks: int, window: i
         key_offsets[:, capacity:],
     )
     return tuple(rope_rotation(p, -window, last, inv_freq, dims_last=block != 3) for block, p in enumerate(positions))
+
+
+def plan_layers(
+    cache: SinkCache | None, batch_size: int, num_new: int, config: ModelConfig, num_valid: jax.Array | None = None
+) -> dict[str, ChunkPlan]:
+    """The chunk's plan per layer type: "full_attention" (always: it also moves the fill state of the
+    `SinkCache` itself) and "sliding_attention" where the model has sliding layers."""
+    kinds = {"full_attention", *config.layer_type_of}
+    return {kind: plan_chunk(_type_cache(cache, kind), batch_size, num_new, config, num_valid, kind) for kind in kinds}
+
+
+def _type_cache(cache: SinkCache | None, layer_type: str) -> SinkCache | None:
+    """The cache that holds the layers of `layer_type`: the sliding layers' own where the cache has one."""
+    return cache if cache is None or layer_type == "full_attention" else cache.sliding
+
+
+def layer_entries(cache: SinkCache, config: ModelConfig) -> list[tuple[jax.Array, jax.Array]]:
+    """(keys, values) of every layer, in layer order, each from the cache of its layer type."""
+    check_layout(cache, config)
+    entries = {
+        kind: iter(zip(c.keys, c.values))
+        for kind in ("full_attention", "sliding_attention")
+        for c in [_type_cache(cache, kind)]
+        if c is not None
+    }
+    return [next(entries[kind]) for kind in config.layer_type_of]
+
+
+def check_layout(cache: SinkCache, config: ModelConfig) -> None:
+    """Raise ValueError when `cache` was not made for `config`'s layers (`init_cache(config, ...)`)."""
+    sliding = len(layer_indices(config, "sliding_attention"))
+    held = (len(cache.keys), 0 if cache.sliding is None else len(cache.sliding.keys))
+    if held != (config.num_layers - sliding, sliding):
+        raise ValueError(
+            f"the cache holds {held[0]} full-attention and {held[1]} sliding layers but the model has "
+            f"{config.num_layers - sliding} and {sliding}: make the cache with init_cache(config, ...) for this model"
+        )
+
+
+def write_layers(
+    cache: SinkCache,
+    plans: dict[str, ChunkPlan],
+    tokens: jax.Array,
+    config: ModelConfig,
+    new_keys: Sequence[jax.Array],
+    new_values: Sequence[jax.Array],
+) -> SinkCache:
+    """The cache after the chunk `tokens` [B, T]: `write_chunk` into each layer type's cache, with that
+    type's plan and its layers' new keys and values (one [B, K, T, H] array per layer, in layer order)."""
+
+    def of_type(kind: str, arrays: Sequence[jax.Array]) -> list[jax.Array]:
+        return [array for array, layer_kind in zip(arrays, config.layer_type_of, strict=True) if layer_kind == kind]
+
+    written = {
+        kind: write_chunk(layer_cache, plans[kind], tokens, of_type(kind, new_keys), of_type(kind, new_values))
+        for kind in plans
+        if (layer_cache := _type_cache(cache, kind)) is not None
+    }
+    return written["full_attention"].replace(sliding=written.get("sliding_attention"))
 
 
 def write_chunk(

@@ -135,7 +135,8 @@ def cache_shardings(cache: SinkCache, mesh: Mesh) -> SinkCache:
         name: jax.tree.map(lambda array, axes=axes: logical_sharding(axes, array.shape, mesh), getattr(cache, name))
         for name, axes in SinkCache.logical_axes().items()
     }
-    return cache.replace(**fields)
+    sliding = None if cache.sliding is None else cache_shardings(cache.sliding, mesh)  # a hybrid model's
+    return cache.replace(**fields, sliding=sliding)
 
 
 def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:

@@ -4,11 +4,12 @@ function unjitted, for the loops that are jitted themselves: the token route, ge
 Letters: B streams, T tokens, V vocab, D model dim, N query heads, S sinks, C cache slots.
 
 A chunk of tokens [B, T] goes through four steps, here and nowhere else:
-1. `cache.plan_chunk`: positions, masks, RoPE tables and cache destinations, once for all layers;
+1. `cache.plan_layers`: positions, masks, RoPE tables and cache destinations, once per layer type (one
+   plan for all layers of a model without layer types; the full and the sliding layers' of a hybrid one);
 2. the embedding, then the family's `decoder_layer` for each layer, which reads its own cache entry
-   and the plan and returns the chunk's keys and values (`attention.LayerOutputs`);
+   and its layer type's plan and returns the chunk's keys and values (`attention.LayerOutputs`);
 3. the family's `final_norm` and the head (the tied embedding or `lm_head`);
-4. `cache.write_chunk` writes every layer's new keys and values once all layers have read the cache.
+4. `cache.write_layers` writes every layer's new keys and values once all layers have read the cache.
 
 What a caller wants besides the cache is chosen by arguments: logits of every position, of the last
 valid one or none; per-token NLL of `targets` (logsumexp minus the target's logit, so no array of
@@ -25,7 +26,7 @@ import numpy as np
 
 from streamjax.model import families
 from streamjax.model.attention import LayerCache
-from streamjax.model.cache import SinkCache, plan_chunk, write_chunk
+from streamjax.model.cache import SinkCache, layer_entries, plan_layers, write_layers
 from streamjax.model.config import ModelConfig
 from streamjax.model.jit import model_jit
 
@@ -64,21 +65,24 @@ def apply(
     """
     family = families.get(config)
     batch, length = tokens.shape
-    plan = plan_chunk(cache, batch, length, config, num_valid)
-    layer_caches = [None] * config.num_layers if cache is None else list(map(LayerCache, cache.keys, cache.values))
+    plans = plan_layers(cache, batch, length, config, num_valid)
+    layer_caches = (
+        [None] * config.num_layers if cache is None else [LayerCache(*e) for e in layer_entries(cache, config)]
+    )
     x, outputs = _embed(params, tokens, config), []
-    for p, layer_cache in zip(params["layers"], layer_caches, strict=True):
-        x, layer_outputs = family.decoder_layer(p, x, layer_cache, plan, config)
+    for p, layer_cache, kind in zip(params["layers"], layer_caches, config.layer_type_of, strict=True):
+        x, layer_outputs = family.decoder_layer(p, x, layer_cache, plans[kind], config)
         outputs.append(layer_outputs)
     x = family.final_norm(params, x, config)
+    num_valid = plans["full_attention"].num_valid
     if logits == "last":
-        last = jnp.maximum(plan.num_valid - 1, 0)
+        last = jnp.maximum(num_valid - 1, 0)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     scores = _head(params, x, config)
-    nll = None if targets is None else _token_nll(scores, targets, plan.num_valid if logits != "last" else None)
+    nll = None if targets is None else _token_nll(scores, targets, num_valid if logits != "last" else None)
     new_cache = None
     if cache is not None:
-        new_cache = write_chunk(cache, plan, tokens, [o.keys for o in outputs], [o.values for o in outputs])
+        new_cache = write_layers(cache, plans, tokens, config, [o.keys for o in outputs], [o.values for o in outputs])
     weights = tuple(o.weights for o in outputs) if return_weights else None
     return ForwardOutput(None if logits == "none" else scores, new_cache, nll, weights)
 
@@ -176,7 +180,7 @@ def check_cache_dtype(params: dict, cache: SinkCache | None) -> None:
     dtype would be a silent cast of every key and value written (bfloat16 params: a bfloat16 cache)."""
     if cache is None:
         return
-    wanted, held = jnp.dtype(params["embed"].dtype), jnp.dtype(cache.keys[0].dtype)
+    wanted, held = jnp.dtype(params["embed"].dtype), jnp.dtype(cache.dtype)
     if wanted != held:
         raise ValueError(
             f"the cache holds {held.name} keys and values but the params are {wanted.name}: create the cache "

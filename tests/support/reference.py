@@ -17,6 +17,8 @@ kept keys are normed and un-rotated.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 
@@ -49,10 +51,29 @@ def _rope(x, position, inv_freq):
     return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SlidingLayers:
+    """The cache of a hybrid model's sliding layers: which layers, their sinks and window, their RoPE."""
+
+    layers: tuple[int, ...]
+    num_sinks: int
+    window: int
+    inv_freq: np.ndarray
+
+
 def llama_stream_logits(
-    state_dict, hf_config, tokens, num_sinks: int, window: int, inv_freq, softmax: str = "standard"
+    state_dict,
+    hf_config,
+    tokens,
+    num_sinks: int,
+    window: int,
+    inv_freq,
+    softmax: str = "standard",
+    sliding: SlidingLayers | None = None,
 ) -> np.ndarray:
-    """Logits [T, V] of one stream of `tokens`, one token at a time (float64)."""
+    """Logits [T, V] of one stream of `tokens`, one token at a time (float64). The layers of `sliding`
+    keep its sinks and window and rotate with its frequencies; every other layer keeps `num_sinks`,
+    `window` and rotates with `inv_freq`."""
     sd = {name: np.asarray(value, np.float64) for name, value in state_dict.items()}
     num_layers, num_heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
     num_kv_heads, eps = hf_config.num_key_value_heads, hf_config.rms_norm_eps
@@ -61,10 +82,13 @@ def llama_stream_logits(
     values = [[] for _ in range(num_layers)]
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     outputs = []
+    layer_caches = [(num_sinks, window, inv_freq)] * num_layers
+    for layer in sliding.layers if sliding else ():
+        layer_caches[layer] = (sliding.num_sinks, sliding.window, sliding.inv_freq)
     for t, token in enumerate(tokens):
-        kept = kept_indices(t, num_sinks, window)
         x = sd["model.embed_tokens.weight"][token]
-        for layer in range(num_layers):
+        for layer, (layer_sinks, layer_window, layer_freq) in enumerate(layer_caches):
+            kept = kept_indices(t, layer_sinks, layer_window)
             p = lambda name: sd[f"model.layers.{layer}.{name}"]  # noqa: E731
             linear = lambda name, h: _linear(sd, f"model.layers.{layer}.{name}", h)  # noqa: E731
             head_norm = lambda name, h: _head_norm(sd, f"model.layers.{layer}.{name}", h, eps)  # noqa: E731
@@ -73,8 +97,8 @@ def llama_stream_logits(
             k = linear("self_attn.k_proj", h).reshape(num_kv_heads, head_dim)
             keys[layer].append(head_norm("self_attn.k_norm", k))
             values[layer].append(linear("self_attn.v_proj", h).reshape(num_kv_heads, head_dim))
-            q = _rope(q, len(kept) - 1, inv_freq)
-            k = np.stack([_rope(keys[layer][j], pos, inv_freq) for pos, j in enumerate(kept)])  # [S, K, H]
+            q = _rope(q, len(kept) - 1, layer_freq)
+            k = np.stack([_rope(keys[layer][j], pos, layer_freq) for pos, j in enumerate(kept)])  # [S, K, H]
             v = np.stack([values[layer][j] for j in kept])
             group = num_heads // num_kv_heads
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)

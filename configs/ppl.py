@@ -40,6 +40,9 @@ def get_config(arg=None):
     # sinks; `recompute` re-reads the last S + W tokens for every prediction; `dense` keeps everything.
     config.num_sinks = 4
     config.window = 1020
+    # A hybrid model's sliding layers (Gemma 3) keep the model's own window, whatever the method, and
+    # this many sinks besides (0: the model's own sliding attention). S + W above is the full layers' cache.
+    config.sliding_sinks = 0
     # The first num_tokens tokens of the text are read; num_tokens - 1 of them are predicted.
     config.num_tokens = 4096
     # Start the stream this many text tokens in (after the BOS, which stays first): a fresh stream mid-text.
@@ -61,9 +64,9 @@ def get_config(arg=None):
     config.sink_prefix = ""
     config.sink_prefix_repeat = 1
     # Optional list of dicts, each a variant of the fields (name, method, num_sinks, window, num_tokens
-    # (at most config.num_tokens), skip_tokens, sink_prefix, sink_prefix_repeat); each method of the variant's
-    # `method` is run, as run "<method>-<name>". Empty: one variant made of the fields above, runs
-    # named by the method alone.
+    # (at most config.num_tokens), skip_tokens, sink_prefix, sink_prefix_repeat, sliding_sinks); each method
+    # of the variant's `method` is run, as run "<method>-<name>". Empty: one variant made of the fields
+    # above, runs named by the method alone.
     config.variants = []
     # log_ppl.png: log PPL as the cumulative mean NLL and, beside it, the mean of the last plot_window.
     config.plot_window = 256

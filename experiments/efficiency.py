@@ -118,11 +118,20 @@ def filled_cache(
     """The cache of `batch_size` streams after `num_seen` tokens (stream indices 0..num_seen-1).
 
     The bookkeeping (`slot_positions`, `length`, `cursor`, `next_position`) is exactly what feeding
-    `num_seen` tokens leaves (tests check it against `streamjax.prefill`); keys and values are random
-    (in empty slots too, which attention masks), which changes no cost.
+    `num_seen` tokens leaves (tests check it against `streamjax.prefill`), for a hybrid model's sliding
+    layers' cache too; keys and values are random (in empty slots too, which attention masks), which
+    changes no cost.
     """
     check_cache_shape(num_sinks, window)
     cache = init_cache(config, batch_size, num_sinks, window, dtype, first_position=num_seen)
+    full_seed, sliding_seed = jax.random.split(jax.random.key(seed))
+    sliding = None if cache.sliding is None else _filled(cache.sliding, num_seen, sliding_seed)
+    return _filled(cache, num_seen, full_seed).replace(sliding=sliding)
+
+
+def _filled(cache: SinkCache, num_seen: int, key: jax.Array) -> SinkCache:
+    """One layer type's cache (its own sinks and window) as `num_seen` tokens leave it, random keys and values."""
+    num_sinks, window, batch_size = cache.num_sinks, cache.window, cache.batch_size
     sinks = np.arange(num_sinks)
     ring_written = max(num_seen - num_sinks, 0)  # tokens that ever went into the ring
     ring = np.arange(window)
@@ -131,10 +140,10 @@ def filled_cache(
         [np.where(sinks < num_seen, sinks, 0), np.where(ring < ring_written, num_sinks + last_lap, 0)]
     )
     length = min(num_seen, num_sinks + window)
-    key_seeds, value_seeds = jnp.split(jax.random.split(jax.random.key(seed), 2 * config.num_layers), 2)
+    key_seeds, value_seeds = jnp.split(jax.random.split(key, 2 * len(cache.keys)), 2)
     return cache.replace(
-        keys=tuple(jax.random.normal(key, cache.keys[0].shape, dtype) for key in key_seeds),
-        values=tuple(jax.random.normal(key, cache.values[0].shape, dtype) for key in value_seeds),
+        keys=tuple(jax.random.normal(k, keys.shape, keys.dtype) for k, keys in zip(key_seeds, cache.keys)),
+        values=tuple(jax.random.normal(k, values.shape, values.dtype) for k, values in zip(value_seeds, cache.values)),
         slot_positions=jnp.asarray(np.broadcast_to(_wrap_int32(slots), (batch_size, cache.capacity))),
         length=jnp.full((batch_size,), length, jnp.int32),
         cursor=jnp.full((batch_size,), ring_written % window, jnp.int32),

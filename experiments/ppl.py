@@ -92,13 +92,14 @@ from streamjax.stream import perplexity
 CONFIG_FIELDS = (
     "model", "data", "method", "num_sinks", "window", "num_tokens", "route", "chunk_size", "dtype",
     "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window", "segment_tokens", "mesh",
-    "skip_tokens",
+    "skip_tokens", "sliding_sinks",
 )  # fmt: skip
 # Fields that do not change any number a run computes; a restart may change them. Not `mesh`: a sharded
 # matmul adds its partial sums in another order, which can change the last bit of the NLL.
 UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window", "segment_tokens")
 VARIANT_FIELDS = (
-    "name", "method", "num_sinks", "window", "num_tokens", "skip_tokens", "sink_prefix", "sink_prefix_repeat"
+    "name", "method", "num_sinks", "window", "num_tokens", "skip_tokens", "sink_prefix", "sink_prefix_repeat",
+    "sliding_sinks",
 )  # fmt: skip
 
 
@@ -134,7 +135,9 @@ def plan_runs(config) -> list[Run]:
             )
         variant_name = variant.get("name") or f"{fields['num_sinks']}+{fields['window']}"
         for method in perplexity.parse_methods(fields["method"]):
-            spec = perplexity.EvalSpec(method, fields["num_sinks"], fields["window"], config.route, config.chunk_size)
+            spec = perplexity.EvalSpec(
+                method, fields["num_sinks"], fields["window"], config.route, config.chunk_size, fields["sliding_sinks"]
+            )
             name = f"{method}-{variant_name}" if config.variants else method
             prefix = (fields["sink_prefix"], fields["sink_prefix_repeat"])
             runs.append(Run(name, spec, *prefix, num_tokens=fields["num_tokens"], skip_tokens=fields["skip_tokens"]))
@@ -174,8 +177,9 @@ def fingerprint(config, weights: str | None = None) -> dict[str, Any]:
     (`loading.weights_sha256`) under "weights" when given."""
     values = json.loads(json.dumps(provenance.plain_config(config)))
     fields = {key: values[key] for key in CONFIG_FIELDS if key not in UNFINGERPRINTED_FIELDS}
-    if not fields["skip_tokens"]:  # absent from workdirs made before the field existed
-        del fields["skip_tokens"]
+    for field in ("skip_tokens", "sliding_sinks"):  # absent from workdirs made before the field existed
+        if not fields[field]:
+            del fields[field]
     mesh = fields.pop("mesh")
     if mesh:  # one spelling per mesh ("model=8" is "data=1,model=8"); absent on one device, as before meshes
         fields["mesh"] = ",".join(f"{axis}={size}" for axis, size in sharding.parse_mesh(mesh).items())
@@ -372,6 +376,7 @@ def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nl
     return {
         "run": item.name, "method": item.spec.method, "num_sinks": item.spec.num_sinks, "window": item.spec.window,
         "cache": "all" if item.spec.method == "dense" else f"{num_sinks}+{window}",
+        "sliding_sinks": item.spec.sliding_sinks, "layer_types": _layer_type_counts(model_config),
         "sink_prefix": item.sink_prefix, "sink_prefix_repeat": item.sink_prefix_repeat,
         "sink_prefix_tokens": tokens[prefix].tolist(), "sink_prefix_start": prefix.start,
         "num_tokens": int(tokens.shape[0] - (prefix.stop - prefix.start)), "num_predictions": int(text_nll.shape[0]),
@@ -382,6 +387,14 @@ def _run_summary(item: Run, config, model_config, tokens, prefix: slice, text_nl
         "model_positions": positions,
         "past_positions_from": past_positions_from(item.spec, int(tokens.shape[0]), positions),
     }  # fmt: skip
+
+
+def _layer_type_counts(model_config) -> dict[str, int]:
+    """How many layers of each type the model has, with its sliding window (a hybrid model's sliding
+    layers keep that window, plus `sliding_sinks` sinks, whatever the method)."""
+    kinds = model_config.layer_type_of
+    counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+    return counts | ({"sliding_window": model_config.sliding_window} if "sliding_attention" in counts else {})
 
 
 def _state_tree(state: perplexity.EvalState, nll: np.ndarray) -> dict:

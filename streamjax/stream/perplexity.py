@@ -45,13 +45,18 @@ def parse_methods(method: str, allowed: tuple[str, ...] = METHODS) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-    """What to evaluate: a method, the cache budget S + W and how tokens are fed."""
+    """What to evaluate: a method, the cache budget S + W and how tokens are fed.
+
+    S + W is the cache of the full-attention layers. The sliding layers of a hybrid model keep the
+    model's own window (`cache.init_cache`) whatever the method, with `sliding_sinks` sinks besides.
+    """
 
     method: str = "streaming"
     num_sinks: int = 4
     window: int = 1020
     route: str = "chunk"
     chunk_size: int = 512
+    sliding_sinks: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,6 +64,10 @@ class EvalSpec:
         if self.route not in ROUTES:
             raise ValueError(f"unknown route {self.route!r}; choose one of {', '.join(ROUTES)}")
         check_cache_shape(self.num_sinks, self.window)
+        if isinstance(self.sliding_sinks, bool) or not isinstance(self.sliding_sinks, int) or self.sliding_sinks < 0:
+            raise ValueError(f"sliding_sinks must be an int >= 0, got {self.sliding_sinks!r}")
+        if self.sliding_sinks and self.method == "recompute":
+            raise ValueError("recompute re-reads a plain window for every prediction: it keeps no sliding sinks")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
@@ -93,7 +102,8 @@ def init_state(config: ModelConfig, spec: EvalSpec, num_tokens: int, dtype) -> E
     if spec.method == "recompute":
         return EvalState(position=0, cache=None)
     num_sinks, window = spec.cache_shape(num_tokens)
-    return EvalState(position=0, cache=init_cache(config, 1, num_sinks, window, dtype))
+    cache = init_cache(config, 1, num_sinks, window, dtype, sliding_sinks=spec.sliding_sinks)
+    return EvalState(position=0, cache=cache)
 
 
 def check_text_tokens(tokens: np.ndarray, config: ModelConfig) -> np.ndarray:

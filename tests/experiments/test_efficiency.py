@@ -5,6 +5,7 @@ No timing is asserted (the machine may be shared); the numbers are checked only 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -56,6 +57,18 @@ def test_filled_cache_is_the_state_streaming_leaves(tiny_params, num_sinks, wind
     cache = efficiency.filled_cache(TINY, num_sinks, window, num_seen, batch_size=2)
     for field in BOOKKEEPING:
         np.testing.assert_array_equal(getattr(cache, field), getattr(expected, field), err_msg=field)
+
+
+@pytest.mark.parametrize("num_seen", [3, 9, 40])
+def test_filled_cache_of_a_hybrid_model_is_the_state_streaming_leaves(tiny_params, num_seen):
+    """Layer 0 slides over 6 keys (a ring of 5), layer 1 keeps 2 sinks + 7: both parts' bookkeeping."""
+    hybrid = dataclasses.replace(TINY, layer_types=("sliding_attention", "full_attention"), sliding_window=6)
+    tokens = np.random.RandomState(num_seen).randint(0, TINY.vocab_size, size=(2, num_seen))
+    _, expected = streamjax.prefill(tiny_params, streamjax.init_cache(hybrid, 2, 2, 7), tokens, hybrid, chunk_size=8)
+    cache = efficiency.filled_cache(hybrid, 2, 7, num_seen, batch_size=2)
+    for part, expected_part in ((cache, expected), (cache.sliding, expected.sliding)):
+        for field in BOOKKEEPING:
+            np.testing.assert_array_equal(getattr(part, field), getattr(expected_part, field), err_msg=field)
 
 
 def test_filled_cache_positions_wrap_like_the_stream_counter():

@@ -116,7 +116,16 @@ LLAMA_STYLE_VARIANTS = {  # Qwen2, Qwen3 and Mistral (tests/model/test_qwen_mist
     "mistral_tied_window_at_context": ("mistral", {"sliding_window": 512, "head_dim": 12, "tie_word_embeddings": True}),
 }
 
-ALL_VARIANTS = {**VARIANTS, **LLAMA_STYLE_VARIANTS}
+# Qwen2 and Mistral whose windows of 8 slide inside the tests' 40 tokens (tests/model/test_qwen_mistral.py).
+SLIDING_LLAMA_STYLE_VARIANTS = {
+    "qwen2_layer_1_slides_window_8": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "tie_word_embeddings": False},
+    ),
+    "mistral_window_8": ("mistral", {"sliding_window": 8, "tie_word_embeddings": False}),
+}
+
+ALL_VARIANTS = {**VARIANTS, **LLAMA_STYLE_VARIANTS, **SLIDING_LLAMA_STYLE_VARIANTS}
 
 
 def _graft_mpt_biases(model):

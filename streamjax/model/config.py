@@ -264,17 +264,14 @@ def sliding_layers(hf: Mapping[str, Any], family: str, defaults: Mapping[str, An
     return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
 
 
-def require_full_attention(hf: Mapping[str, Any], family: str, defaults: Mapping[str, Any] | None = None) -> None:
-    """Refuse a config that limits any layer to a sliding window (`sliding_layers`, with its `defaults`):
-    such layers need a cache laid out per layer type (the hybrid cache of issue 24), which streamjax
-    does not have yet."""
-    layers = sliding_layers(hf, family, defaults)
-    fields = ", ".join(f"{name}={hf[name]!r}" for name in sorted(SLIDING_WINDOW_FIELDS - {"layer_types"}) if name in hf)
-    require(
-        not layers,
-        f"{family} config limits layers {layers} to a sliding window ({fields}, max_position_embeddings="
-        f"{hf.get('max_position_embeddings')!r}{', and its layer_types' if 'layer_types' in hf else ''}): "
-        "sliding-window layers need the hybrid cache of issue 24, which streamjax does not have yet. A model "
-        "whose layers all attend fully loads: use_sliding_window false, every layer_types entry "
-        '"full_attention", or sliding_window null or at least max_position_embeddings.',
-    )
+def sliding_window_options(
+    hf: Mapping[str, Any], family: str, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `ModelConfig` fields `layer_types` and `sliding_window` of a Qwen2/Qwen3/Mistral config whose
+    layers `sliding_layers` (with its `defaults`) limits to a window; none when no layer slides, so such a
+    config equals the full-attention one."""
+    layers = set(sliding_layers(hf, family, defaults))
+    if not layers:
+        return {}
+    types = tuple("sliding_attention" if i in layers else "full_attention" for i in range(hf["num_hidden_layers"]))
+    return {"layer_types": types, "sliding_window": hf["sliding_window"]}

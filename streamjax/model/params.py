@@ -128,6 +128,16 @@ def mlp_specs(config: ModelConfig, bias: bool) -> dict:
     return specs
 
 
+def gated_mlp_specs(config: ModelConfig, bias: bool) -> dict:
+    """Specs of one layer's gated MLP: gate_up [D, 2, F] (gate and up stacked), down [F, D] (and their biases)."""
+    D, F = config.hidden_size, config.intermediate_size
+    specs = {"gate_up": ParamSpec((D, 2, F), ("embed", "parts", "mlp")), "down": ParamSpec((F, D), ("mlp", "embed"))}
+    if bias:
+        specs["gate_up_bias"] = ParamSpec((2, F), ("parts", "mlp"), init="zeros")
+        specs["down_bias"] = ParamSpec((D,), ("embed",), init="zeros")
+    return specs
+
+
 def norm_specs(name: str, config: ModelConfig, bias: bool) -> dict:
     """Specs of a norm over D called `name`: `name` (ones) and, with `bias`, `name_bias` (zeros)."""
     specs = {name: ParamSpec((config.hidden_size,), ("embed",), init="ones")}
@@ -172,6 +182,22 @@ def output_rules(source: str, config: ModelConfig, bias: bool) -> list[TensorRul
     N, H, D = config.num_heads, config.head_dim, config.hidden_size
     rules = [TensorRule(f"{source}.weight", ("layers", "o"), lambda w: w.T.reshape(N, H, D))]
     return rules + ([TensorRule(f"{source}.bias", ("layers", "o_bias"))] if bias else [])
+
+
+def gated_mlp_rules(source: str, bias: bool) -> list[TensorRule]:
+    """Rules for a gated MLP's `source`.gate_proj and .up_proj weights [F, D] -> gate_up [D, 2, F] and its
+    .down_proj [D, F] -> down [F, D], with `bias` their biases -> gate_up_bias [2, F] and down_bias [D]."""
+    gate_up = tuple(f"{source}.{name}_proj" for name in ("gate", "up"))
+    rules = [
+        TensorRule(tuple(f"{s}.weight" for s in gate_up), ("layers", "gate_up"), lambda g, u: np.stack([g.T, u.T], 1)),
+        TensorRule(f"{source}.down_proj.weight", ("layers", "down"), np.transpose),
+    ]
+    if bias:
+        rules += [
+            TensorRule(tuple(f"{s}.bias" for s in gate_up), ("layers", "gate_up_bias"), lambda g, u: np.stack([g, u])),
+            TensorRule(f"{source}.down_proj.bias", ("layers", "down_bias")),
+        ]
+    return rules
 
 
 def linear_rules(source: str, target: str, bias: bool) -> list[TensorRule]:

@@ -103,5 +103,5 @@ def test_a_second_claim_on_a_hugging_face_model_type_is_refused():
 def test_every_built_in_family_is_registered_under_its_hugging_face_type():
     assert {name: family.hf_model_types for name, family in families.FAMILIES.items()} == {
         "llama": ("llama", "llama_attention_sink"), "qwen2": ("qwen2",), "qwen3": ("qwen3",), "mistral": ("mistral",),
-        "mpt": ("mpt",), "gpt_neox": ("gpt_neox",), "falcon": ("falcon",),
+        "gemma2": ("gemma2",), "gemma3": ("gemma3_text",), "mpt": ("mpt",), "gpt_neox": ("gpt_neox",), "falcon": ("falcon",),
     }  # fmt: skip

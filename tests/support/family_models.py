@@ -1,5 +1,6 @@
-"""One tiny random model per layout option of MPT, GPT-NeoX, Falcon, Qwen2, Qwen3 and Mistral, with transformers'
-logits and the numpy references' streams (shared by the family, chunk-reference and generation tests)."""
+"""One tiny random model per layout option of MPT, GPT-NeoX, Falcon, Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3,
+with transformers' logits and the numpy references' streams (shared by the family, chunk-reference and generation
+tests)."""
 
 import functools
 
@@ -42,6 +43,9 @@ HF_CLASSES = {  # family -> (config class, model class, tiny base settings)
         family: (f"{prefix}Config", f"{prefix}ForCausalLM", LLAMA_STYLE_BASE)
         for family, prefix in (("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"))
     },
+    # Gemma in eager attention (transformers' SDPA path does not soft-cap attention scores).
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**LLAMA_STYLE_BASE, "attn_implementation": "eager"}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**LLAMA_STYLE_BASE, "attn_implementation": "eager"}),
 }
 
 
@@ -116,7 +120,65 @@ LLAMA_STYLE_VARIANTS = {  # Qwen2, Qwen3 and Mistral (tests/model/test_qwen_mist
     "mistral_tied_window_at_context": ("mistral", {"sliding_window": 512, "head_dim": 12, "tie_word_embeddings": True}),
 }
 
-ALL_VARIANTS = {**VARIANTS, **LLAMA_STYLE_VARIANTS}
+# Qwen2 and Mistral whose windows of 8 slide inside the tests' 40 tokens (tests/model/test_qwen_mistral.py).
+SLIDING_LLAMA_STYLE_VARIANTS = {
+    "qwen2_layer_1_slides_window_8": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "tie_word_embeddings": False},
+    ),
+    "mistral_window_8": ("mistral", {"sliding_window": 8, "tie_word_embeddings": False}),
+}
+
+# Gemma 2 and Gemma 3 (tests/model/test_gemma.py). Every soft-cap is small enough that tanh bends the
+# scores and logits it caps; query_pre_attn_scalar differs from head_dim; the "_wide_window" variants' window
+# (64) covers the tests' 40 tokens, the "_window_8" ones limit their sliding layers inside them.
+_GEMMA3_ROPE_PER_TYPE = {
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+}
+_GEMMA3_ONE_ROPE = {layer_type: {"rope_type": "default", "rope_theta": 300.0} for layer_type in _GEMMA3_ROPE_PER_TYPE}
+_GEMMA3_LAYERS = {"num_hidden_layers": 4, "sliding_window_pattern": 3}  # layers 0, 1 and 3 slide, 2 is full
+GEMMA_VARIANTS = {
+    "gemma2_gqa_tied_wide_window": (
+        "gemma2",
+        {
+            "head_dim": 8, "query_pre_attn_scalar": 12, "sliding_window": 64, "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+        },
+    ),
+    "gemma2_mqa_untied_bias_window_8": (
+        "gemma2",
+        {
+            "num_hidden_layers": 3, "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 20,
+            "sliding_window": 8, "attn_logit_softcapping": 2.5, "final_logit_softcapping": 4.0,
+            "attention_bias": True, "tie_word_embeddings": False,
+        },
+    ),
+    "gemma3_gqa_tied_one_rope_wide_window": (
+        "gemma3",
+        {
+            **_GEMMA3_LAYERS, "head_dim": 8, "query_pre_attn_scalar": 6, "sliding_window": 64,
+            "final_logit_softcapping": 3.0, "rope_parameters": _GEMMA3_ONE_ROPE,
+        },
+    ),
+    "gemma3_gqa_untied_rope_per_type_wide_window": (
+        "gemma3",
+        {
+            **_GEMMA3_LAYERS, "num_key_value_heads": 3, "head_dim": 16, "query_pre_attn_scalar": 20,
+            "sliding_window": 64, "tie_word_embeddings": False, "rope_parameters": _GEMMA3_ROPE_PER_TYPE,
+        },
+    ),
+    "gemma3_mqa_tied_bias_window_8": (
+        "gemma3",
+        {
+            **_GEMMA3_LAYERS, "num_key_value_heads": 1, "head_dim": 8, "query_pre_attn_scalar": 10,
+            "sliding_window": 8, "final_logit_softcapping": 3.0, "attention_bias": True,
+            "rope_parameters": _GEMMA3_ROPE_PER_TYPE,
+        },
+    ),
+}  # fmt: skip
+
+ALL_VARIANTS = {**VARIANTS, **LLAMA_STYLE_VARIANTS, **SLIDING_LLAMA_STYLE_VARIANTS, **GEMMA_VARIANTS}
 
 
 def _graft_mpt_biases(model):
@@ -143,7 +205,7 @@ def hf_model(variant: str, std: float = 0.2):
     )
     if family == "mpt" and not model.config.no_bias:
         _graft_mpt_biases(model)
-    return randomize_weights(model, std)
+    return randomize_weights(model, std, norm_mean=0.0 if family.startswith("gemma") else 1.0)
 
 
 def checkpoint_tensors(model) -> dict[str, np.ndarray]:

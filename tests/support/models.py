@@ -32,8 +32,9 @@ def random_hf_llama(seed: int = 0, std: float = 0.2, **overrides):
     return model
 
 
-def randomize_weights(model, std: float):
-    """Every weight of a transformers model ~ N(0, std), LayerNorm and RMSNorm weights 1 + N(0, std); eval mode."""
+def randomize_weights(model, std: float, norm_mean: float = 1.0):
+    """Every weight of a transformers model ~ N(0, std), LayerNorm and RMSNorm weights `norm_mean` + N(0, std)
+    (Gemma's norms, which multiply by 1 + w: `norm_mean` 0); eval mode."""
     import torch
 
     with torch.no_grad():
@@ -42,7 +43,7 @@ def randomize_weights(model, std: float):
             for name, parameter in module.named_parameters(recurse=False):
                 parameter.normal_(0.0, std)
                 if is_norm and name == "weight":
-                    parameter.add_(1.0)
+                    parameter.add_(norm_mean)
     return model.eval()
 
 

@@ -20,7 +20,7 @@ What every family shares is written once: the embedding and the head (`params.mo
 blocks (`families.blocks`) and RoPE settings from a Hugging Face config (`config.rope_from_hf`).
 Adding a family is one such file plus its name in the registration loop at the end; a family that
 differs from another only in its config (Qwen2, Qwen3 and Mistral from Llama) takes that family's
-functions for the rest.
+functions for the rest (Gemma 3 from Gemma 2).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any
 
 from streamjax.model.config import ModelConfig, UnsupportedConfigError
-from streamjax.model.families import falcon, gpt_neox, llama, mistral, mpt, qwen2, qwen3
+from streamjax.model.families import falcon, gemma2, gemma3, gpt_neox, llama, mistral, mpt, qwen2, qwen3
 from streamjax.model.params import model_specs
 
 _FUNCTIONS = ("config_from_hf", "layer_specs", "final_norm_specs", "hf_tensor_rules", "decoder_layer", "final_norm")
@@ -102,5 +102,5 @@ def param_specs(config: ModelConfig) -> dict:
     return get(config).param_specs(config)
 
 
-for _module in (llama, qwen2, qwen3, mistral, mpt, gpt_neox, falcon):
+for _module in (llama, qwen2, qwen3, mistral, gemma2, gemma3, mpt, gpt_neox, falcon):
     register(_module)

@@ -1,5 +1,6 @@
-"""Building blocks the family files share: activations, the two-matrix MLP, and the pre-norm LayerNorm
-decoder layer of MPT, GPT-NeoX and Falcon (the norms themselves are `streamjax.model.norms`).
+"""Building blocks the family files share: activations, the two-matrix MLP, the gated MLP (Llama's SwiGLU,
+Gemma's GeGLU), and the pre-norm LayerNorm decoder layer of MPT, GPT-NeoX and Falcon (the norms themselves
+are `streamjax.model.norms`).
 
 Letters: B streams, T new tokens, D model dim, F MLP dim.
 """
@@ -37,6 +38,15 @@ def mlp_block(p: dict, h: jax.Array, config: ModelConfig) -> jax.Array:
     """down(act(up(h))) of h [B, T, D], with biases where the params have them."""
     up = add_bias(jnp.einsum("btd,df->btf", h, p["up"]), p.get("up_bias"))
     return add_bias(jnp.einsum("btf,fd->btd", ACTIVATIONS[config.hidden_act](up), p["down"]), p.get("down_bias"))
+
+
+def gated_mlp(p: dict, h: jax.Array, config: ModelConfig) -> jax.Array:
+    """down(act(gate(h)) * up(h)) of h [B, T, D]: `gate_up` [D, 2, F] (gate and up in one product), `down`
+    [F, D], biases `gate_up_bias` [2, F] and `down_bias` [D] where the params have them, act the config's
+    `hidden_act` (SiLU: Llama's SwiGLU; tanh GELU: Gemma's GeGLU)."""
+    gate_up = add_bias(jnp.einsum("btd,dpf->btpf", h, p["gate_up"]), p.get("gate_up_bias"))
+    hidden = ACTIVATIONS[config.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return add_bias(jnp.einsum("btf,fd->btd", hidden, p["down"]), p.get("down_bias"))
 
 
 def layer_norm_decoder_layer(

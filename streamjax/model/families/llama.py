@@ -18,13 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from streamjax.model import params as P
-from streamjax.model.attention import LayerCache, LayerOutputs, add_bias, self_attention
+from streamjax.model.attention import LayerCache, LayerOutputs, self_attention
 from streamjax.model.cache import ChunkPlan
 from streamjax.model.config import SOFTMAX_VARIANTS, ModelConfig, check_known_fields, require, rope_from_hf
+from streamjax.model.families.blocks import gated_mlp
 from streamjax.model.norms import rms_norm
 
 NAME = "llama"
@@ -98,18 +97,12 @@ def _softmax_from_hf(hf: Mapping[str, Any]) -> str:
 
 
 def layer_specs(config: ModelConfig) -> dict:
-    D, F = config.hidden_size, config.intermediate_size
-    specs = {
+    return {
         **P.norm_specs("attn_norm", config, bias=False),
         **P.attention_specs(config, config.attention_bias or config.qkv_bias, output_bias=config.attention_bias),
         **P.norm_specs("mlp_norm", config, bias=False),
-        "gate_up": P.ParamSpec((D, 2, F), ("embed", "parts", "mlp")),
-        "down": P.ParamSpec((F, D), ("mlp", "embed")),
+        **P.gated_mlp_specs(config, config.mlp_bias),
     }
-    if config.mlp_bias:
-        specs["gate_up_bias"] = P.ParamSpec((2, F), ("parts", "mlp"), init="zeros")
-        specs["down_bias"] = P.ParamSpec((D,), ("embed",), init="zeros")
-    return specs
 
 
 def final_norm_specs(config: ModelConfig) -> dict:
@@ -119,7 +112,6 @@ def final_norm_specs(config: ModelConfig) -> dict:
 def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
     """How each Hugging Face tensor maps onto a param (HF linear weights are [out, in])."""
     layer = "model.layers.{i}"
-    gate_up = tuple(f"{layer}.mlp.{name}_proj" for name in ("gate", "up"))
     rules = [
         *P.head_rules("model.embed_tokens.weight", "lm_head.weight", config),
         P.TensorRule("model.norm.weight", ("final_norm",)),
@@ -129,22 +121,12 @@ def hf_tensor_rules(config: ModelConfig) -> list[P.TensorRule]:
             tuple(f"{layer}.self_attn.{x}_proj" for x in "qkv"), config, config.attention_bias or config.qkv_bias
         ),
         *P.output_rules(f"{layer}.self_attn.o_proj", config, config.attention_bias),
-        P.TensorRule(
-            tuple(f"{s}.weight" for s in gate_up), ("layers", "gate_up"), lambda g, u: np.stack([g.T, u.T], 1)
-        ),
-        P.TensorRule(f"{layer}.mlp.down_proj.weight", ("layers", "down"), np.transpose),
+        *P.gated_mlp_rules(f"{layer}.mlp", config.mlp_bias),
     ]
     if config.softmax == "sink_logit":
         rules.append(P.TensorRule(f"{layer}.self_attn.sinks", ("layers", "sink_logit")))
     if config.qk_norm:
         rules += [P.TensorRule(f"{layer}.self_attn.{name}.weight", ("layers", name)) for name in ("q_norm", "k_norm")]
-    if config.mlp_bias:
-        rules += [
-            P.TensorRule(
-                tuple(f"{s}.bias" for s in gate_up), ("layers", "gate_up_bias"), lambda g, u: np.stack([g, u])
-            ),
-            P.TensorRule(f"{layer}.mlp.down_proj.bias", ("layers", "down_bias")),
-        ]
     return rules
 
 
@@ -153,10 +135,7 @@ def decoder_layer(
 ) -> tuple[jax.Array, LayerOutputs]:
     attended, outputs = self_attention(p, rms_norm(x, p["attn_norm"], config.norm_eps), layer_cache, plan, config)
     x = x + attended
-    h = rms_norm(x, p["mlp_norm"], config.norm_eps)
-    gate_up = add_bias(jnp.einsum("btd,dpf->btpf", h, p["gate_up"]), p.get("gate_up_bias"))  # one product for both
-    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return x + add_bias(jnp.einsum("btf,fd->btd", hidden, p["down"]), p.get("down_bias")), outputs
+    return x + gated_mlp(p, rms_norm(x, p["mlp_norm"], config.norm_eps), config), outputs
 
 
 def final_norm(params: dict, x: jax.Array, config: ModelConfig) -> jax.Array:

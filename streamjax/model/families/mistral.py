@@ -1,8 +1,8 @@
 """Mistral family: the Llama decoder (`families.llama`) from a Hugging Face `MistralConfig`.
 
-Only full (dense) attention: `sliding_window` null (Mistral v0.2 on) or at least
-`max_position_embeddings` is accepted; a shorter window, which limits every layer, is refused
-(`config.require_full_attention`).
+A `sliding_window` shorter than `max_position_embeddings` limits every layer to that many most recent
+keys (`ModelConfig.layer_types`, `ModelConfig.sliding_window`); null (Mistral v0.2 on) or at least the
+context leaves every layer full.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streamjax.model.config import ModelConfig, check_known_fields, require_full_attention
+from streamjax.model.config import ModelConfig, check_known_fields, sliding_window_options
 from streamjax.model.families import llama
 
 NAME = "mistral"
@@ -23,8 +23,7 @@ _HANDLED_FIELDS = llama.LLAMA_STYLE_FIELDS | {"sliding_window"}
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face `MistralConfig` dict."""
     check_known_fields(hf, _HANDLED_FIELDS, NAME)
-    require_full_attention(hf, NAME)
-    return llama.llama_style_config(hf, NAME)
+    return llama.llama_style_config(hf, NAME, **sliding_window_options(hf, NAME))
 
 
 layer_specs = llama.layer_specs

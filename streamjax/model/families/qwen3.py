@@ -3,7 +3,7 @@
 Face `Qwen3Config`. `head_dim` is the config's own (it need not be hidden_size / heads);
 `attention_bias` gives the q, k, v and output projections biases.
 
-Only full (dense) attention, under the sliding-window rule of Qwen2 (`families.qwen2`).
+Sliding windows by the rule of Qwen2 (`families.qwen2`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streamjax.model.config import SLIDING_WINDOW_FIELDS, ModelConfig, check_known_fields, require_full_attention
+from streamjax.model.config import SLIDING_WINDOW_FIELDS, ModelConfig, check_known_fields, sliding_window_options
 from streamjax.model.families import llama, qwen2
 
 NAME = "qwen3"
@@ -24,8 +24,13 @@ _HANDLED_FIELDS = llama.LLAMA_STYLE_FIELDS | SLIDING_WINDOW_FIELDS | {"attention
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face `Qwen3Config` dict."""
     check_known_fields(hf, _HANDLED_FIELDS, NAME)
-    require_full_attention(hf, NAME, qwen2.SLIDING_DEFAULTS)
-    return llama.llama_style_config(hf, NAME, attention_bias=hf.get("attention_bias", False), qk_norm=True)
+    return llama.llama_style_config(
+        hf,
+        NAME,
+        attention_bias=hf.get("attention_bias", False),
+        qk_norm=True,
+        **sliding_window_options(hf, NAME, qwen2.SLIDING_DEFAULTS),
+    )
 
 
 layer_specs = llama.layer_specs

@@ -5,10 +5,8 @@ Tiny random models of `support.family_models.GEMMA_VARIANTS` (2, 3 or 4 layers, 
 or 1 kv heads, head dim 8 or 16, every weight ~ N(0, 0.2), Gemma norm weights w ~ N(0, 0.2) so that the 1 + w
 matters) in float32 with transformers' eager attention.
 
-The hybrid cache (issue 24) that hands each layer the plan of its own type is not merged yet: until then every
-layer attends over every earlier key with the full layers' RoPE. The variants whose window covers the tests'
-40 tokens and whose layer types share one RoPE pass now; those with a window of 8 or a RoPE base per layer type
-are marked xfail (strict), for the lead to flip when the hybrid cache lands.
+Variants with a sliding window of 8 inside the tests' 40 tokens, and with a RoPE base per layer type, exercise
+the hybrid cache: each layer type is planned with its own window and RoPE (`cache.plan_layers`).
 """
 
 import jax
@@ -20,16 +18,11 @@ from streamjax.model import families
 from streamjax.model.config import UnsupportedConfigError
 from support.family_models import GEMMA_VARIANTS, TOKENS, converted, expected_logits, hf_model
 
-# About 3x the largest difference measured against transformers 5.25 on the passing variants: 4.7e-6 (logits
-# up to 3.0). Giving each layer a plan built with its own type's RoPE by hand gave 4.2e-6 on
-# gemma3_gqa_untied_rope_per_type_wide_window too.
+# About 3x the largest difference measured against transformers 5.25 over every variant and route (no cache,
+# chunks, token by token, windows of 8 and a RoPE base per layer type included): 4.7e-6 (logits up to 5.5).
 PARITY = 1.5e-5
 
-HYBRID = pytest.mark.xfail(strict=True, reason="needs the hybrid cache (each layer the plan of its own type)")
-VARIANTS = [
-    pytest.param(variant, marks=HYBRID) if "window_8" in variant or "rope_per_type" in variant else variant
-    for variant in sorted(GEMMA_VARIANTS)
-]
+VARIANTS = sorted(GEMMA_VARIANTS)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -57,7 +57,6 @@ def test_logits_match_transformers(variant):
     np.testing.assert_allclose(one_by_one, expected, atol=PARITY, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the hybrid cache (sliding layers attend over their window)")
 @pytest.mark.parametrize("variant", sorted(SLIDING_LLAMA_STYLE_VARIANTS))
 def test_sliding_window_logits_match_transformers(variant):
     """Windows of 8 inside 40 tokens: without a cache, on the chunk route and token by token (a 4 + 60 cache)."""

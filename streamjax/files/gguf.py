@@ -387,7 +387,8 @@ def _read_state_dict(reader: gguf.GGUFReader, config: dict[str, Any], spec: Arch
         expected = shapes.get(".".join(hf_name.split(".")[-2:]))
         if weight.shape != expected:
             raise ValueError(f"GGUF tensor {tensor.name!r} has shape {weight.shape}; {hf_name} needs {expected}")
-        state_dict[hf_name] = np.array(weight, dtype=np.float32, copy=True)
+        # An F32 tensor is still a view of the memory-mapped file: copy it out (a dequantized one is fresh).
+        state_dict[hf_name] = np.array(weight, copy=True) if np.may_share_memory(weight, tensor.data) else weight
     _check_complete(state_dict, names, config)
     return state_dict
 

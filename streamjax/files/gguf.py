@@ -264,12 +264,14 @@ def _llama_config(keys: dict[str, Any], config: dict[str, Any], tensor_names: li
 
 
 def _gemma3_config(keys: dict[str, Any], config: dict[str, Any], tensor_names: list[str]) -> dict[str, Any]:
-    """Gemma3TextConfig fields beyond the shared ones, as transformers builds them from this file.
+    """Gemma3TextConfig fields beyond the shared ones; on the Gemma 3 270M file every field equals transformers'.
 
-    transformers reads no layer pattern, local RoPE base or query scale from a GGUF: it takes its
-    Gemma3TextConfig defaults (every sixth layer global, sliding layers at RoPE base 10,000, query scale
-    256), which llama.cpp also assumes for Gemma 3 (the scale as `_gemma3_query_scalar`). Linear RoPE
-    scaling (Gemma 3 4B and larger) applies to the global layers only, as in those models' own configs.
+    A GGUF states no layer pattern, query scale or (before `rope.freq_base_swa`) local RoPE base: transformers
+    and llama.cpp both take every sixth layer global and RoPE base 10,000 on the sliding layers; the query
+    scale follows llama.cpp (`_gemma3_query_scalar`) where transformers keeps its default 256. Linear RoPE
+    scaling (Gemma 3 4B and larger), `rope.freq_base_swa` and a final-logit soft-cap, which transformers'
+    GGUF load ignores, become what Gemma3TextConfig makes of the same fields in a config.json (the scaling
+    on the global layers only).
     """
     if "attention.sliding_window" not in keys:
         raise ValueError("gemma3 GGUF has no attention.sliding_window, which its sliding layers need")

@@ -8,6 +8,8 @@ Gemma 3 270M Q4_K_M file from `streamjax.files.assets` (and the Austen text).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -199,6 +201,18 @@ def test_gemma3_rope_scaling_local_base_and_softcap(tmp_path):
     assert config["rope_parameters"] == reference.rope_parameters
     assert config["rope_parameters"]["full_attention"]["factor"] == 8.0
     assert config["final_logit_softcapping"] == 30.0
+
+
+def test_gemma3_loads_without_torch(tmp_path):
+    write_tiny_gemma3_gguf(tmp_path / "tiny.gguf")
+    code = (
+        "import sys; from streamjax.files import gguf; c = gguf.load_gguf(sys.argv[1]); c.tokenizer('hi').input_ids; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tiny.gguf")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_gemma3_bad_files(tmp_path):

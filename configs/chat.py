@@ -20,7 +20,8 @@ def get_config(arg=None):
     """The default: SmolLM2-135M-Instruct, StreamingLLM with 4 sinks + 1020 recent tokens."""
     del arg
     config = ml_collections.ConfigDict()
-    # Model: "smollm2", a .gguf file, a Hugging Face checkpoint directory, or a hub id in the local cache.
+    # Model: "smollm2" (or "gemma3", a base model without a chat template), a .gguf file, a Hugging Face checkpoint
+    # directory, or a hub id in the local cache.
     config.model = "smollm2"
     # The model's own chat template is used; a Jinja file here replaces it (for a model without one).
     config.chat_template = ""

@@ -22,7 +22,7 @@ def get_config(arg=None):
     """The default: SmolLM2-135M (float32), caches 256..4096, StreamingLLM at 4 + 1020 for routes and streams."""
     options = parse_arg(arg, small=False)
     config = ml_collections.ConfigDict()
-    # Model: "smollm2" (the GGUF of `streamjax.files.assets`), a .gguf file, a checkpoint directory, or
+    # Model: "smollm2" or "gemma3" (GGUFs of `streamjax.files.assets`), a .gguf file, a checkpoint directory, or
     # "random": weights drawn at random for the ModelConfig fields in `random_model` (nothing loaded).
     config.model = "smollm2"
     config.random_model = ml_collections.ConfigDict()

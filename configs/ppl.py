@@ -28,8 +28,8 @@ def get_config(arg=None):
     """The default: SmolLM2-135M, Pride and Prejudice, StreamingLLM with 4 sinks + 1020 recent tokens."""
     del arg
     config = ml_collections.ConfigDict()
-    # Model: "smollm2" (the SmolLM2-135M-Instruct GGUF of `streamjax.files.assets`), a .gguf file, a Hugging
-    # Face checkpoint directory (with tokenizer files), or a hub id already in the local HF cache.
+    # Model: "smollm2" or "gemma3" (the SmolLM2-135M-Instruct and Gemma 3 270M GGUFs of `streamjax.files.assets`),
+    # a .gguf file, a Hugging Face checkpoint directory (with tokenizer files), or a hub id in the local HF cache.
     config.model = "smollm2"
     # Text: "austen" (six novels, Pride and Prejudice first), "mobydick", a .txt file or a directory.
     config.data = "austen"

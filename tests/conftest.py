@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Hugging Face models built in memory, converted to streamjax params; the
-real assets (SmolLM2 GGUF, Austen text) for tests marked `real_assets`.
+real assets (SmolLM2 and Gemma 3 GGUFs, Austen text) for tests marked `real_assets`.
 
 Missing is a failure: torch, transformers and the other test extras are imported plainly (the test
 command installs them), and a real asset that cannot be fetched fails its test. Only with
@@ -36,7 +36,9 @@ def _drop_compiled_programs():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "real_assets: needs the SmolLM2 GGUF and the Austen corpus (fetched once)")
+    config.addinivalue_line(
+        "markers", "real_assets: needs the SmolLM2 or Gemma 3 GGUF and the Austen corpus (fetched once)"
+    )
 
 
 def require_asset(locate: Callable[[], pathlib.Path]) -> pathlib.Path:
@@ -58,6 +60,12 @@ def require_asset(locate: Callable[[], pathlib.Path]) -> pathlib.Path:
 def smollm2_gguf() -> pathlib.Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF (`assets.smollm2_gguf_path`), fetched once."""
     return require_asset(assets.smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> pathlib.Path:
+    """The Gemma 3 270M Q4_K_M GGUF (`assets.gemma3_gguf_path`), built once from its four pieces."""
+    return require_asset(assets.gemma3_gguf_path)
 
 
 @pytest.fixture(scope="session")

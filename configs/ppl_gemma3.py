@@ -12,8 +12,8 @@ for each cache size W of `caches`; the sliding layers keep their 511 recent toke
 
     python -m experiments.ppl --config=configs/ppl_gemma3.py --workdir=/tmp/streamjax/ppl_gemma3
 
-Argument keys: num_tokens (default 40960, past the model's 32,768 positions), caches (default "256-1024": cache sizes joined by "-"),
-data (default austen), e.g. `--config=configs/ppl_gemma3.py:num_tokens=40000,data=austen`.
+Argument keys: num_tokens (default 40960, past the model's 32,768 positions), caches (default "256-1024":
+cache sizes joined by "-"), data (default austen), e.g. `--config=configs/ppl_gemma3.py:num_tokens=8192`.
 """
 
 from configs import common, ppl

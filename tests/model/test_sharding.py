@@ -10,6 +10,7 @@ vocab 97: heads, kv heads and vocab fall back to replication, the MLP still spli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,7 +31,9 @@ MODELS = {
     "even": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 8},
     "odd": {"vocab_size": 97, "hidden_size": 72, "intermediate_size": 96, "num_attention_heads": 9, "num_key_value_heads": 3},
 }  # fmt: skip
-CASES = ["even/2x4", "even/1x8", "even/4x2", "odd/2x4"]
+# "hybrid" is "even" with layer 0 sliding over 4 keys (a ring of 3, its own RoPE base): the hybrid cache's two parts.
+HYBRID = {"layer_types": ("sliding_attention", "full_attention"), "sliding_window": 4, "sliding_rope_theta": 50.0}
+CASES = ["even/2x4", "even/1x8", "even/4x2", "odd/2x4", "hybrid/2x4"]
 BATCH, LENGTH, TEXT_LENGTH, NUM_SINKS, WINDOW, CHUNK = 4, 24, 25, 2, 6, 6  # every chunk is CHUNK long
 TOLERANCE = 1.3e-6  # max |sharded - single| / max |single|, float32: about 3x the measured 4.4e-7
 BF16_TOLERANCE = 2.4e-2  # bfloat16 logits: about 3x the measured 8.1e-3
@@ -49,14 +52,21 @@ def _shard_shapes(tree) -> dict:
     return {jax.tree_util.keystr(path): list(leaf.addressable_shards[0].data.shape) for path, leaf in leaves}
 
 
+def _all_keys(cache) -> np.ndarray:
+    """Every layer's cached keys, a hybrid cache's sliding layers' too, flattened into one array."""
+    parts = [*cache.keys, *(cache.sliding.keys if cache.sliding is not None else ())]
+    return np.concatenate([np.asarray(keys).ravel() for keys in parts])
+
+
 def _reference(name: str) -> dict:
     """Single-device results of model `name`, computed once for every mesh."""
     from streamjax import init_cache
     from streamjax.stream import feed, perplexity
     from support.models import random_hf_llama, to_streamjax
 
-    hf = random_hf_llama(seed=3, **MODELS[name])
+    hf = random_hf_llama(seed=3, **MODELS["even" if name == "hybrid" else name])
     config, params = to_streamjax(hf)
+    config = dataclasses.replace(config, **HYBRID) if name == "hybrid" else config
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH))
     text = np.random.default_rng(1).integers(0, config.vocab_size, TEXT_LENGTH)
     new_cache = lambda dtype=jnp.float32: init_cache(config, BATCH, NUM_SINKS, WINDOW, dtype)
@@ -96,7 +106,7 @@ def _measure(ref: dict, mesh_name: str) -> dict:
         if route == "chunk":  # prefill fed LENGTH / CHUNK chunks, each taking the cache the previous one returned
             out["chunk_compiles"] = transformer.jitted_forward._cache_size() - compiled_before
         out[f"logits/{route}"] = _relative(logits, expected)
-        out[f"cache/{route}"] = _relative(np.stack(cache.keys), np.stack(expected_cache.keys))
+        out[f"cache/{route}"] = _relative(_all_keys(cache), _all_keys(expected_cache))
         out[f"cache_shards/{route}"] = _shard_shapes(cache)
         wanted = jax.tree.leaves(sharding.cache_shardings(cache, mesh))
         out[f"cache_kept/{route}"] = all(
@@ -119,7 +129,7 @@ def _measure(ref: dict, mesh_name: str) -> dict:
 
 def measure() -> dict:
     """Everything the tests assert on, for every case (needs 8 devices)."""
-    references = {name: _reference(name) for name in MODELS}
+    references = {name: _reference(name) for name in {case.split("/")[0] for case in CASES}}
     return {case: _measure(references[case.split("/")[0]], case.split("/")[1]) for case in CASES}
 
 
@@ -187,6 +197,7 @@ EXPECTED_PARAM_SHARDS = {
     "even/4x2": ([64, 4, 4, 8], [8, 8, 64], [64, 2, 64], [64, 64], [64, 64], [64]),
     "odd/2x4": ([72, 3, 5, 8], [9, 8, 72], [72, 2, 24], [24, 72], [97, 72], [72]),
 }
+EXPECTED_PARAM_SHARDS["hybrid/2x4"] = EXPECTED_PARAM_SHARDS["even/2x4"]
 # each layer's cache values [B, K, C, H] (keys: [B, K, H, C]) and slot_positions [B, C] shard shapes
 # after a sharded run.
 EXPECTED_CACHE_SHARDS = {
@@ -213,7 +224,7 @@ def test_params_are_split_by_the_rules(measured, case, which):
     assert measured[case]["loaded_equal"]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [case for case in CASES if not case.startswith("hybrid")])
 @pytest.mark.parametrize("route", ["token", "chunk"])
 def test_cache_stays_split_after_jitted_runs(measured, case, route):
     shards = measured[case][f"cache_shards/{route}"]
@@ -222,6 +233,17 @@ def test_cache_stays_split_after_jitted_runs(measured, case, route):
     assert shards[".values[1]"] == values and shards[".keys[0]"] == shards[".keys[1]"] == [*values[:2], 8, C]
     assert shards[".length"] == [EXPECTED_CACHE_SHARDS[case][1][0]]
     assert measured[case][f"cache_kept/{route}"]
+
+
+@pytest.mark.parametrize("route", ["token", "chunk"])
+def test_hybrid_cache_parts_stay_split_after_jitted_runs(measured, route):
+    """Layer 1 (full) in the sink cache of C slots, layer 0 (sliding) in its ring of 3: both split alike."""
+    shards = measured["hybrid/2x4"][f"cache_shards/{route}"]
+    assert (shards[".values[0]"], shards[".keys[0]"], shards[".slot_positions"]) == ([2, 2, C, 8], [2, 2, 8, C], [2, C])
+    sliding = (shards[".sliding.values[0]"], shards[".sliding.keys[0]"], shards[".sliding.slot_positions"])
+    assert sliding == ([2, 2, 3, 8], [2, 2, 8, 3], [2, 3])
+    assert ".keys[1]" not in shards and ".sliding.keys[1]" not in shards
+    assert measured["hybrid/2x4"][f"cache_kept/{route}"]
 
 
 # ---------------------------------------------------------------- mesh strings and the rule (any device count)

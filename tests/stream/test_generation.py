@@ -279,6 +279,8 @@ FAMILY_MODELS = {  # family -> the variant of tests/test_families.py it is compa
     "mpt": "mpt_clip_qkv",
     "gpt_neox": "neox_quarter_rotary_parallel",
     "falcon": "falcon_new_arch_gqa_rope",
+    "gemma2": "gemma2_mqa_untied_bias_window_8",  # sliding layers over 8 keys: the hybrid cache evicts there
+    "gemma3": "gemma3_gqa_untied_rope_per_type_wide_window",  # a RoPE base per layer type
 }
 
 
@@ -287,7 +289,10 @@ def test_tiny_greedy_generation_equals_transformers_generate(family):
     """48 greedy tokens after a 7-token prompt, with and without a repetition penalty, no eviction.
 
     No tie decides a token: transformers' top-2 score gaps were at least 1.1e-3 (gpt_neox, penalty 1.3),
-    where the logits of the two agree to 7.6e-6 (test_families.py)."""
+    where the logits of the two agree to 7.6e-6 (test_families.py). Gemma 2's sliding layers see 8 keys, so
+    its hybrid cache evicts on the way (transformers' own sliding cache does the same); Gemma 3's tiny model
+    with a window of 8 repeats two tokens under greedy decoding, so its wider-window variant (a RoPE base per
+    layer type) is the one compared."""
     variant = FAMILY_MODELS[family]
     model = random_hf_llama(seed=9, rope_theta=500.0) if variant is None else hf_model(variant)
     config, params = tiny() if variant is None else converted(variant)

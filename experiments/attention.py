@@ -7,8 +7,9 @@ model's own dense causal pass (`streamjax.stream.attention_maps`), so a model's 
 
 `run(config, workdir)` is what `python -m experiments.attention` calls (fields: configs/attention.py). It writes
 `attention_maps.png` (one panel per layer), `maps.npy` (float32 [layers, length, length]) and `attention.json`
-(per layer its type and the first token's share beside a uniform causal map's, the config, the command and
-commit, digests of the weights and texts).
+(every layer's type and first-token share, the mean per layer type, a uniform causal map's share, the config,
+the command and commit, digests of the weights and texts). `maps.npy` holds every layer; the PNG shows the layers
+of `config.layers`.
 """
 
 from __future__ import annotations
@@ -60,45 +61,55 @@ def uniform_share(length: int) -> float:
 
 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
-    """The maps of `config.layers` over the config's texts; writes the PNG, maps.npy and attention.json to
-    `workdir` and returns what attention.json holds."""
-    layers = parse_layers(config.layers)
+    """Every layer's map over the config's texts: maps.npy [L, T, T] and each layer's first-token share in
+    attention.json, the panels of `config.layers` in attention_maps.png. Returns what attention.json holds."""
+    shown = parse_layers(config.layers)
     source = loading.resolve_model(config.model)
     tokenizer = loading.load_tokenizer(source)
     if tokenizer is None:
         raise ValueError(f"model {config.model!r} has no tokenizer files, so the text cannot be tokenized")
     tokens = texts(tokenizer, config.data, config.num_texts, config.length, config.bos)
     model_config, params = loading.load_weights(source, loading.parse_dtype(config.dtype))
-    maps = attention_maps.attention_maps(params, model_config, tokens, layers)  # [len(layers), T, T]
-    shares = attention_maps.sink_attention_share(maps)
+    bad = [layer for layer in shown if not 0 <= layer < model_config.num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are not in the model's [0, {model_config.num_layers})")
+    maps = attention_maps.attention_maps(params, model_config, tokens)  # every layer: [L, T, T]
+    rows = [
+        {"layer": layer, "type": kind, "first_token_share": float(share)}
+        for layer, (kind, share) in enumerate(
+            zip(model_config.layer_type_of, attention_maps.sink_attention_share(maps))
+        )
+    ]
+    kinds = sorted({row["type"] for row in rows})
     report = {
         "config": config.to_dict(), "made_by": provenance.made_by(), "model": config.model,
         "weights_sha256": loading.weights_sha256(source), "tokens_sha256": provenance.tokens_sha256(tokens),
         "uniform_share": uniform_share(config.length),
-        "layers": [
-            {"layer": layer, "type": model_config.layer_type_of[layer], "first_token_share": float(share)}
-            for layer, share in zip(layers, shares, strict=True)
-        ],
+        "mean_first_token_share": {
+            kind: float(np.mean([row["first_token_share"] for row in rows if row["type"] == kind])) for kind in kinds
+        },
+        "layers": rows,
     }  # fmt: skip
     workdir = pathlib.Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
     np.save(workdir / "maps.npy", maps.astype(np.float32))
-    attention_maps.plot_attention_maps(workdir / "attention_maps.png", maps, layers, title=_title(report))
+    title = _title(config, [rows[layer] for layer in shown])
+    attention_maps.plot_attention_maps(workdir / "attention_maps.png", maps[shown], shown, title=title)
     writes.write_json(workdir / "attention.json", report)
-    for row in report["layers"]:
-        print(
-            f"layer {row['layer']:3d} ({row['type']}): {row['first_token_share']:6.1%} on the first token", flush=True
-        )
+    for row in rows:
+        print(f"layer {row['layer']:3d} ({row['type']}): {row['first_token_share']:6.1%} on the first token")
+    print(f"uniform causal attention: {report['uniform_share']:.1%}; mean per type {report['mean_first_token_share']}")
     return report
 
 
-def _title(report: dict[str, Any]) -> str:
-    kinds = {}
-    for row in report["layers"]:
+def _title(config, rows: list[dict[str, Any]]) -> str:
+    """The figure's title: the model, the texts and which panels are of which layer type."""
+    kinds: dict[str, list[str]] = {}
+    for row in rows:
         kinds.setdefault(row["type"].replace("_attention", ""), []).append(str(row["layer"]))
-    config = report["config"]
     layers = "; ".join(f"{kind}: layers {', '.join(names)}" for kind, names in kinds.items())
-    return f"{config['model']}, {config['num_texts']} texts of {config['length']} tokens ({layers})"
+    first = "each after the tokenizer's leading special tokens" if config.bos else "no special token first"
+    return f"{config.model}, {config.num_texts} texts of {config.length} tokens, {first} ({layers})"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ The same texts with an ordinary word first, no <bos> (docs/ppl/gemma3_attention/
 
     python -m experiments.attention --config=configs/attention.py --workdir=/tmp/streamjax/gemma3_attention_no_bos \
         --config.bos=False
+
+SmolLM2-135M-Instruct, the picture of notebooks/attention_sinks.ipynb (the same shares: 12.7%, 11.1%, 34.2%, 71.3%,
+59.2% on the first token in layers 0, 1, 2, 15, 29; SmolLM2 has no <bos>):
+
+    python -m experiments.attention --config=configs/attention.py --workdir=/tmp/streamjax/smollm2_attention \
+        --config.model=smollm2 --config.layers=0,1,2,15,29
 """
 
 import ml_collections

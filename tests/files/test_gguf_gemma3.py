@@ -1,12 +1,14 @@
-"""streamjax.files.gguf on the gemma3 architecture: config, weights and tokenizer against transformers' own GGUF
-loading.
+"""streamjax.files.gguf on the gemma3 architecture: config, weights, tokenizer and logits against transformers' own
+GGUF loading.
 
 Tiny gemma3 GGUF files written here with `gguf.GGUFWriter` need no assets; tests marked `real_assets` use the
-Gemma 3 270M Q4_K_M file from `streamjax.files.assets` (and the Austen text).
+Gemma 3 270M Q4_K_M file from `streamjax.files.assets` (and the Austen text). The real model's logits live here,
+beside its weights and tokenizer, as SmolLM2's do in test_gguf.py: they check the whole load of the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,8 +20,10 @@ import torch
 import transformers
 from test_gguf import TRICKY_TEXT
 
+import streamjax
 from streamjax.files import corpora, loading
 from streamjax.files import gguf as sj_gguf
+from support.gguf_reference import transformers_gguf_logits
 
 TINY = {"hidden": 32, "heads": 2, "kv_heads": 1, "head_dim": 16, "inner": 64, "layers": 6, "window": 8}
 SPACE = "\u2581"
@@ -272,3 +276,56 @@ def test_gemma3_270m_tokenizer_matches_transformers_on_austen(gemma3_gguf, auste
         ids = tokenizer(text).input_ids
         assert ids == expected(text).input_ids, text[:40]
         assert tokenizer.decode(ids, skip_special_tokens=True) == expected.decode(ids, skip_special_tokens=True) == text
+
+
+# 700 tokens: past the sliding layers' 512-key window, so the hybrid cache's sliding rings wrap on a real model.
+STREAM_TOKENS = 700
+DENSE_TOKENS = 300
+# Measured here (transformers 5.25 float32 eager, CPU): at most 1.6e-4 (300 tokens, both routes) and 1.8e-4
+# (700 tokens) apart, logits up to 41.6; about 3x.
+LOGITS_ATOL = 5.5e-4
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m(gemma3_gguf, austen_text):
+    """(config, params, tokens [1, 700], transformers' logits [1, 700, V]) of the real Gemma 3 270M, loaded once."""
+    tokens, expected = transformers_gguf_logits(gemma3_gguf, STREAM_TOKENS)
+    config, params, _ = loading.load_model(str(gemma3_gguf))
+    return config, params, tokens, expected
+
+
+def _assert_logits_match(logits, expected) -> None:
+    logits = np.asarray(logits)
+    np.testing.assert_allclose(logits, expected, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))  # top-1 on every token
+
+
+@pytest.mark.real_assets
+def test_gemma3_270m_logits_match_transformers_dense(gemma3_270m):
+    """The model's own attention over 300 Austen tokens, a plain causal pass and the chunk route with a cache
+    holding every token (4 + 1020, two chunks, the second partial), equals transformers' load of the file."""
+    config, params, tokens, expected = gemma3_270m
+    tokens, expected = tokens[:, :DENSE_TOKENS], expected[:, :DENSE_TOKENS]
+    assert np.abs(expected).max() > 30  # real logits (measured 41.6), not a degenerate model
+    _assert_logits_match(streamjax.forward(params, None, tokens, config).logits, expected)
+    cache = streamjax.init_cache(config, 1, num_sinks=4, window=1020)
+    logits, _ = streamjax.prefill(params, cache, tokens, config, chunk_size=256)
+    _assert_logits_match(logits, expected)
+
+
+@pytest.mark.real_assets
+def test_gemma3_270m_streams_past_its_sliding_window_as_transformers(gemma3_270m):
+    """700 tokens through the hybrid cache (the 15 sliding layers' 511-slot rings wrap; the 3 global layers hold
+    every token in 4 + 1020) equal transformers, which applies the 512-key window itself."""
+    config, params, tokens, expected = gemma3_270m
+    assert config.sliding_window == 512 < STREAM_TOKENS
+    cache = streamjax.init_cache(config, 1, num_sinks=4, window=1020)
+    logits, cache = streamjax.prefill(params, cache, tokens, config, chunk_size=256)
+    assert cache.sliding.keys[0].shape[-1] == 511
+    _assert_logits_match(logits, expected)
+    # The window matters here: with sliding layers that see every token, the logits of the first 512 tokens stay
+    # (measured 1.8e-4 apart) and those past them move by up to 21.8 (measured; 81 of 700 top-1 predictions change).
+    unlimited = dataclasses.replace(config, sliding_window=100_000)
+    unwindowed = np.asarray(streamjax.forward(params, None, tokens, unlimited).logits)
+    np.testing.assert_allclose(unwindowed[:, :512], expected[:, :512], atol=LOGITS_ATOL, rtol=0)
+    assert np.abs(unwindowed[:, 512:] - expected[:, 512:]).max() > 5.0

@@ -91,6 +91,24 @@ def test_byte_and_flop_accounting_by_hand(tiny_params):
     assert costs.flops_per_token(tiny_params, TINY, keys_per_query=37) == 2 * (layer_matrices + D * V) + attention
 
 
+def test_byte_and_flop_accounting_of_a_hybrid_cache_by_hand(tiny_params):
+    """Layer 0 slides over 6 keys (its ring: 5 slots whatever the cache size), layer 1 is full attention."""
+    hybrid = dataclasses.replace(TINY, layer_types=("sliding_attention", "full_attention"), sliding_window=6)
+    D, F, N, K, H, V = 32, 48, 4, 2, 8, 50
+    assert costs.cache_bytes(hybrid, 100, np.float32) == 2 * (5 + 100) * K * H * 4
+    assert costs.cache_bytes(hybrid, 100, np.float32, sliding_capacity=3) == 2 * (3 + 100) * K * H * 4
+    cache = streamjax.init_cache(hybrid, 1, 4, 96)  # the same count from the arrays a decode step reads
+    assert costs.cache_bytes(hybrid, 100, np.float32) == sum(leaf.nbytes for leaf in cache.keys + cache.values) + sum(
+        leaf.nbytes for leaf in cache.sliding.keys + cache.sliding.values
+    )
+    matrices = 2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V
+    assert costs.flops_per_token(tiny_params, hybrid, 101, sliding_keys_per_query=6) == 2 * matrices + 4 * N * H * (
+        101 + 6
+    )
+    # Without a cache every layer computes every key of the chunk (the sliding layer masks the far ones).
+    assert costs.flops_per_token(tiny_params, hybrid, 37) == 2 * matrices + 4 * N * H * 2 * 37
+
+
 def test_targets_compare_each_value_with_its_bound():
     config = efficiency_config.get_config("small=True")
 

@@ -63,10 +63,10 @@ Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_
                  phase_peak_bytes}, late_over_early, memory_peak_ratio}} (generation from the stream's
                  state at the early and the late position)
     peer         (only with transformers_peer) {library, transformers_version, torch_version, torch_threads,
-                 attn_implementation, cache {type, layers: [{type, tokens}]} (after the last generation),
-                 prompt_tokens, new_tokens, rounds, prompt_s, per_token_s (every gap between generated tokens),
-                 median_per_token_s, tokens_per_s, streamjax_generation_per_token_s (generation.batch_1),
-                 transformers_over_streamjax}
+                 load_average_before, attn_implementation, cache {type, layers: [{type, tokens}]} (after the
+                 last generation), prompt_tokens, new_tokens, rounds, prompt_s, per_token_s (every gap between
+                 generated tokens), median_per_token_s, tokens_per_s, streamjax_generation_per_token_s
+                 (generation.batch_1), transformers_over_streamjax}
     targets      [{name, value, target, met}]
 
 Byte and FLOP figures (`streamjax.model.costs`) count a hybrid model's layers by type: its sliding layers
@@ -547,6 +547,7 @@ def transformers_peer(bench, streamjax_per_token_s: float) -> dict[str, Any]:
         np.random.RandomState(bench.seed).randint(0, model.config.get_text_config().vocab_size, (1, prompt_length))
     )
     log.log("efficiency", f"transformers peer: {bench.peer_rounds} generations of {bench.peer_new_tokens} tokens")
+    load_before = machine.load_average()  # torch's threads slow down far more than XLA's on a busy machine
     gaps, prompt_times = [], []
     for round_number in range(bench.peer_rounds + 1):
         start = time.perf_counter()
@@ -560,6 +561,7 @@ def transformers_peer(bench, streamjax_per_token_s: float) -> dict[str, Any]:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_before,
         "attn_implementation": model.config._attn_implementation,
         "cache": _cache_layout(cache),
         "prompt_tokens": prompt_length,

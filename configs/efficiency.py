@@ -9,8 +9,8 @@ A tiny random model and small sizes, for a quick end-to-end check (seconds, any 
     python -m experiments.efficiency --config=configs/efficiency.py:small=True --workdir=/tmp/streamjax/eff_small
 
 Any field can be overridden, e.g. `--config.repeats=9 --config.cache_sizes='(512,1024)'`. Outputs are
-described in `experiments/efficiency.py`. This file lists every field; `configs/efficiency_llama2_7b.py`
-starts from it.
+described in `experiments/efficiency.py`. This file lists every field; `configs/efficiency_llama2_7b.py` and
+`configs/efficiency_gemma3.py` start from it.
 """
 
 import ml_collections
@@ -64,6 +64,12 @@ def get_config(arg=None):
     config.long_stream_streamed = True
     config.stream_chunk_size = 512
     config.long_stream_rounds = 7  # early and late decode costs timed alternately this many times (drift hits both)
+    # Optional peer (imports torch): transformers' own greedy generation of the same model file, batch 1, its default
+    # cache (sliding-window layers where the model has them), after a prompt of num_sinks + route_window random tokens;
+    # the gaps between peer_new_tokens generated tokens are timed, in peer_rounds calls after one untimed call.
+    config.transformers_peer = False
+    config.peer_new_tokens = 33  # 32 gaps, as many steps as generation_block
+    config.peer_rounds = 3
     # Machine limits: bytes of the bandwidth kernels, size of the square matmul.
     config.bandwidth_bytes = 1 << 30  # well above the last-level cache
     config.bandwidth_repeats = 3  # of the read-bandwidth sum timed just before each decode row

@@ -18,6 +18,9 @@ documented in `configs/efficiency.py`. It measures, on the default JAX backend:
   many tokens against after fewer. The cache is either set to the exact state streaming leaves after
   that many tokens (`filled_cache`: the same bookkeeping, random keys and values, which do not change
   the cost) or really streamed there with the chunk route (`config.long_stream_streamed`).
+- peer (optional, `config.transformers_peer`): transformers' own greedy generation of the same model
+  file (torch, imported only there), its default cache (a hybrid model's sliding-window layers included),
+  per generated token, beside streamjax's generation at batch 1 measured in the same run.
 - machine: memory bandwidth (a sum, a donated in-place +1 and a matrix-vector product over
   `bandwidth_bytes`) and matmul throughput (float32 and bfloat16). Each decode row is set against
   the best of those (`bandwidth_fraction`) and against a read-only sum timed just before the row
@@ -59,7 +62,16 @@ Output (`workdir/efficiency.json`; the plots `latency_vs_cache.png`, `memory_vs_
                  memory_peak_ratio, generation: {block_steps, "<position>": {per_token_s,
                  phase_peak_bytes}, late_over_early, memory_peak_ratio}} (generation from the stream's
                  state at the early and the late position)
+    peer         (only with transformers_peer) {library, transformers_version, torch_version, torch_threads,
+                 load_average_before, attn_implementation, cache {type, layers: [{type, tokens}]} (after the
+                 last generation), prompt_tokens, new_tokens, rounds, prompt_s, per_token_s (every gap between
+                 generated tokens), median_per_token_s, tokens_per_s, streamjax_generation_per_token_s
+                 (generation.batch_1), transformers_over_streamjax}
     targets      [{name, value, target, met}]
+
+Byte and FLOP figures (`streamjax.model.costs`) count a hybrid model's layers by type: its sliding layers
+read their own ring (the model's w - 1 slots) whatever the cache size of the row, its full-attention
+layers the row's S + W.
 """
 
 from __future__ import annotations
@@ -82,7 +94,7 @@ import streamjax
 from experiments.program import main
 from streamjax.files import loading
 from streamjax.model import costs, families
-from streamjax.model.cache import SinkCache, check_cache_shape, init_cache
+from streamjax.model.cache import SinkCache, check_cache_shape, check_sliding_cache, init_cache
 from streamjax.model.config import ModelConfig
 from streamjax.model.params import init_params
 from streamjax.model.transformer import jitted_forward
@@ -246,7 +258,9 @@ def _decode_row(params, config: ModelConfig, bench, method: str, size: int, dtyp
         bandwidth_fraction=moved / bandwidth / latency,
         adjacent_read_bytes_per_s=read_bandwidth,
         adjacent_bandwidth_fraction=moved / read_bandwidth / latency,
-        flops_per_token=costs.flops_per_token(params, config, keys_per_query=size + 1),
+        flops_per_token=costs.flops_per_token(
+            params, config, keys_per_query=size + 1, sliding_keys_per_query=check_sliding_cache(config, 0, None) + 1
+        ),
     )
     return row
 
@@ -264,7 +278,8 @@ def route_throughput(params: dict, config: ModelConfig, bench, matmul_flops: flo
     window, chunk_size = bench.route_window, bench.route_chunk_size
     tokens = np.random.RandomState(bench.seed).randint(0, config.vocab_size, size=bench.chunk_route_tokens + 1)
     counts = {"token": bench.token_route_tokens, "chunk": bench.chunk_route_tokens}
-    widths = {"token": bench.num_sinks + window + 1, "chunk": bench.num_sinks + window + chunk_size}
+    new_per_pass = {"token": 1, "chunk": chunk_size}
+    ring = check_sliding_cache(config, 0, None)  # a hybrid model's sliding layers' ring (0 without sliding layers)
     specs = {r: perplexity.EvalSpec("streaming", bench.num_sinks, window, r, chunk_size) for r in counts}
     calls = {
         r: functools.partial(perplexity.evaluate, params, config, tokens[: counts[r] + 1], specs[r]) for r in counts
@@ -280,7 +295,8 @@ def route_throughput(params: dict, config: ModelConfig, bench, matmul_flops: flo
             times[route].append(machine.time_calls(call, repeats=1, warmup=0)["median_s"])
     for route, result in results.items():
         median = statistics.median(times[route])
-        flops = costs.flops_per_token(params, config, keys_per_query=widths[route])
+        new = new_per_pass[route]
+        flops = costs.flops_per_token(params, config, bench.num_sinks + window + new, sliding_keys_per_query=ring + new)
         result.update(
             timing={"median_s": median, "min_s": min(times[route]), "times_s": times[route]},
             tokens_per_s=counts[route] / median,
@@ -500,6 +516,112 @@ def _stream(params, config: ModelConfig, cache: SinkCache, count: int, chunk_siz
 
 
 # ----------------------------------------------------------------------------------------------
+# Optional peer: transformers' own generation of the same model file (the only place torch is used)
+
+
+def check_peer_config(bench) -> None:
+    """Raise ValueError when the transformers peer is asked for a model it cannot load."""
+    if bench.transformers_peer and bench.model == "random":
+        raise ValueError(
+            "transformers_peer=True needs a model file transformers can load (a named model, a .gguf file or a "
+            "checkpoint directory); config.model is 'random'. Set config.transformers_peer=False or name a model."
+        )
+    if bench.transformers_peer and bench.peer_new_tokens < 2:
+        raise ValueError(f"peer_new_tokens must be >= 2 (per-token gaps are timed), got {bench.peer_new_tokens}")
+
+
+def transformers_peer(bench, streamjax_per_token_s: float) -> dict[str, Any]:
+    """transformers' greedy `generate` of `bench.model` on the same machine, batch 1, its default cache
+    (for a model with sliding layers, its sliding-window layers): after a prompt of num_sinks + route_window
+    random tokens (the global layers then hold as many tokens as streamjax's full cache), the wall time
+    between consecutive generated tokens (stamped by a logits processor, so prefill is left out), over
+    `peer_rounds` calls after one untimed call. `streamjax_per_token_s` is streamjax's generation at batch 1
+    on a full num_sinks + route_window cache, measured earlier in the same run.
+    """
+    import torch
+    import transformers
+
+    model = _transformers_model(loading.resolve_model(bench.model), getattr(torch, bench.dtype))
+    prompt_length = bench.num_sinks + bench.route_window
+    prompt = torch.as_tensor(
+        np.random.RandomState(bench.seed).randint(0, model.config.get_text_config().vocab_size, (1, prompt_length))
+    )
+    log.log("efficiency", f"transformers peer: {bench.peer_rounds} generations of {bench.peer_new_tokens} tokens")
+    load_before = machine.load_average()  # torch's threads slow down far more than XLA's on a busy machine
+    gaps, prompt_times = [], []
+    for round_number in range(bench.peer_rounds + 1):
+        start = time.perf_counter()
+        stamps, cache = _generate_stamped(model, prompt, bench.peer_new_tokens)
+        if round_number:  # the first call is untimed (allocations, lazy initialisation)
+            prompt_times.append(stamps[0] - start)
+            gaps += np.diff(stamps).tolist()
+    per_token = statistics.median(gaps)
+    return {
+        "library": "transformers",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "attn_implementation": model.config._attn_implementation,
+        "cache": _cache_layout(cache),
+        "prompt_tokens": prompt_length,
+        "new_tokens": bench.peer_new_tokens,
+        "rounds": bench.peer_rounds,
+        "prompt_s": prompt_times,
+        "per_token_s": gaps,
+        "median_per_token_s": per_token,
+        "tokens_per_s": 1 / per_token,
+        "streamjax_generation_per_token_s": streamjax_per_token_s,
+        "transformers_over_streamjax": per_token / streamjax_per_token_s,
+    }
+
+
+def _transformers_model(source: loading.ModelSource, dtype):
+    """transformers' own load of the model file (a GGUF dequantized as transformers does it), eval mode."""
+    import transformers
+
+    if source.kind == "gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source.path.parent, gguf_file=source.path.name, dtype=dtype
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    return model.eval()
+
+
+def _generate_stamped(model, prompt, new_tokens: int) -> tuple[list[float], Any]:
+    """(when each of `new_tokens` greedy tokens was chosen, the cache at the end) of one `model.generate`."""
+    import torch
+    import transformers
+
+    stamps = _TimeStamps()
+    with torch.inference_mode():
+        output = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, logits_processor=transformers.LogitsProcessorList([stamps]),
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    return stamps.times, output.cache
+
+
+class _TimeStamps:
+    """A logits processor that only records when it is called: once per generated token, after the forward."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _cache_layout(cache) -> dict[str, Any]:
+    """The cache transformers generated with: its class, and per layer its class and the tokens it held at the end."""
+    layers = [{"type": type(layer).__name__, "tokens": int(layer.keys.shape[-2])} for layer in cache.layers]
+    return {"type": type(cache).__name__, "layers": layers}
+
+
+# ----------------------------------------------------------------------------------------------
 # Targets, report, plots
 
 
@@ -563,6 +685,7 @@ def describe(config, model_config: ModelConfig, params: dict) -> dict[str, Any]:
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run every measurement of `config`, write `efficiency.json` and the plots to `workdir`."""
     check_route_config(config)
+    check_peer_config(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started, load_before = time.perf_counter(), machine.load_average()
@@ -576,6 +699,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     results["routes"] = route_throughput(params, model_config, config, matmul)
     results["generation"] = generation_speed(params, model_config, config)
     results["long_stream"] = long_stream(params, model_config, config)
+    if config.transformers_peer:
+        results["peer"] = transformers_peer(config, results["generation"]["batch_1"]["median_s"])
     results["targets"] = targets(results, config)
     results["meta"].update(load_average_before=load_before, load_average_after=machine.load_average())
     results["meta"]["wall_s"] = time.perf_counter() - started

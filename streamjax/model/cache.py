@@ -332,12 +332,8 @@ def _type_cache(cache: SinkCache | None, layer_type: str) -> SinkCache | None:
 def layer_entries(cache: SinkCache, config: ModelConfig) -> list[tuple[jax.Array, jax.Array]]:
     """(keys, values) of every layer, in layer order, each from the cache of its layer type."""
     check_layout(cache, config)
-    entries = {
-        kind: iter(zip(c.keys, c.values))
-        for kind in ("full_attention", "sliding_attention")
-        for c in [_type_cache(cache, kind)]
-        if c is not None
-    }
+    parts = {"full_attention": cache, "sliding_attention": cache.sliding}
+    entries = {kind: iter(zip(part.keys, part.values)) for kind, part in parts.items() if part is not None}
     return [next(entries[kind]) for kind in config.layer_type_of]
 
 

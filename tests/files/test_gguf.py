@@ -169,16 +169,19 @@ def test_refuses_unsupported_files(tmp_path):
         sj_gguf.load_gguf(tmp_path / "missing.gguf")
 
 
-def test_library_does_not_import_torch(tmp_path):
-    write_tiny_gguf(tmp_path / "tiny.gguf")
+def assert_loads_without_torch(path: pathlib.Path) -> None:
+    """Load the GGUF file at `path` (weights and tokenizer) in a child process that fails if torch was imported."""
     code = (
         "import sys; from streamjax.files import gguf; c = gguf.load_gguf(sys.argv[1]); c.tokenizer('hi').input_ids; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "tiny.gguf")], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_library_does_not_import_torch(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert_loads_without_torch(tmp_path / "tiny.gguf")
 
 
 def test_tiny_gguf_matches_transformers(tmp_path):

@@ -26,6 +26,7 @@ setup(
             "nbformat>=5.9",
             "nbclient>=0.10",
             "ipykernel>=6",
+            "openai>=1.50",  # the official client the server tests talk to
             "ruff==0.17.6",  # lint and format check (scripts/test.sh); pinned: formatting changes between versions
         ],
     },

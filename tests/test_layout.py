@@ -19,6 +19,7 @@ ALLOWED = {
     "streamjax/stream": {"streamjax.model", "streamjax.stream"},
     "streamjax/runs": {"streamjax.runs"},
     "streamjax/files": {"streamjax.model", "streamjax.stream", "streamjax.runs", "streamjax.files"},
+    "streamjax/serve": {"streamjax.model", "streamjax.stream", "streamjax.files", "streamjax.runs", "streamjax.serve"},
     "streamjax": {"streamjax"},
     "experiments": {"streamjax", "experiments"},
 }

@@ -23,7 +23,6 @@ import uvicorn
 
 from experiments.program import main
 from streamjax.files import chat_models, loading
-from streamjax.model.cache import check_cache_shape
 from streamjax.runs import workdir as workdir_lib
 from streamjax.runs import writes
 from streamjax.serve import api, engine
@@ -32,38 +31,42 @@ CONFIG_FIELDS = (
     "model", "chat_template", "dtype", "num_sinks", "window", "slots", "host", "port", "api_key", "max_body_bytes",
     "default_max_tokens", "max_tokens_limit", "seed", "chunk_size", "block_size", "max_stop_strings",
 )  # fmt: skip
-POSITIVE_FIELDS = ("slots", "max_body_bytes", "default_max_tokens", "max_tokens_limit", "chunk_size", "block_size")
 SHUTDOWN_SECONDS = 10  # how long a stop waits for running requests before cancelling them
 
 
-def check_config(config) -> None:
-    """Raise ValueError for a server config that cannot run, before anything is loaded."""
+def check_config(config, workdir: pathlib.Path) -> engine.EngineSettings:
+    """Raise ValueError for a server config that cannot run, before anything is loaded; returns the
+    engine's settings (checked by `EngineSettings.check`)."""
     missing = [field for field in CONFIG_FIELDS if field not in config]
     unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
     if missing or unknown:
         raise ValueError(f"config fields missing: {missing}, unknown: {unknown} (see configs/serve.py)")
-    for field in ("model", "host"):
-        if not isinstance(config[field], str) or not config[field]:
-            raise ValueError(f"{field} must be a non-empty string, got {config[field]!r}")
-    for field in ("chat_template", "api_key"):
+    for field in ("model", "host", "chat_template", "api_key"):
         if not isinstance(config[field], str):
             raise ValueError(f"{field} must be a string, got {config[field]!r}")
-    for field, low in [(field, 1) for field in POSITIVE_FIELDS] + [("max_stop_strings", 0), ("seed", 0)]:
-        if not isinstance(config[field], int) or isinstance(config[field], bool) or config[field] < low:
-            raise ValueError(f"{field} must be an int >= {low}, got {config[field]!r}")
-    if config.default_max_tokens > config.max_tokens_limit:
-        raise ValueError(
-            f"default_max_tokens ({config.default_max_tokens}) is over max_tokens_limit ({config.max_tokens_limit})"
-        )
-    if not isinstance(config.port, int) or not 0 <= config.port <= 65535:
+    if not config.model or not config.host:
+        raise ValueError(f"model and host must not be empty, got {config.model!r} and {config.host!r}")
+    if not is_int(config.port) or not 0 <= config.port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535] (0: a free port), got {config.port!r}")
+    if not is_int(config.max_body_bytes) or config.max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be an int >= 1, got {config.max_body_bytes!r}")
     if not config.api_key and not is_loopback(config.host):
         raise ValueError(
             f"host {config.host!r} is not a loopback address, so anyone who can reach it could use the server: "
             "set --config.api_key (clients then send 'Authorization: Bearer <key>'), or serve on 127.0.0.1"
         )
-    check_cache_shape(config.num_sinks, config.window)
     loading.parse_dtype(config.dtype)
+    settings = engine.EngineSettings(
+        slots=config.slots, num_sinks=config.num_sinks, window=config.window, session_dir=str(workdir / "sessions"),
+        default_max_tokens=config.default_max_tokens, max_tokens_limit=config.max_tokens_limit, seed=config.seed,
+        chunk_size=config.chunk_size, block_size=config.block_size, max_stop_strings=config.max_stop_strings,
+    )  # fmt: skip
+    settings.check()
+    return settings
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_loopback(host: str) -> bool:
@@ -76,22 +79,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def engine_settings(config, workdir: pathlib.Path) -> engine.EngineSettings:
-    return engine.EngineSettings(
-        slots=config.slots, num_sinks=config.num_sinks, window=config.window, session_dir=workdir / "sessions",
-        default_max_tokens=config.default_max_tokens, max_tokens_limit=config.max_tokens_limit, seed=config.seed,
-        chunk_size=config.chunk_size, block_size=config.block_size, max_stop_strings=config.max_stop_strings,
-    )  # fmt: skip
-
-
 def run(config, workdir: str | os.PathLike) -> None:
     """Serve until SIGTERM or SIGINT (see the module's docstring)."""
-    check_config(config)
     workdir = pathlib.Path(workdir).expanduser()
+    settings = check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lib.workdir_lock(workdir):  # one server per sessions directory
         model = chat_models.load_chat_model(config.model, config.dtype, None, config.chat_template or None)
-        server_engine = engine.Engine(model, engine_settings(config, workdir))
+        server_engine = engine.Engine(model, settings)
         server_engine.start()
         try:
             app = api.create_app(

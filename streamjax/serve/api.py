@@ -98,7 +98,7 @@ def create_app(
         raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
     metrics = Metrics(engine)
     app = fastapi.FastAPI(title="streamjax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(ApiError, lambda request, error: error.response())
+    app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(Guard, metrics=metrics)
     server = Server(engine, model_name, api_key, max_body_bytes, metrics)
@@ -111,7 +111,11 @@ def create_app(
     return app
 
 
-def _http_error(request: fastapi.Request, error: HTTPException) -> fastapi.responses.JSONResponse:
+async def _api_error(request: fastapi.Request, error: ApiError) -> fastapi.responses.JSONResponse:
+    return error.response()
+
+
+async def _http_error(request: fastapi.Request, error: HTTPException) -> fastapi.responses.JSONResponse:
     """Starlette's own refusals (no such route, wrong method) as OpenAI error objects."""
     return ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").response()
 
@@ -145,9 +149,7 @@ class Server:
 
     async def model(self, request: fastapi.Request, model_id: str):
         self.authorize(request)
-        if model_id != self.model_name:
-            raise ApiError(404, f"The model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")  # fmt: skip
+        self.check_model(model_id)
         return self.model_card()
 
     def model_card(self) -> dict[str, Any]:
@@ -160,11 +162,14 @@ class Server:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, f"model must be a non-empty string (this server serves {self.model_name!r})", "model")
+        self.check_model(model)
+        refuse_unsupported(body)
+        return body
+
+    def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")  # fmt: skip
-        refuse_unsupported(body)
-        return body
 
     def authorize(self, request: fastapi.Request) -> None:
         """ApiError 401 unless no key is set or `Authorization: Bearer <key>` matches it (constant time)."""

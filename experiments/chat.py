@@ -31,6 +31,7 @@ CONFIG_FIELDS = (
 )  # fmt: skip
 NO_LIMIT = -1  # config.max_new_tokens of a reply that only an end id or a stop string ends
 SESSIONS = "sessions"  # the workdir's folder of saved conversations
+TRANSCRIPT_RECORDS = "transcript_records"  # a `session`'s extra: the transcript's length when it was saved
 COMMANDS = {
     "/reset": "start a new conversation",
     "/stats": "cache, stream and speed",
@@ -98,8 +99,10 @@ def run(
         vocab_size=model.config.vocab_size,
     )  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
+    records = 0  # lines of the transcript
     if resuming:
-        conversation = load_session(session, model, config)
+        conversation, extra = load_session(session, model, config)
+        records = _trim_transcript(transcript, extra.get(TRANSCRIPT_RECORDS))
     else:
         conversation = chat.new_conversation(model, config.num_sinks, config.window, system)
     turns: list[chat.Turn] = []
@@ -128,15 +131,16 @@ def run(
         turns.append(turn)
         with transcript.open("a", encoding="utf-8") as file:
             file.write(json.dumps(turn.record()) + "\n")
+        records += 1
         if session is not None:
-            sessions.save_conversation(session, model, conversation)
+            sessions.save_conversation(session, model, conversation, {TRANSCRIPT_RECORDS: records})
     _write_summary(workdir, config, turns)
     return conversation, turns
 
 
-def load_session(path: pathlib.Path, model: chat.ChatModel, config) -> chat.Conversation:
-    """The conversation saved at `path`; ValueError when its cache is not the config's S + W."""
-    conversation, _ = sessions.load_conversation(path, model)
+def load_session(path: pathlib.Path, model: chat.ChatModel, config) -> tuple[chat.Conversation, dict]:
+    """The conversation saved at `path` and its `extra`; ValueError when its cache is not the config's S + W."""
+    conversation, extra = sessions.load_conversation(path, model)
     cache = conversation.cache
     if (cache.num_sinks, cache.window) != (config.num_sinks, config.window):
         raise ValueError(
@@ -144,7 +148,17 @@ def load_session(path: pathlib.Path, model: chat.ChatModel, config) -> chat.Conv
             f"{config.num_sinks} + {config.window}: run with --config.num_sinks={cache.num_sinks} "
             f"--config.window={cache.window} to go on with it"
         )
-    return conversation
+    return conversation, extra
+
+
+def _trim_transcript(transcript: pathlib.Path, records: int | None) -> int:
+    """Drop the transcript's records past the `records` the resumed session was saved with (a turn whose
+    record was appended before a kill stopped its save: the session does not hold it); returns the count."""
+    lines = transcript.read_text(encoding="utf-8").splitlines(keepends=True) if transcript.exists() else []
+    if records is not None and len(lines) > records:
+        writes.write_text(transcript, "".join(lines[:records]))
+        return records
+    return len(lines)
 
 
 def _session_command(command: str, name: str, model, conversation: chat.Conversation, config, workdir: pathlib.Path):
@@ -155,7 +169,7 @@ def _session_command(command: str, name: str, model, conversation: chat.Conversa
         if command == "/save":
             sessions.save_conversation(path, model, conversation)
             return conversation, f"(saved to {path})\n"
-        loaded = load_session(path, model, config)
+        loaded, _ = load_session(path, model, config)
     except (ValueError, OSError) as error:
         return conversation, f"(not {'saved' if command == '/save' else 'loaded'}: {error})\n"
     position = int(loaded.cache.next_position[0])

@@ -181,7 +181,7 @@ def _cache_from(path: pathlib.Path, tensors: Mapping[str, np.ndarray], layout: M
         template = jax.eval_shape(build)
     except ValueError as error:
         raise ValueError(f"{path} holds a cache this model cannot use: {error}") from None
-    expected = {**_cache_layout(template), "dtype": str(dtype)}
+    expected = _cache_layout(template)
     if expected != layout:
         differences = [f"{key} {layout[key]!r} (session) vs {expected[key]!r} (model)" for key in layout
                        if layout[key] != expected.get(key)]  # fmt: skip
@@ -191,6 +191,7 @@ def _cache_from(path: pathlib.Path, tensors: Mapping[str, np.ndarray], layout: M
     shapes = {name: (tuple(leaf.shape), jnp.dtype(leaf.dtype)) for name, (_, leaf) in zip(names, leaves)}
     found = {name: (tuple(array.shape), jnp.dtype(array.dtype)) for name, array in tensors.items()}
     if found != shapes:
-        wrong = sorted(set(found.items()) ^ set(shapes.items()))
-        raise ValueError(f"{path} holds cache arrays this model does not build: {wrong[:6]} (session vs model)")
+        wrong = [f"{name} {found.get(name)} vs {shapes.get(name)}" for name in sorted({*found, *shapes})
+                 if found.get(name) != shapes.get(name)]  # fmt: skip
+        raise ValueError(f"{path} holds cache arrays this model does not build: {', '.join(wrong)} (session vs model)")
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(tensors[name]) for name in names])

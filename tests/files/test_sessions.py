@@ -27,6 +27,7 @@ import safetensors
 import streamjax
 from streamjax.files import chat_models, sessions
 from streamjax.model import families, sharding
+from streamjax.model.cache import init_cache
 from streamjax.runs.writes import CorruptFile
 from streamjax.stream import chat, stopping
 from support import tiny_chat
@@ -182,7 +183,7 @@ def test_a_damaged_file_is_a_corrupt_file_that_names_itself(saved, damage):
         sessions.load_conversation(path, model)
 
 
-def test_a_session_of_another_model_or_cache_layout_is_refused(saved, tiny):
+def test_a_session_of_another_model_or_cache_layout_is_refused(saved, tiny, monkeypatch):
     model, path, _ = saved
     with pytest.raises(ValueError, match="saved from model .*" + str(tiny[0]) + ".*'other'"):
         sessions.load_conversation(path, dataclasses.replace(model, spec="other"))
@@ -191,6 +192,15 @@ def test_a_session_of_another_model_or_cache_layout_is_refused(saved, tiny):
         sessions.load_conversation(path, other_config)
     with pytest.raises(ValueError, match="another layout: dtype 'float32' \\(session\\) vs 'bfloat16' \\(model\\)"):
         sessions.load_conversation(path, load_tiny(tiny, "bfloat16"))
+
+    def fewer_layers(*args, **kwargs):  # a cache of one layer, as a streamjax whose cache changed would build
+        cache = init_cache(*args, **kwargs)
+        return cache.replace(keys=cache.keys[:1], values=cache.values[:1])
+
+    monkeypatch.setattr(sessions, "init_cache", fewer_layers)
+    with pytest.raises(ValueError, match="arrays this model does not build: .keys\\[1\\] \\(\\(1, 2, 8, 16\\), dtype"):
+        sessions.load_conversation(path, model)
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="no saved session"):
         sessions.load_conversation(path.with_name("absent" + sessions.SESSION_SUFFIX), model)
 

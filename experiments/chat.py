@@ -99,12 +99,7 @@ def run(
         vocab_size=model.config.vocab_size,
     )  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
-    records = 0  # lines of the transcript
-    if resuming:
-        conversation, extra = load_session(session, model, config)
-        records = _trim_transcript(transcript, extra.get(TRANSCRIPT_RECORDS))
-    else:
-        conversation = chat.new_conversation(model, config.num_sinks, config.window, system)
+    conversation, records = _opening(model, config, system, session if resuming else None, transcript)
     turns: list[chat.Turn] = []
     messages = iter(script) if script is not None else _typed_lines(lines, write)
     for message in messages:
@@ -136,6 +131,14 @@ def run(
             sessions.save_conversation(session, model, conversation, {TRANSCRIPT_RECORDS: records})
     _write_summary(workdir, config, turns)
     return conversation, turns
+
+
+def _opening(model, config, system: str, session: pathlib.Path | None, transcript: pathlib.Path):
+    """(the conversation the chat starts with: the saved `session`, or a new one; the transcript's records)."""
+    if session is None:
+        return chat.new_conversation(model, config.num_sinks, config.window, system), 0
+    conversation, extra = load_session(session, model, config)
+    return conversation, _trim_transcript(transcript, extra.get(TRANSCRIPT_RECORDS))
 
 
 def load_session(path: pathlib.Path, model: chat.ChatModel, config) -> tuple[chat.Conversation, dict]:

@@ -43,6 +43,9 @@ MAX_BODY_BYTES = 4096
 MAX_TOKENS_LIMIT = 1_000_000  # a disconnected stream could run for minutes: only a cancel frees its slot
 START_SECONDS = 300  # bounded waits: the server's start (loading, first compilations) on a shared 2-core CPU
 REQUEST_SECONDS = 120
+NUM_SINKS, WINDOW = 2, 30  # each stream's cache, on the server and in the library's replies it must equal
+ENGINE_METRICS = ("sessions_resident", "sessions_saved", "slots_busy", "queue_length", "requests_total",
+                  "prompt_tokens_total", "completion_tokens_total")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -79,7 +82,7 @@ class Served:
 def start_server(model_dir, template, workdir: pathlib.Path, **fields) -> Served:
     """`python -m experiments.serve` on a free port of 127.0.0.1; returns once workdir/server.json says where."""
     overrides = {"model": model_dir, "chat_template": template, "port": 0, "api_key": API_KEY,
-                 "num_sinks": 2, "window": 30, "slots": 2, "max_body_bytes": MAX_BODY_BYTES,
+                 "num_sinks": NUM_SINKS, "window": WINDOW, "slots": 2, "max_body_bytes": MAX_BODY_BYTES,
                  "default_max_tokens": 6, "max_tokens_limit": MAX_TOKENS_LIMIT, "chunk_size": 8, "block_size": 4,
                  **fields}  # fmt: skip
     command = [sys.executable, "-m", "experiments.serve", "--config=configs/serve.py", f"--workdir={workdir}"]
@@ -123,9 +126,6 @@ def server(tiny, tmp_path_factory):
         stop_server(served)
 
 
-NUM_SINKS, WINDOW = 2, 30  # the server's cache (start_server's defaults)
-
-
 @pytest.fixture(scope="module")
 def chat_model(tiny):
     return chat_models.load_chat_model(str(tiny[0]), template_file=str(tiny[1]))
@@ -157,9 +157,6 @@ def library_completion(chat_model, prompt: str, max_tokens: int) -> tuple[list[i
     return ids, result.tokens[0].tolist(), result.reasons[0]
 
 
-FINISH_REASONS = {"end_id": "stop", "stop_string": "stop", "max_new_tokens": "length"}
-
-
 def test_models_health_and_metrics(server):
     client = server.client()
     assert [model.id for model in client.models.list().data] == [server.model]
@@ -174,17 +171,13 @@ def test_models_health_and_metrics(server):
     assert metrics["streamjax_http_responses_total{path=/v1/models,status=200}"] >= 1
 
 
-ENGINE_METRICS = ("sessions_resident", "sessions_saved", "slots_busy", "queue_length", "requests_total",
-                  "prompt_tokens_total", "completion_tokens_total")  # fmt: skip
-
-
 def test_a_chat_reply_whole_and_streamed_is_the_librarys_with_its_token_counts(server, chat_model):
     client, messages = server.client(), [user("w5 w6 w7")]
     (turn,) = library_chat(chat_model, ["w5 w6 w7"], max_tokens=6)
     whole = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6, temperature=0)
     assert whole.object == "chat.completion" and whole.model == server.model
     assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content == turn.reply
-    assert whole.choices[0].finish_reason == FINISH_REASONS[turn.finish_reason]
+    assert whole.choices[0].finish_reason == engine_lib.FINISH_REASONS[turn.finish_reason]
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (
         len(turn.input_token_ids),
         len(turn.reply_token_ids),
@@ -209,7 +202,7 @@ def test_a_completion_whole_and_streamed_counts_the_tokens_fed_and_generated(ser
     client, prompt = server.client(), "w9 w10 w11 w12"
     prompt_ids, generated, reason = library_completion(chat_model, prompt, max_tokens=5)
     whole = client.completions.create(model=server.model, prompt=prompt, max_tokens=5, temperature=0)
-    assert whole.object == "text_completion" and whole.choices[0].finish_reason == FINISH_REASONS[reason]
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason == engine_lib.FINISH_REASONS[reason]
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt_ids), len(generated))
     shown = [token for token in generated if token not in chat_model.end_ids]
     assert whole.choices[0].text == chat.decode_text(chat_model.tokenizer, shown)

@@ -9,11 +9,8 @@ and short. Every bad request is sent for real: it gets its status and OpenAI's e
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import pathlib
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +21,6 @@ import jax
 import ml_collections
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from configs import serve as serve_config
 from experiments import serve as serve_program
@@ -33,88 +29,26 @@ from streamjax.files import sessions as session_files
 from streamjax.model.cache import init_cache
 from streamjax.serve import api
 from streamjax.serve import engine as engine_lib
-from streamjax.stream import chat, generation, sampling, stopping
+from streamjax.stream import chat, generation, stopping
 from support import tiny_chat
+from support.serving import (
+    API_KEY,
+    MAX_BODY_BYTES,
+    MAX_TOKENS_LIMIT,
+    NUM_SINKS,
+    REQUEST_SECONDS,
+    WINDOW,
+    Served,
+    library_chat,
+    start_server,
+    stop_server,
+    user,
+)  # fmt: skip
 from support.tiny_chat import REPO
 
 tiny = tiny_chat.tiny  # the shared fixture, under its name
-API_KEY = "test-key-1234"
-MAX_BODY_BYTES = 4096
-MAX_TOKENS_LIMIT = 1_000_000  # a disconnected stream could run for minutes: only a cancel frees its slot
-START_SECONDS = 300  # bounded waits: the server's start (loading, first compilations) on a shared 2-core CPU
-REQUEST_SECONDS = 120
-NUM_SINKS, WINDOW = 2, 30  # each stream's cache, on the server and in the library's replies it must equal
 ENGINE_METRICS = ("sessions_resident", "sessions_saved", "slots_busy", "queue_length", "requests_total",
                   "prompt_tokens_total", "completion_tokens_total")  # fmt: skip
-
-
-@dataclasses.dataclass
-class Served:
-    """A running server: its process, where it listens, and what it serves."""
-
-    process: subprocess.Popen
-    workdir: pathlib.Path
-    log: pathlib.Path
-    base_url: str
-    model: str
-
-    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=REQUEST_SECONDS)
-
-    def http(self, api_key: str | None = API_KEY) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=REQUEST_SECONDS)
-
-    def metrics(self) -> dict[str, float]:
-        """{sample name (with labels, if any): value} of GET /metrics, parsed by prometheus_client's parser."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=REQUEST_SECONDS).text
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
-                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-        return samples
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def start_server(model_dir, template, workdir: pathlib.Path, **fields) -> Served:
-    """`python -m experiments.serve` on a free port of 127.0.0.1; returns once workdir/server.json says where."""
-    overrides = {"model": model_dir, "chat_template": template, "port": 0, "api_key": API_KEY,
-                 "num_sinks": NUM_SINKS, "window": WINDOW, "slots": 2, "max_body_bytes": MAX_BODY_BYTES,
-                 "default_max_tokens": 6, "max_tokens_limit": MAX_TOKENS_LIMIT, "chunk_size": 8, "block_size": 4,
-                 **fields}  # fmt: skip
-    command = [sys.executable, "-m", "experiments.serve", "--config=configs/serve.py", f"--workdir={workdir}"]
-    command += [f"--config.{name}={value}" for name, value in overrides.items()]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", STREAMJAX_COMPILATION_CACHE=str(workdir.parent / "xla"))
-    workdir.mkdir(parents=True)
-    log = workdir.parent / f"{workdir.name}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-    served = Served(process, workdir, log, "", str(model_dir))
-    deadline = time.monotonic() + START_SECONDS
-    while not (workdir / "server.json").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_server(served)
-            pytest.fail(f"the server did not start (exit code {process.returncode}):\n{served.log_tail()}")
-        time.sleep(0.2)
-    address = json.loads((workdir / "server.json").read_text())
-    assert address["pid"] == process.pid and address["model"] == str(model_dir)
-    served.base_url = f"http://{address['host']}:{address['port']}"
-    return served
-
-
-def stop_server(served: Served, wait_seconds: float = 60) -> int:
-    """SIGTERM, then SIGKILL if it has not ended within `wait_seconds`; returns the exit code."""
-    if served.process.poll() is None:
-        served.process.send_signal(signal.SIGTERM)
-        try:
-            served.process.wait(wait_seconds)
-        except subprocess.TimeoutExpired:
-            served.process.kill()
-            served.process.wait(30)
-    return served.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -129,23 +63,6 @@ def server(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_model(tiny):
     return chat_models.load_chat_model(str(tiny[0]), template_file=str(tiny[1]))
-
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def library_chat(chat_model, user_turns: list[str], max_tokens: int) -> list[chat.Turn]:
-    """The chat library's greedy turns of one conversation, alone in its cache (what the server must match)."""
-    conversation = chat.new_conversation(chat_model, NUM_SINKS, WINDOW)
-    stops = stopping.stop_conditions(1, end_ids=sorted(chat_model.end_ids), max_new_tokens=max_tokens)
-    turns = []
-    for text in user_turns:
-        conversation, turn = chat.chat_turn(
-            chat_model, conversation, text, sampling.sampling_settings(1, temperature=0.0), stops, chunk_size=8
-        )
-        turns.append(turn)
-    return turns
 
 
 def library_completion(chat_model, prompt: str, max_tokens: int) -> tuple[list[int], list[int], str]:

@@ -175,7 +175,7 @@ class Engine:
         self.end_of_turn = chat.end_of_turn_id(model)
         self._empty = init_cache(model.config, 1, settings.num_sinks, settings.window, self.dtype)
         batch = settings.slots
-        self._state = _idle_state(init_cache(model.config, batch, settings.num_sinks, settings.window, self.dtype))
+        self._state = self._idle_slots()
         self._sampling = sampling.sampling_settings(batch, temperature=0.0)
         try:
             table, self._no_stop_strings = token_bytes(model.tokenizer, model.config.vocab_size), None
@@ -283,9 +283,12 @@ class Engine:
                 reply.ticket.on_event(Failed(_describe(error)))
         self._replies, self._sessions = [None] * self.settings.slots, [None] * self.settings.slots
         self._recent.clear()
-        settings = self.settings
-        cache = init_cache(self.model.config, settings.slots, settings.num_sinks, settings.window, self.dtype)
-        self._state = _idle_state(cache)
+        self._state = self._idle_slots()
+
+    def _idle_slots(self) -> generation.DecodeState:
+        """Every slot empty and idle."""
+        slots, num_sinks, window = self.settings.slots, self.settings.num_sinks, self.settings.window
+        return _idle_state(init_cache(self.model.config, slots, num_sinks, window, self.dtype))
 
     def _admit(self) -> None:
         """Give queued requests slots, first come first served, skipping those whose session is busy."""
@@ -330,10 +333,7 @@ class Engine:
             inputs = chat.messages_input(self.model, conversation, new_messages)
         else:
             inputs = list(self.model.tokenizer(request.prompt).input_ids)
-        one_settings = sampling.sampling_settings(
-            1, temperature=request.temperature, top_p=request.top_p,
-            seed=self.settings.seed if request.seed is None else request.seed,
-        )  # fmt: skip
+        one_settings = self._sampling_of(request)
         max_tokens = self.settings.default_max_tokens if request.max_tokens is None else request.max_tokens
         one_stops = self._stops.replace(
             max_new_tokens=jnp.asarray([max_tokens], jnp.int32), strings=self._stop_automata([request.stop])
@@ -490,10 +490,12 @@ class Engine:
         for stop in request.stop:
             if not isinstance(stop, str) or not stop or len(stop.encode()) > self.settings.max_stop_bytes:
                 raise ValueError(f"a stop string must be 1 to {self.settings.max_stop_bytes} bytes, got {stop!r:.80}")
-        sampling.sampling_settings(
-            1, temperature=request.temperature, top_p=request.top_p,
-            seed=self.settings.seed if request.seed is None else request.seed,
-        )  # fmt: skip
+        self._sampling_of(request)
+
+    def _sampling_of(self, request: Request) -> sampling.SamplingSettings:
+        """The request's sampling settings, as one stream's (ValueError for a value out of range)."""
+        seed = self.settings.seed if request.seed is None else request.seed
+        return sampling.sampling_settings(1, temperature=request.temperature, top_p=request.top_p, seed=seed)
 
 
 def _describe(error: Exception) -> str:

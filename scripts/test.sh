@@ -21,4 +21,4 @@ if [ "$(cat "$venv/made_from" 2>/dev/null)" != "$made_from" ]; then
 fi
 "$venv/bin/python" -m ruff check .
 "$venv/bin/python" -m ruff format --check .
-"$venv/bin/python" -m pytest tests -q "$@"
+"$venv/bin/python" -m pytest tests -q --durations=25 "$@"  # the slowest tests, to keep the suite short

@@ -72,10 +72,18 @@ def prefill(
 
 def pad_chunk(tokens, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     """tokens [B, n] (n <= chunk_size) padded with id 0 to [B, chunk_size], and the valid count [B]: a
-    full chunk and a partial one call `forward` alike, so they share one compiled program."""
+    full chunk and a partial one call `forward` alike, so they share one compiled program.
+
+    Host tokens are padded on the host: padding on device compiles a program for every n, and a chat or
+    a server that meets prompts of every length would keep hundreds of them (measured: 636 MiB of
+    resident memory for 200 lengths)."""
     batch, count = tokens.shape
-    padded = jnp.zeros((batch, chunk_size), jnp.int32).at[:, :count].set(jnp.asarray(tokens, jnp.int32))
-    return padded, jnp.full((batch,), count, jnp.int32)
+    if isinstance(tokens, jax.Array):
+        padded = jnp.zeros((batch, chunk_size), jnp.int32).at[:, :count].set(tokens.astype(jnp.int32))
+    else:
+        padded = np.zeros((batch, chunk_size), np.int32)
+        padded[:, :count] = tokens
+    return jnp.asarray(padded), jnp.full((batch,), count, jnp.int32)
 
 
 @model_jit(static_argnames=("config", "logits"), donate_argnames="cache")

@@ -17,6 +17,7 @@ import pytest
 
 import streamjax
 from streamjax.files import chat_templates
+from streamjax.model.jit import CompileClock
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import generation, sampling, stopping, token_bytes
 from support.family_models import converted, hf_model
@@ -166,6 +167,19 @@ def test_endless_generation_compiles_the_decode_program_once():
     assert len(result.tokens[0]) >= 2000 and result.reasons == [None]  # stopped by the caller, not by a limit
     assert generation._decode_block._cache_size() - before == 1
     assert int(result.cache.next_position[0]) == 3 + len(result.tokens[0])  # the last sampled token was fed too
+
+
+def test_prompts_of_every_length_compile_nothing_after_the_first():
+    """A chat (or a server) meets prompts of every length: once a prompt of one chunk and one of two have
+    compiled the programs, prompts of 20 other lengths trace and compile nothing (before, padding a
+    partial chunk compiled a program per length: 636 MiB for 200 lengths)."""
+    config, params = tiny()
+    for length in (5, 12):  # chunks of 8
+        run(config, params, [prompt(1, length)], 2, 14, max_new_tokens=3)
+    with CompileClock() as clock:
+        for length in [*range(1, 5), *range(6, 12), *range(13, 23)]:
+            run(config, params, [prompt(length, length)], 2, 14, max_new_tokens=3)
+    assert clock.seconds == 0
 
 
 @pytest.mark.parametrize(

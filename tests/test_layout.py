@@ -1,7 +1,8 @@
 """The package's layout is its architecture: each folder does one job and leans only on the folders below it.
 
 model/ (the math) reads no file and knows no tokenizer; stream/ (feeding and generating) reads no model
-file; runs/ (what long jobs need) knows no model; nothing in streamjax/ knows the experiments; and no
+file; runs/ (what long jobs need) knows no model; serve/ (many conversations at once) sits on top of
+them; nothing in streamjax/ knows the experiments; and no
 module uses another module's private (`_name`) functions: a helper two modules need gets a public home.
 """
 

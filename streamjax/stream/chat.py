@@ -91,12 +91,18 @@ class Turn:
 def turn_input(model: ChatModel, conversation: Conversation, user_message: str) -> list[int]:
     """Token ids a turn feeds before generating: what the template adds for `user_message` after the
     conversation so far, less the part of it the last reply already put in the cache."""
-    user = {"role": "user", "content": user_message}
+    return messages_input(model, conversation, [{"role": "user", "content": user_message}])
+
+
+def messages_input(model: ChatModel, conversation: Conversation, new_messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids that feed `new_messages` (then the generation prompt) after the conversation so far:
+    what the template adds for them, less the part of it the last reply already put in the cache."""
+    new_messages = list(new_messages)
     if not conversation.messages or conversation.messages[-1]["role"] != "assistant":
-        text = templates.render(model.template, [*conversation.messages, user], add_generation_prompt=True)
+        text = templates.render(model.template, [*conversation.messages, *new_messages], add_generation_prompt=True)
     else:
         *history, reply = conversation.messages
-        text = templates.turn_text(model.template, history, [reply, user], True, history_prompted=True)
+        text = templates.turn_text(model.template, history, [reply, *new_messages], True, history_prompted=True)
         if not text.startswith(conversation.reply_text):
             raise ValueError(
                 f"the chat template ({model.template.origin}) writes the last reply as {text[:80]!r}..., not as "
@@ -114,7 +120,7 @@ def end_of_turn_id(model: ChatModel) -> int:
     another end id (a model's <|endoftext|>) keeps that id, and the template's one follows it.
     Raises ValueError when none of the model's end ids closes a turn in its template."""
     after = templates.text_after_reply(model.template).lstrip()
-    texts = {end_id: _decode(model.tokenizer, [end_id]) for end_id in model.end_ids}
+    texts = {end_id: decode_text(model.tokenizer, [end_id]) for end_id in model.end_ids}
     closing = [end_id for end_id, text in texts.items() if text and after.startswith(text)]
     if not closing:
         raise ValueError(
@@ -147,8 +153,8 @@ def chat_turn(
     )  # fmt: skip
     reply_ids = result.tokens[0].tolist()
     ended = result.reasons[0] == "end_id"
-    reply = _decode(model.tokenizer, reply_ids[:-1] if ended else reply_ids)
-    written = _decode(model.tokenizer, reply_ids)
+    reply = decode_text(model.tokenizer, reply_ids[:-1] if ended else reply_ids)
+    written = decode_text(model.tokenizer, reply_ids)
     # The message is the reply as the cache holds it up to the template's end of turn: an end id that
     # is not the template's (stays in the cache) stays in the message, and the next turn closes it.
     closed = ended and reply_ids[-1] == end_of_turn_id(model)
@@ -176,26 +182,41 @@ def _turn_record(conversation, user, reply, inputs, reply_ids, result: generatio
     )  # fmt: skip
 
 
-def _decode(tokenizer, ids: Sequence[int]) -> str:
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+class ReplyText:
+    """A reply's text as its tokens come: `add(ids)` returns the text they add, holding back an
+    incomplete UTF-8 character until its last byte arrives. `hidden_ids` (the end ids, which end the
+    reply) are not shown, so the text is the reply's content; `text` is all of it so far."""
+
+    def __init__(self, tokenizer, hidden_ids: Collection[int] = ()):
+        self.tokenizer, self.hidden, self.ids, self.shown = tokenizer, hidden_ids, [], 0
+
+    @property
+    def text(self) -> str:
+        return decode_text(self.tokenizer, self.ids)
+
+    def add(self, ids: Sequence[int]) -> str:
+        self.ids.extend(token for token in ids if token not in self.hidden)
+        text = self.text.rstrip("\ufffd")
+        new, self.shown = text[self.shown :], max(self.shown, len(text))
+        return new
+
+
 class _TextPrinter:
-    """`generate`'s `on_tokens` for one stream: hands `on_text` the reply's new text block by block,
-    holding back an incomplete UTF-8 character until its last byte arrives. `hidden_ids` (the end
-    ids, which end the reply) are not shown, so the text shown is the reply's content."""
+    """`generate`'s `on_tokens` for one stream: hands `on_text` the reply's new text block by block
+    (`ReplyText`: end ids hidden, incomplete UTF-8 characters held back)."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None, hidden_ids: Collection[int] = ()):
-        self.tokenizer, self.on_text, self.hidden, self.ids, self.shown = tokenizer, on_text, hidden_ids, [], 0
+        self.on_text, self.reply = on_text, ReplyText(tokenizer, hidden_ids)
 
     def __call__(self, new: list[np.ndarray]) -> None:
         if self.on_text is None:
             return
-        self.ids.extend(token for token in new[0].tolist() if token not in self.hidden)
-        text = _decode(self.tokenizer, self.ids).rstrip("\ufffd")
-        if len(text) > self.shown:
-            self.on_text(text[self.shown :])
-            self.shown = len(text)
+        if text := self.reply.add(new[0].tolist()):
+            self.on_text(text)
 
 
 def turn_settings(config, turn: int) -> sampling.SamplingSettings:

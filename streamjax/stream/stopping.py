@@ -39,6 +39,9 @@ class StopStrings:
     transitions: [S, 256] int32, the state after reading a byte; state 0 is the start (nothing seen).
     completes: [S, K] bool, reading into state s completes stop string k.
     active: [B, K] bool, stream b stops at stop string k.
+    Or one automaton per stream (`per_stream_stop_strings`): transitions [B, S, 256] and completes
+    [B, S, K], so that one stream's strings change without renumbering the others' states (a server
+    whose streams come and go).
     """
 
     transitions: jax.Array
@@ -70,6 +73,15 @@ def stop_strings(
     completes = np.pad(completes, ((0, states - len(completes)), (0, strings - len(patterns))))
     active = np.pad(active, ((0, 0), (0, strings - len(patterns))))
     return StopStrings(jnp.asarray(transitions), jnp.asarray(completes), jnp.asarray(active))
+
+
+def per_stream_stop_strings(per_stream: Sequence[Sequence[str]], num_states: int, num_strings: int) -> StopStrings:
+    """One automaton per stream (transitions [B, S, 256], completes [B, S, K]), each padded to `num_states`
+    and `num_strings`: replacing one stream's rows (`with_stream_stop_strings`) leaves the others' as they are."""
+    automata = [stop_strings([strings], num_states, num_strings) for strings in per_stream]
+    return jax.tree.map(lambda *parts: jnp.concatenate([part[None] for part in parts]), *automata).replace(
+        active=jnp.concatenate([automaton.active for automaton in automata])
+    )
 
 
 def _padded_size(name: str, wanted: int | None, needed: int) -> int:
@@ -128,12 +140,14 @@ def read_token(
     """
     token_bytes = token_table.table[tokens]  # [B, L]
     lengths = token_table.lengths[tokens]
+    per_stream = stops.transitions.ndim == 3  # static: one automaton per stream
+    rows = (jnp.arange(tokens.shape[0]),) if per_stream else ()
 
     def read_byte(i, carry):
         state, stopped = carry
-        following = stops.transitions[state, token_bytes[:, i]]
+        following = stops.transitions[(*rows, state, token_bytes[:, i])]
         inside = i < lengths
-        completed = jnp.any(stops.completes[following] & stops.active, axis=-1)
+        completed = jnp.any(stops.completes[(*rows, following)] & stops.active, axis=-1)
         return jnp.where(inside, following, state), stopped | (inside & completed)
 
     return jax.lax.fori_loop(0, jnp.max(lengths), read_byte, (state, jnp.zeros(tokens.shape, bool)))

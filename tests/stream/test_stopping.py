@@ -47,9 +47,10 @@ def _occurrences(text: bytes, pattern: bytes) -> list[int]:
     return found
 
 
-def _run(per_stream: list[list[str]], table: token_bytes.TokenBytes, ids: np.ndarray) -> np.ndarray:
-    """[T, B] stopped flags of B streams fed the tokens ids [T, B] one step at a time (jitted)."""
-    stops = stopping.stop_strings(per_stream)
+def _run(per_stream: list[list[str]], table: token_bytes.TokenBytes, ids: np.ndarray, stops=None) -> np.ndarray:
+    """[T, B] stopped flags of B streams fed the tokens ids [T, B] one step at a time (jitted), by `stops`
+    (default: the shared automaton of `per_stream`)."""
+    stops = stopping.stop_strings(per_stream) if stops is None else stops
     state = stopping.initial_state(len(per_stream))
     step, flags = jax.jit(stopping.read_token), []
     for tokens in np.asarray(ids, np.int32):
@@ -119,6 +120,21 @@ def test_in_a_scan_padded_automata_share_one_program():
     assert scan._cache_size() == 1
     with pytest.raises(ValueError, match=r"num_states=4 is too small: these stop strings need 7"):
         stopping.stop_strings([["lo wor"]], num_states=4)
+
+
+def test_one_automaton_per_stream_stops_where_the_shared_one_does():
+    """`per_stream_stop_strings` (a server's streams, each with its own strings) stops each stream on the
+    same tokens as the shared automaton, and one stream's rows replaced leave the others' stops as they were."""
+    table = token_bytes.pack_token_bytes(VOCAB)
+    ids = np.tile(np.array(TEXT_IDS, np.int32)[:, None], 3)
+    per_stream = [["lo wor"], ["日", "ab"], []]
+    automata = stopping.per_stream_stop_strings(per_stream, num_states=40, num_strings=4)
+    assert automata.transitions.shape == (3, 40, 256) and automata.completes.shape == (3, 40, 4)
+    np.testing.assert_array_equal(_run(per_stream, table, ids, automata), _run(per_stream, table, ids))
+    replaced = stopping.per_stream_stop_strings([["d!"]], num_states=40, num_strings=4)
+    mixed = jax.tree.map(lambda whole, row: whole.at[2].set(row[0]), automata, replaced)
+    expected = _run([*per_stream[:2], ["d!"]], table, ids)
+    np.testing.assert_array_equal(_run(per_stream, table, ids, mixed), expected)
 
 
 def test_bad_stop_strings_raise():

@@ -33,7 +33,7 @@ def get_config(arg=None):
     # Long sessions: `long_sessions` at once, `long_turns` turns each of `long_max_tokens`.
     config.long_sessions = 2
     config.long_turns = 200
-    config.long_max_tokens = 8
+    config.long_max_tokens = 16  # one decode block of the server
     # One session on a server with one slot (its decode program is batch 1), as the batch-1 reference.
     config.one_slot_baseline = True
     # The batched-decode factor the server is held to: generation.batch_speedup of this efficiency run.

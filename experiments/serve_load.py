@@ -57,7 +57,7 @@ from experiments.program import main
 from streamjax.files import chat_templates, corpora, loading
 from streamjax.files.sessions import SESSION_SUFFIX
 from streamjax.model.cache import init_cache
-from streamjax.runs import machine, provenance, writes
+from streamjax.runs import log, machine, provenance, writes
 from streamjax.stream import templates
 
 CONFIG_FIELDS = (
@@ -136,6 +136,7 @@ class ServerProcess:
 
     def start(self) -> None:
         """Start the server and wait until it listens (`self.port`)."""
+        log.log("serve_load", f"starting a server with {self.slots} slots in {self.workdir}")
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
         config = self.config
@@ -154,11 +155,11 @@ class ServerProcess:
         command += [f"--config.{key}={value}" for key, value in overrides.items()]
         self.log_path = self.workdir.parent / f"{self.workdir.name}.log"
         python_path = os.pathsep.join(filter(None, [str(provenance.REPOSITORY), os.environ.get("PYTHONPATH")]))
-        with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
+        with open(self.log_path, "wb") as log_file:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 command,
                 cwd=provenance.REPOSITORY,
-                stdout=log,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": python_path},
             )
@@ -357,6 +358,7 @@ def concurrency_phases(server: ServerProcess, config, prompts: Iterator[str], pr
     for count in config.concurrency:
         session_prompts = [[next(prompts) for _ in range(config.turns)] for _ in range(count)]
         names = [f"{prefix}-{count}-{k}" for k in range(count)]
+        log.log("serve_load", f"{count} sessions at once, {config.turns} turns of {config.max_tokens} tokens")
         records, wall = run_sessions(server, config, session_prompts, config.max_tokens, names)
         phases[str(count)] = {**phase_summary(records, wall, server), "session_prompts": session_prompts}
     return phases
@@ -366,6 +368,7 @@ def long_sessions(server: ServerProcess, config, prompts: Iterator[str]) -> dict
     """`long_sessions` sessions of `long_turns` turns at once; per turn decode speed, stream position, RSS."""
     session_prompts = [[next(prompts) for _ in range(config.long_turns)] for _ in range(config.long_sessions)]
     names = [f"long-{k}" for k in range(config.long_sessions)]
+    log.log("serve_load", f"{config.long_sessions} long sessions of {config.long_turns} turns")
     records, wall = run_sessions(server, config, session_prompts, config.long_max_tokens, names)
     for session in records:
         position = 0
@@ -463,14 +466,16 @@ def memory_summary(warmup: dict, phases: dict, long: dict, files: dict[str, int]
             "server_rss_bytes": long["server_rss_bytes"],
         }
     )
-    most = max(points, key=lambda point: point["sessions_resident"])
-    growth = (most["server_rss_bytes"] - points[0]["server_rss_bytes"]) / most["sessions_resident"]
+    fewest = next(point for point in points if point["sessions_resident"] >= 1)
+    most = max(points, key=lambda point: point["sessions_resident"])  # the first to reach the most
+    added = most["sessions_resident"] - fewest["sessions_resident"]
+    growth = (most["server_rss_bytes"] - fewest["server_rss_bytes"]) / added if added else None
     sizes = list(files.values())
     return {
         "slot_cache": cache,
         "rss_points": points,
         "rss_growth_per_resident_session_bytes": growth,
-        "rss_growth_from": f"{points[0]['after']} to {most['after']}",
+        "rss_growth_from": f"{fewest['after']} to {most['after']}",
         "session_files": files,
         "session_file_bytes": {"min": min(sizes), "median": statistics.median(sizes), "max": max(sizes)}
         if sizes
@@ -489,6 +494,7 @@ def peer(config, prompt: str) -> dict[str, Any]:
     ids = loading.load_tokenizer(source)(text, add_special_tokens=False).input_ids
     model = efficiency.transformers_model(source, getattr(torch, config.dtype))
     prompt_ids, load_before = torch.as_tensor([ids]), machine.load_average()
+    log.log("serve_load", f"transformers peer: {config.peer_rounds} + 1 generations of {config.max_tokens} tokens")
     first, rates = [], []
     for round_number in range(config.peer_rounds + 1):
         start = time.perf_counter()
@@ -665,6 +671,7 @@ def long_table(long: dict) -> list[str]:
 
 def memory_table(memory: dict) -> list[str]:
     cache, files = memory["slot_cache"], memory["session_file_bytes"]
+    growth = memory["rss_growth_per_resident_session_bytes"]
     lines = [
         "| per-session memory | bytes |",
         "|---|---|",
@@ -672,7 +679,7 @@ def memory_table(memory: dict) -> list[str]:
         f"{cache['head_dim']} x {cache['tokens']} tokens x {cache['dtype']}) | {cache['keys_values_bytes']:,} |",
         f"| a slot's whole cache (with positions and tokens) | {cache['all_arrays_bytes']:,} |",
         f"| server RSS growth per resident session ({memory['rss_growth_from']}) | "
-        f"{memory['rss_growth_per_resident_session_bytes']:,.0f} |",
+        f"{'-' if growth is None else f'{growth:,.0f}'} |",
     ]
     if files:
         lines.append(

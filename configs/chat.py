@@ -1,6 +1,6 @@
 r"""Endless multi-turn chat with StreamingLLM (`python -m experiments.chat`).
 
-Interactive (type your turns; /reset, /stats, /quit):
+Interactive (type your turns; /reset, /stats, /save NAME, /load NAME, /quit):
 
     python -m experiments.chat --config=configs/chat.py --workdir=/tmp/streamjax/chat
 
@@ -10,7 +10,12 @@ Scripted (one user turn per line of a .txt file, or {"role", "content"} records 
         --config.script=turns.txt --config.window=508
 
 Every field can be overridden on the command line (`--config.temperature=0`). Outputs, in the workdir:
-`transcript.jsonl` (one record per turn) and `summary.json`. This file lists every field.
+`transcript.jsonl` (one record per turn) and `summary.json`. A conversation saved under a name and resumed on the
+next run (kill it at any time; rerun the same command to go on):
+
+    python -m experiments.chat --config=configs/chat.py --workdir=/tmp/streamjax/chat --config.session=mine
+
+This file lists every field.
 """
 
 import ml_collections
@@ -44,4 +49,7 @@ def get_config(arg=None):
     config.mesh = ""  # e.g. "data=1,model=8" (see configs/ppl.py)
     config.chunk_size = 256  # prompt tokens per forward pass
     config.block_size = 16  # decode steps per dispatch: the text appears in blocks of this many tokens
+    # A saved conversation (workdir/sessions/NAME.session.safetensors) to resume if it exists; "" for none.
+    # When set, the conversation is saved there after every turn, so a killed chat goes on from its last turn.
+    config.session = ""
     return config

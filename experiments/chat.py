@@ -3,7 +3,10 @@
 python -m experiments.chat --config=configs/chat.py --workdir=/tmp/streamjax/chat
 
 A scripted conversation (`config.script`: a .txt of user turns or a .jsonl of records) or an interactive
-one; every turn is appended to `workdir/transcript.jsonl`, `workdir/summary.json` at the end.
+one; every turn is appended to `workdir/transcript.jsonl`, `workdir/summary.json` at the end. Conversations
+are saved to and loaded from `workdir/sessions/NAME.session.safetensors` (`streamjax.files.sessions`): by the
+commands /save NAME and /load NAME, and with `config.session`, which resumes the named conversation if it is
+saved and saves it after every turn.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from experiments.program import main
-from streamjax.files import chat_models, loading
+from streamjax.files import chat_models, loading, sessions
 from streamjax.model import sharding
 from streamjax.model.cache import check_cache_shape
 from streamjax.runs import machine, provenance, writes
@@ -24,9 +27,19 @@ from streamjax.stream import chat, sampling, stopping, templates
 CONFIG_FIELDS = (
     "model", "num_sinks", "window", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
     "max_new_tokens", "system_prompt", "stop", "dtype", "mesh", "script", "chat_template", "chunk_size", "block_size",
+    "session",
 )  # fmt: skip
 NO_LIMIT = -1  # config.max_new_tokens of a reply that only an end id or a stop string ends
-COMMANDS = {"/reset": "start a new conversation", "/stats": "cache, stream and speed", "/quit": "end the chat"}
+SESSIONS = "sessions"  # the workdir's folder of saved conversations
+TRANSCRIPT_RECORDS = "transcript_records"  # a `session`'s extra: the transcript's length when it was saved
+COMMANDS = {
+    "/reset": "start a new conversation",
+    "/stats": "cache, stream and speed",
+    "/save NAME": f"save the conversation to workdir/{SESSIONS}/NAME{sessions.SESSION_SUFFIX}",
+    "/load NAME": "go on with a saved conversation",
+    "/quit": "end the chat",
+}
+COMMAND_WORDS = frozenset(command.split()[0] for command in COMMANDS)  # "/save NAME" is typed "/save mine"
 
 
 def check_config(config) -> tuple[sampling.SamplingSettings, list[str]]:
@@ -50,6 +63,11 @@ def check_config(config) -> tuple[sampling.SamplingSettings, list[str]]:
     loading.parse_dtype(config.dtype)
     if config.mesh:
         sharding.parse_mesh(config.mesh)
+    if config.session:
+        try:
+            sessions.session_path(".", config.session)
+        except ValueError as error:
+            raise ValueError(f"config.session: {error}") from None
     return chat.turn_settings(config, 0), stop
 
 
@@ -58,15 +76,21 @@ def run(
 ) -> tuple[chat.Conversation, list[chat.Turn]]:
     """The chat program: a scripted conversation (`config.script`) or an interactive one, reading user
     turns from `lines` (default stdin) and writing replies as they come with `write` (default stdout).
-    Every turn is appended to `workdir/transcript.jsonl`; `workdir/summary.json` at the end. Returns the
-    conversation as it ends and every turn's record."""
+    Every turn is appended to `workdir/transcript.jsonl`; `workdir/summary.json` at the end. With
+    `config.session`, the conversation saved under that name is resumed (if there is one) and saved after
+    every turn. Returns the conversation as it ends and every turn's record (of this run)."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     _, stop = check_config(config)
     system, script = read_script(config.script) if config.script else (config.system_prompt, None)
     workdir = pathlib.Path(workdir).expanduser()
     transcript = workdir / "transcript.jsonl"
-    if transcript.exists():
-        raise ValueError(f"{transcript} holds an earlier chat; use another --workdir or move it away")
+    session = sessions.session_path(workdir / SESSIONS, config.session) if config.session else None
+    resuming = session is not None and session.exists()
+    if transcript.exists() and not resuming:
+        raise ValueError(
+            f"{transcript} holds an earlier chat; use another --workdir, move it away, or resume a conversation "
+            f"saved in {workdir / SESSIONS} (--config.session=NAME)"
+        )
     mesh = sharding.config_mesh(config.mesh)
     model = chat_models.load_chat_model(config.model, config.dtype, mesh, config.chat_template or None)
     limit = None if config.max_new_tokens == NO_LIMIT else config.max_new_tokens
@@ -75,19 +99,25 @@ def run(
         vocab_size=model.config.vocab_size,
     )  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
-    conversation = chat.new_conversation(model, config.num_sinks, config.window, system)
+    conversation, records = _opening(model, config, system, session if resuming else None, transcript)
     turns: list[chat.Turn] = []
     messages = iter(script) if script is not None else _typed_lines(lines, write)
     for message in messages:
-        if message in COMMANDS:
-            if message == "/quit":
+        command, _, name = message.partition(" ")
+        if command in COMMAND_WORDS:
+            if command == "/quit":
                 break
-            if message == "/reset":
+            if command == "/reset":
                 conversation = chat.new_conversation(model, config.num_sinks, config.window, system)
-            write(_stats(conversation, turns) if message == "/stats" else "(a new conversation)\n")
+                said = "(a new conversation)\n"
+            elif command == "/stats":
+                said = _stats(conversation, turns)
+            else:
+                conversation, said = _session_command(command, name.strip(), model, conversation, config, workdir)
+            write(said)
             continue
         write("model> " if script is None else f"user> {message}\nmodel> ")
-        settings = chat.turn_settings(config, len(turns))
+        settings = chat.turn_settings(config, conversation.turns)
         conversation, turn = chat.chat_turn(
             model, conversation, message, settings, stops, on_text=write,
             chunk_size=config.chunk_size, block_size=config.block_size,
@@ -96,8 +126,57 @@ def run(
         turns.append(turn)
         with transcript.open("a", encoding="utf-8") as file:
             file.write(json.dumps(turn.record()) + "\n")
+        records += 1
+        if session is not None:
+            sessions.save_conversation(session, model, conversation, {TRANSCRIPT_RECORDS: records})
     _write_summary(workdir, config, turns)
     return conversation, turns
+
+
+def _opening(model, config, system: str, session: pathlib.Path | None, transcript: pathlib.Path):
+    """(the conversation the chat starts with: the saved `session`, or a new one; the transcript's records)."""
+    if session is None:
+        return chat.new_conversation(model, config.num_sinks, config.window, system), 0
+    conversation, extra = load_session(session, model, config)
+    return conversation, _trim_transcript(transcript, extra.get(TRANSCRIPT_RECORDS))
+
+
+def load_session(path: pathlib.Path, model: chat.ChatModel, config) -> tuple[chat.Conversation, dict]:
+    """The conversation saved at `path` and its `extra`; ValueError when its cache is not the config's S + W."""
+    conversation, extra = sessions.load_conversation(path, model)
+    cache = conversation.cache
+    if (cache.num_sinks, cache.window) != (config.num_sinks, config.window):
+        raise ValueError(
+            f"{path} holds a cache of {cache.num_sinks} sinks + {cache.window} window, not the config's "
+            f"{config.num_sinks} + {config.window}: run with --config.num_sinks={cache.num_sinks} "
+            f"--config.window={cache.window} to go on with it"
+        )
+    return conversation, extra
+
+
+def _trim_transcript(transcript: pathlib.Path, records: int | None) -> int:
+    """Drop the transcript's records past the `records` the resumed session was saved with (a turn whose
+    record was appended before a kill stopped its save: the session does not hold it); returns the count."""
+    lines = transcript.read_text(encoding="utf-8").splitlines(keepends=True) if transcript.exists() else []
+    if records is not None and len(lines) > records:
+        writes.write_text(transcript, "".join(lines[:records]))
+        return records
+    return len(lines)
+
+
+def _session_command(command: str, name: str, model, conversation: chat.Conversation, config, workdir: pathlib.Path):
+    """/save NAME or /load NAME: (the conversation after it, what to tell the user). A bad name, a missing
+    or corrupt session, one of another model or a failed write is reported, and the chat goes on."""
+    try:
+        path = sessions.session_path(workdir / SESSIONS, name)
+        if command == "/save":
+            sessions.save_conversation(path, model, conversation)
+            return conversation, f"(saved to {path})\n"
+        loaded, _ = load_session(path, model, config)
+    except (ValueError, OSError) as error:
+        return conversation, f"(not {'saved' if command == '/save' else 'loaded'}: {error})\n"
+    position = int(loaded.cache.next_position[0])
+    return loaded, f"(loaded {path}: {loaded.turns} turns, stream position {position})\n"
 
 
 def _typed_lines(lines, write):

@@ -48,7 +48,7 @@ NAME_RULE = "a session name is 1 to 128 characters from A-Z, a-z, 0-9, '.', '_' 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # dtypes safetensors' numpy API cannot store, kept as their raw bits of the same width
 _RAW_BITS = {"bfloat16": np.uint16}
-REMEDY = "delete it (or load another session) and start the conversation again"
+_REMEDY = "delete it (or load another session) and start the conversation again"
 
 
 def session_path(directory: str | os.PathLike, name: str) -> pathlib.Path:
@@ -71,8 +71,8 @@ def save_conversation(
     metadata = {
         "format": FORMAT,
         "model_spec": model.spec,
-        "model_config_digest": config_digest(model.config),
-        "cache_layout": json.dumps(cache_layout(conversation.cache), sort_keys=True),
+        "model_config_digest": _config_digest(model.config),
+        "cache_layout": json.dumps(_cache_layout(conversation.cache), sort_keys=True),
         "tensor_dtypes": json.dumps({name: str(array.dtype) for name, array in tensors.items()}, sort_keys=True),
         "messages": json.dumps(conversation.messages),
         "reply_text": json.dumps(conversation.reply_text),
@@ -102,13 +102,13 @@ def load_conversation(path: str | os.PathLike, model: chat.ChatModel) -> tuple[c
     return chat.Conversation(cache, messages, reply_text), json.loads(metadata["extra"])
 
 
-def config_digest(config) -> str:
+def _config_digest(config) -> str:
     """SHA-256 of a `ModelConfig`'s fields (as sorted JSON): equal for the same architecture."""
     fields = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
     return hashlib.sha256(fields.encode("utf-8")).hexdigest()
 
 
-def cache_layout(cache: SinkCache) -> dict[str, Any]:
+def _cache_layout(cache: SinkCache) -> dict[str, Any]:
     """The static fields of a cache that a session must match: sinks, window, dtype, layer types, and
     the sliding sub-cache's sinks and window (None without one)."""
     sliding = cache.sliding
@@ -152,17 +152,17 @@ def _read(path: pathlib.Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         dtypes = json.loads(metadata["tensor_dtypes"])
         tensors = {name: array.view(jnp.dtype(dtypes[name])) for name, array in tensors.items()}
     except Exception as error:  # safetensors raises its own errors, and a damaged header anything
-        raise writes.CorruptFile(f"{path} is not a readable session file ({error}); {REMEDY}") from None
+        raise writes.CorruptFile(f"{path} is not a readable session file ({error}); {_REMEDY}") from None
     if metadata.get("format") != FORMAT:
-        raise writes.CorruptFile(f"{path} is not a {FORMAT} session (format {metadata.get('format')!r}); {REMEDY}")
+        raise writes.CorruptFile(f"{path} is not a {FORMAT} session (format {metadata.get('format')!r}); {_REMEDY}")
     if metadata.get("digest") != _digest(metadata, tensors):
-        raise writes.CorruptFile(f"{path} is corrupt (its SHA-256 digest does not match its content); {REMEDY}")
+        raise writes.CorruptFile(f"{path} is corrupt (its SHA-256 digest does not match its content); {_REMEDY}")
     return metadata, tensors
 
 
 def _check_model(path: pathlib.Path, metadata: Mapping[str, str], model: chat.ChatModel) -> None:
     saved = (metadata["model_spec"], metadata["model_config_digest"])
-    loaded = (model.spec, config_digest(model.config))
+    loaded = (model.spec, _config_digest(model.config))
     if saved != loaded:
         raise ValueError(
             f"{path} was saved from model {saved[0]!r} (config digest {saved[1][:12]}), not from the loaded model "
@@ -181,7 +181,7 @@ def _cache_from(path: pathlib.Path, tensors: Mapping[str, np.ndarray], layout: M
         template = jax.eval_shape(build)
     except ValueError as error:
         raise ValueError(f"{path} holds a cache this model cannot use: {error}") from None
-    expected = {**cache_layout(template), "dtype": str(dtype)}
+    expected = _cache_layout(template)
     if expected != layout:
         differences = [f"{key} {layout[key]!r} (session) vs {expected[key]!r} (model)" for key in layout
                        if layout[key] != expected.get(key)]  # fmt: skip
@@ -191,6 +191,7 @@ def _cache_from(path: pathlib.Path, tensors: Mapping[str, np.ndarray], layout: M
     shapes = {name: (tuple(leaf.shape), jnp.dtype(leaf.dtype)) for name, (_, leaf) in zip(names, leaves)}
     found = {name: (tuple(array.shape), jnp.dtype(array.dtype)) for name, array in tensors.items()}
     if found != shapes:
-        wrong = sorted(set(found.items()) ^ set(shapes.items()))
-        raise ValueError(f"{path} holds cache arrays this model does not build: {wrong[:6]} (session vs model)")
+        wrong = [f"{name} {found.get(name)} vs {shapes.get(name)}" for name in sorted({*found, *shapes})
+                 if found.get(name) != shapes.get(name)]  # fmt: skip
+        raise ValueError(f"{path} holds cache arrays this model does not build: {', '.join(wrong)} (session vs model)")
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(tensors[name]) for name in names])

@@ -98,7 +98,7 @@ def create_app(
         raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
     metrics = Metrics(engine)
     app = fastapi.FastAPI(title="streamjax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(ApiError, lambda request, error: error.response())
+    app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(Guard, metrics=metrics)
     server = Server(engine, model_name, api_key, max_body_bytes, metrics)
@@ -111,7 +111,11 @@ def create_app(
     return app
 
 
-def _http_error(request: fastapi.Request, error: HTTPException) -> fastapi.responses.JSONResponse:
+async def _api_error(request: fastapi.Request, error: ApiError) -> fastapi.responses.JSONResponse:
+    return error.response()
+
+
+async def _http_error(request: fastapi.Request, error: HTTPException) -> fastapi.responses.JSONResponse:
     """Starlette's own refusals (no such route, wrong method) as OpenAI error objects."""
     return ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").response()
 
@@ -145,9 +149,7 @@ class Server:
 
     async def model(self, request: fastapi.Request, model_id: str):
         self.authorize(request)
-        if model_id != self.model_name:
-            raise ApiError(404, f"The model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")  # fmt: skip
+        self.check_model(model_id)
         return self.model_card()
 
     def model_card(self) -> dict[str, Any]:
@@ -160,11 +162,14 @@ class Server:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, f"model must be a non-empty string (this server serves {self.model_name!r})", "model")
+        self.check_model(model)
+        refuse_unsupported(body)
+        return body
+
+    def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")  # fmt: skip
-        refuse_unsupported(body)
-        return body
 
     def authorize(self, request: fastapi.Request) -> None:
         """ApiError 401 unless no key is set or `Authorization: Bearer <key>` matches it (constant time)."""
@@ -280,24 +285,28 @@ def session_id(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | Non
 
 def sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     """The engine.Request fields shared by both completions, checked; absent or null fields keep their default."""
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and (not is_int(body["n"]) or body["n"] != 1):
         raise ApiError(400, f"n must be 1 (one reply per request), got {body['n']!r}", "n")
     fields = {"max_tokens": max_tokens(body)}
-    for name, low, high, low_included in (("temperature", 0, 2, True), ("top_p", 0, 1, False)):
-        value = body.get(name)
-        if value is None:
-            continue
-        inside = isinstance(value, int | float) and not isinstance(value, bool) and value <= high
-        if not inside or not (value >= low if low_included else value > low):
-            bounds = f"{'[' if low_included else '('}{low}, {high}]"
-            raise ApiError(400, f"{name} must be a number in {bounds}, got {value!r}", name)
-        fields[name] = float(value)
+    for name, low_included in (("temperature", True), ("top_p", False)):
+        if body.get(name) is not None:
+            fields[name] = number_in(body, name, 0.0, 2.0 if name == "temperature" else 1.0, low_included)
     if body.get("seed") is not None:
         if not is_int(body["seed"]):
             raise ApiError(400, f"seed must be an integer, got {body['seed']!r}", "seed")
         fields["seed"] = body["seed"]
     fields["stop"] = stop_strings(body.get("stop"))
     return fields
+
+
+def number_in(body: Mapping[str, Any], name: str, low: float, high: float, low_included: bool) -> float:
+    """body[name] as a float in [low, high] (or (low, high] unless `low_included`), else ApiError 400."""
+    value = body[name]
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not (low <= value if low_included else low < value) or not value <= high:
+        raise ApiError(400, f"{name} must be a number in {'[' if low_included else '('}{low}, {high}], got {value!r}",
+                       name)  # fmt: skip
+    return float(value)
 
 
 def max_tokens(body: Mapping[str, Any]) -> int | None:
@@ -326,12 +335,12 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
 def streaming(body: Mapping[str, Any]) -> dict[str, bool]:
     """{"stream", "include_usage"}: OpenAI's `stream` and `stream_options.include_usage`."""
     stream, options = body.get("stream"), body.get("stream_options")
-    if stream not in (None, True, False):
+    if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
     if options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
-    include_usage = (options or {}).get("include_usage", False) if isinstance(options, dict) else options
-    if include_usage not in (None, True, False):
+    include_usage = options.get("include_usage", False) if isinstance(options, dict) else options
+    if include_usage is not None and not isinstance(include_usage, bool):
         raise ApiError(400, f"stream_options must be {{'include_usage': true | false}}, got {options!r}",
                        "stream_options")  # fmt: skip
     return {"stream": bool(stream), "include_usage": bool(include_usage)}

@@ -9,6 +9,7 @@ layers (a hybrid cache with a `sliding` sub-cache).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -25,12 +26,13 @@ import safetensors
 
 import streamjax
 from streamjax.files import chat_models, sessions
-from streamjax.model import families
+from streamjax.model import families, sharding
+from streamjax.model.cache import init_cache
 from streamjax.runs.writes import CorruptFile
 from streamjax.stream import chat, stopping
 from support import tiny_chat
 from support.killed_session import version_conversation
-from support.models import hf_state_dict, randomize_weights
+from support.models import cpu_devices_env, hf_state_dict, randomize_weights
 
 tiny = tiny_chat.tiny  # the shared fixture, under its name
 REPO = tiny_chat.REPO
@@ -181,7 +183,7 @@ def test_a_damaged_file_is_a_corrupt_file_that_names_itself(saved, damage):
         sessions.load_conversation(path, model)
 
 
-def test_a_session_of_another_model_or_cache_layout_is_refused(saved, tiny):
+def test_a_session_of_another_model_or_cache_layout_is_refused(saved, tiny, monkeypatch):
     model, path, _ = saved
     with pytest.raises(ValueError, match="saved from model .*" + str(tiny[0]) + ".*'other'"):
         sessions.load_conversation(path, dataclasses.replace(model, spec="other"))
@@ -190,6 +192,15 @@ def test_a_session_of_another_model_or_cache_layout_is_refused(saved, tiny):
         sessions.load_conversation(path, other_config)
     with pytest.raises(ValueError, match="another layout: dtype 'float32' \\(session\\) vs 'bfloat16' \\(model\\)"):
         sessions.load_conversation(path, load_tiny(tiny, "bfloat16"))
+
+    def fewer_layers(*args, **kwargs):  # a cache of one layer, as a streamjax whose cache changed would build
+        cache = init_cache(*args, **kwargs)
+        return cache.replace(keys=cache.keys[:1], values=cache.values[:1])
+
+    monkeypatch.setattr(sessions, "init_cache", fewer_layers)
+    with pytest.raises(ValueError, match="arrays this model does not build: .keys\\[1\\] \\(\\(1, 2, 8, 16\\), dtype"):
+        sessions.load_conversation(path, model)
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="no saved session"):
         sessions.load_conversation(path.with_name("absent" + sessions.SESSION_SUFFIX), model)
 
@@ -231,3 +242,39 @@ def test_a_kill_during_a_save_leaves_the_old_session_or_the_new_one(tiny, tmp_pa
         versions.append(version)
     assert versions == sorted(versions) and versions[0] >= 1 and len(set(versions)) == 5  # each run saved more
     assert list(tmp_path.glob("*.partial")) in ([], [path.with_name(path.name + ".partial")])
+
+
+def sharded_round_trip(model_dir: str, template: str, directory: str) -> dict:
+    """(Needs 2 devices.) A conversation on a data=1,model=2 mesh saved, then loaded onto the mesh and onto
+    one device: whether each loaded cache array has the saved one's sharding, and equals it bit for bit."""
+    mesh = sharding.make_mesh("data=1,model=2", devices=jax.devices()[:2])
+    model = chat_models.load_chat_model(model_dir, mesh=mesh, template_file=template)
+    conversation, _ = talk(model, chat.new_conversation(model, 2, 14), ["w5 w6", "w7"], 0, 0.0)
+    path = sessions.session_path(directory, "sharded")
+    sessions.save_conversation(path, model, conversation)
+    on_mesh = sessions.load_conversation(path, model)[0].cache
+    single = sessions.load_conversation(path, dataclasses.replace(model, mesh=None))[0].cache
+    saved, loaded, plain = (jax.tree.leaves(cache) for cache in (conversation.cache, on_mesh, single))
+    return {
+        "same_sharding": [a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(saved, loaded)],
+        "split": [len(a.sharding.device_set) for a in saved],
+        "equal": [
+            bool(np.array_equal(bits(a), bits(b)) and np.array_equal(bits(a), bits(c)))
+            for a, b, c in zip(saved, loaded, plain)
+        ],  # fmt: skip
+        "single_device": [len(a.sharding.device_set) == 1 for a in plain],
+    }
+
+
+def test_a_session_loads_onto_the_model_s_mesh(tiny, tmp_path):
+    """Run in a child with 2 CPU devices (XLA fixes the count at start): the keys split over the model axis."""
+    command = [sys.executable, __file__, *map(str, tiny), str(tmp_path)]
+    child = subprocess.run(command, env=cpu_devices_env(2), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.splitlines()[-1])
+    assert all(result["same_sharding"]) and all(result["equal"]) and all(result["single_device"])
+    assert max(result["split"]) == 2  # the kv heads of keys and values really are split
+
+
+if __name__ == "__main__":
+    print(json.dumps(sharded_round_trip(*sys.argv[1:])))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -20,7 +22,7 @@ import pytest
 
 from configs import chat as chat_config
 from experiments import chat as chat_program
-from streamjax.files import chat_models
+from streamjax.files import chat_models, sessions
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import chat, generation, sampling, stopping
 from support import tiny_chat
@@ -143,6 +145,7 @@ def test_a_reply_that_stops_on_another_end_id_is_closed_with_the_template_s(two_
         ("max_new_tokens below -1", "max_new_tokens must be an int >= 0, or -1"),
         ("transcript already there", "holds an earlier chat"),
         ("window < 1", "window must be >= 1"),
+        ("bad session name", "config.session: bad session name '../chat'"),
     ],
 )
 def test_bad_input_is_refused_before_compiling_and_writes_nothing(tiny, tmp_path, case, message):
@@ -160,6 +163,8 @@ def test_bad_input_is_refused_before_compiling_and_writes_nothing(tiny, tmp_path
         overrides["max_new_tokens"] = -2
     elif case == "window < 1":
         overrides["window"] = 0
+    elif case == "bad session name":
+        overrides["session"] = "../chat"
     out = tmp_path / "out"
     if case == "transcript already there":
         out.mkdir()
@@ -170,6 +175,91 @@ def test_bad_input_is_refused_before_compiling_and_writes_nothing(tiny, tmp_path
     assert (jitted_forward._cache_size(), generation._decode_block._cache_size()) == compiled
     assert not (out / "summary.json").exists()
     assert case == "transcript already there" or not out.exists()
+
+
+def assert_same_cache(actual, expected) -> None:
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # float32: equal values, equal bits
+
+
+def test_typed_save_and_load_go_back_to_a_saved_conversation(tiny, tmp_path):
+    """/load of a conversation saved after turn 1 makes the next turn repeat turn 2 exactly (seeded sampling:
+    the seed follows the loaded conversation's turns); bad names and missing sessions only print a message."""
+    written: list[str] = []
+    lines = ["w5 w6", "/save first", "w7 w8", "/load first", "w7 w8", "/save ../x", "/load absent", "/save", "w9"]
+    config = tiny_config(tiny, temperature=0.9, seed=3)
+    conversation, turns = chat_program.run(config, tmp_path, lines=lines, write=written.append)
+    text = "".join(written)
+    path = tmp_path / "sessions" / "first.session.safetensors"
+    assert f"(saved to {path})" in text and f"(loaded {path}: 1 turns, stream position" in text
+    assert "(not saved: bad session name '../x'" in text and "(not saved: bad session name ''" in text
+    assert "(not loaded: no saved session at" in text
+    assert [turn.user for turn in turns] == ["w5 w6", "w7 w8", "w7 w8", "w9"]  # the chat went on
+    second, again = turns[1].record(), turns[2].record()
+    assert second == {**again, **{key: second[key] for key in second if key.endswith("seconds") or "_per_" in key}}
+    assert len(second["reply_token_ids"]) > 1
+    assert_transcript_is_the_cache([turns[0].record(), again, turns[3].record()], conversation.cache)
+
+
+def test_the_session_field_resumes_a_chat_across_runs_as_if_it_never_stopped(tiny, tmp_path):
+    """Two runs with `session`: the second resumes where the first ended and appends to the transcript; the
+    replies, the transcript and the final cache equal those of one run of all the turns (seeded sampling)."""
+    first, second = ["w5 w6 w7", "w8"], ["w9 w10", "w11 w12 w13"]
+    config = tiny_config(tiny, temperature=0.9, seed=5, session="mine")
+    config.script = script(tmp_path / "first.txt", first)
+    chat_program.run(config, tmp_path / "resumed", write=lambda text: None)
+    assert (tmp_path / "resumed" / "sessions" / "mine.session.safetensors").is_file()
+    with (tmp_path / "resumed" / "transcript.jsonl").open("a") as transcript:  # as if killed before the save
+        transcript.write('{"turn": 3, "a record": "of a turn the session does not hold"}\n')
+    config.script = script(tmp_path / "second.txt", second)
+    resumed, _ = chat_program.run(config, tmp_path / "resumed", write=lambda text: None)
+    whole_config = tiny_config(tiny, temperature=0.9, seed=5, script=script(tmp_path / "all.txt", first + second))
+    whole, whole_turns = chat_program.run(whole_config, tmp_path / "whole", write=lambda text: None)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "transcript.jsonl").read_text().splitlines()]
+    ids = lambda record: (record["turn"], record["input_token_ids"], record["reply_token_ids"])  # noqa: E731
+    assert [ids(record) for record in records] == [ids(turn.record()) for turn in whole_turns]
+    assert int(whole.cache.next_position[0]) > 16  # past the 2 + 14 cache
+    assert_same_cache(resumed.cache, whole.cache)
+    assert resumed.messages == whole.messages
+    assert_transcript_is_the_cache(records, resumed.cache)
+    with pytest.raises(ValueError, match="holds a cache of 2 sinks \\+ 14 window, not the config's 2 \\+ 16"):
+        chat_program.run(tiny_config(tiny, session="mine", window=16), tmp_path / "resumed", write=print)
+
+
+def test_a_chat_killed_mid_conversation_resumes_from_its_last_saved_turn(tiny, tmp_path):
+    """The entry point with `session`, SIGKILLed once its transcript has 3 records, then run again with the
+    turns after the ones its session holds: replies and transcript equal one uninterrupted run's."""
+    turns = [f"w{5 + i % 80}" for i in range(400)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", STREAMJAX_COMPILATION_CACHE=str(tmp_path / "xla"))
+    flags = [
+        "--config=configs/chat.py", f"--config.model={tiny[0]}", f"--config.chat_template={tiny[1]}",
+        "--config.num_sinks=2", "--config.window=14", "--config.max_new_tokens=6", "--config.temperature=0.9",
+        "--config.seed=5", "--config.session=mine", "--config.chunk_size=8", "--config.block_size=4",
+        f"--config.script={script(tmp_path / 'all.txt', turns)}",
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "experiments.chat", *flags, f"--workdir={out}"], cwd=REPO,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while child.poll() is None and time.monotonic() < deadline:
+        if (out / "transcript.jsonl").exists() and len((out / "transcript.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    child.kill()
+    assert child.wait(timeout=30) == -signal.SIGKILL, child.stderr.read().decode()[-3000:]
+    config = tiny_config(tiny, temperature=0.9, seed=5, session="mine")
+    model = chat_models.load_chat_model(config.model, template_file=config.chat_template)
+    done = sessions.load_conversation(out / "sessions" / "mine.session.safetensors", model)[0].turns
+    assert 2 <= done < len(turns)  # the transcript had 3 records: the third turn may have been killed in its save
+    config.script = script(tmp_path / "rest.txt", turns[done : done + 2])
+    resumed, _ = chat_program.run(config, out, write=lambda text: None)
+    whole_config = tiny_config(tiny, temperature=0.9, seed=5, script=script(tmp_path / "some.txt", turns[: done + 2]))
+    whole, whole_turns = chat_program.run(whole_config, tmp_path / "whole", write=lambda text: None)
+    records = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    ids = lambda record: (record["turn"], record["input_token_ids"], record["reply_token_ids"])  # noqa: E731
+    assert [ids(record) for record in records] == [ids(turn.record()) for turn in whole_turns]
+    assert_same_cache(resumed.cache, whole.cache)
 
 
 def test_the_entry_point_runs_a_script_and_says_what_is_wrong(tiny, tmp_path):

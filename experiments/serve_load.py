@@ -70,6 +70,7 @@ POSITIVE_INT_FIELDS = (
     "peer_rounds", "server_start_timeout_s", "request_timeout_s",
 )  # fmt: skip
 SERVE_CONFIG = "configs/serve.py"
+WINDOW_TURNS = 10  # long sessions: medians over the first turns (from turn 2) and over the last ones
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,12 +379,37 @@ def long_sessions(server: ServerProcess, config, prompts: Iterator[str]) -> dict
             record["decode_tokens_per_s"] = decode_rate(record)
     summary = phase_summary(records, wall, server)
     summary["at_turn"] = {str(turn): turn_summary(records, turn) for turn in (2, config.long_turns)}
-    early, late = summary["at_turn"]["2"], summary["at_turn"][str(config.long_turns)]
+    last, size = config.long_turns, min(WINDOW_TURNS, config.long_turns - 1)
+    early_turns, late_turns = (2, 1 + size), (last - size + 1, last)
+    summary["windows"] = {f"{a}-{b}": window_summary(records, a, b) for a, b in (early_turns, late_turns)}
+    early, late = (summary["windows"][f"{a}-{b}"] for a, b in (early_turns, late_turns))
     summary["late_over_early"] = {
-        key: late[key] / early[key] for key in ("decode_tokens_per_s", "server_rss_bytes") if early[key]
+        "decode_tokens_per_s_median": ratio(late["decode_tokens_per_s_median"], early["decode_tokens_per_s_median"]),
+        "time_to_first_token_s_median": ratio(
+            late["time_to_first_token_s_median"], early["time_to_first_token_s_median"]
+        ),
+        "server_rss_bytes_at_turn": summary["at_turn"][str(last)]["server_rss_bytes"]
+        / summary["at_turn"]["2"]["server_rss_bytes"],
     }
     summary["cache_tokens"] = config.num_sinks + config.window
     return summary
+
+
+def window_summary(records: list[list[dict]], first: int, last: int) -> dict[str, Any]:
+    """Medians over turns `first`..`last` (inclusive) of every session: decode tokens/s, TTFT, latency."""
+    rows = [record for session in records for record in session[first - 1 : last]]
+    rates = [row["decode_tokens_per_s"] for row in rows if row["decode_tokens_per_s"] is not None]
+    return {
+        "decode_tokens_per_s_median": statistics.median(rates) if rates else None,
+        "time_to_first_token_s_median": statistics.median(row["time_to_first_token_s"] or 0.0 for row in rows),
+        "latency_s_median": statistics.median(row["latency_s"] for row in rows),
+        "stream_tokens_at_end": [session[last - 1]["stream_tokens"] for session in records],
+        "server_rss_bytes_at_end": max(session[last - 1]["server_rss_bytes"] for session in records),
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
 
 
 def decode_rate(record: dict) -> float | None:
@@ -660,13 +686,22 @@ def long_table(long: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for turn, row in long["at_turn"].items():
-        rate = "-" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.2f}"
         lines.append(
-            f"| {turn} | {', '.join(map(str, row['stream_tokens']))} | {rate} | "
+            f"| {turn} | {', '.join(map(str, row['stream_tokens']))} | {number(row['decode_tokens_per_s'])} | "
             f"{row['time_to_first_token_s']:.3f} | {row['server_rss_bytes'] / 2**20:.1f} |"
         )
-    ratios = ", ".join(f"{key} {value:.3f}" for key, value in long["late_over_early"].items())
-    return [*lines, "", f"Last turn over turn 2: {ratios}."]
+    for turns, row in long["windows"].items():
+        lines.append(
+            f"| {turns} (medians) | {', '.join(map(str, row['stream_tokens_at_end']))} at the end | "
+            f"{number(row['decode_tokens_per_s_median'])} | {row['time_to_first_token_s_median']:.3f} | "
+            f"{row['server_rss_bytes_at_end'] / 2**20:.1f} at the end |"
+        )
+    ratios = ", ".join(f"{key} {number(value, 3)}" for key, value in long["late_over_early"].items())
+    return [*lines, "", f"Last over first (windows' medians; RSS at the last turn over turn 2): {ratios}."]
+
+
+def number(value: float | None, decimals: int = 2) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
 
 
 def memory_table(memory: dict) -> list[str]:

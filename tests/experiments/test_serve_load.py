@@ -4,6 +4,7 @@ tokenizer: a real server child process on loopback, tiny numbers (2 turns, long 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -60,6 +61,10 @@ def test_a_run_measures_every_phase_and_its_numbers_agree(tiny, tmp_path):
     assert set(long["at_turn"]) == {"2", "3"}
     assert long["at_turn"]["3"]["stream_tokens"] == [session[2]["stream_tokens"] for session in long["records"]]
     assert long["cache_tokens"] == 32
+    rates = [record["decode_tokens_per_s"] for session in long["records"] for record in session[1:3]]
+    rates = [rate for rate in rates if rate is not None]  # None: a one-token reply
+    assert set(long["windows"]) == {"2-3"}  # 3 turns: the first and the last window are turns 2 and 3
+    assert long["windows"]["2-3"]["decode_tokens_per_s_median"] == pytest.approx(statistics.median(rates))
 
     # Every client-side usage adds up to the server's own counter.
     assert results["totals"]["client_completion_tokens"] == results["totals"]["server_completion_tokens_total"]

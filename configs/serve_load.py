@@ -4,8 +4,9 @@ r"""Load test of the server (`python -m experiments.serve_load`): loopback, boun
 
 It starts `python -m experiments.serve` (configs/serve.py, port 0) as a child process, drives it over HTTP
 and writes `workdir/serve_load.json` and `workdir/results.md`; the server's own workdir is
-`workdir/server` (and `workdir/server_one_slot` for the one-slot baseline). The default takes about 20
-minutes on 2 CPU cores. Every field can be overridden (`--config.long_turns=50`). This file lists every field.
+`workdir/server` (and `workdir/server_one_slot` for the one-slot baseline). The default took 1,020 s
+on 2 shared CPU cores (docs/serve). Every field can be overridden (`--config.long_turns=50`). This file
+lists every field.
 """
 
 import ml_collections

@@ -541,7 +541,7 @@ def transformers_peer(bench, streamjax_per_token_s: float) -> dict[str, Any]:
     import torch
     import transformers
 
-    model = _transformers_model(loading.resolve_model(bench.model), getattr(torch, bench.dtype))
+    model = transformers_model(loading.resolve_model(bench.model), getattr(torch, bench.dtype))
     prompt_length = bench.num_sinks + bench.route_window
     prompt = torch.as_tensor(
         np.random.RandomState(bench.seed).randint(0, model.config.get_text_config().vocab_size, (1, prompt_length))
@@ -551,7 +551,7 @@ def transformers_peer(bench, streamjax_per_token_s: float) -> dict[str, Any]:
     gaps, prompt_times = [], []
     for round_number in range(bench.peer_rounds + 1):
         start = time.perf_counter()
-        stamps, cache = _generate_stamped(model, prompt, bench.peer_new_tokens)
+        stamps, cache = generate_stamped(model, prompt, bench.peer_new_tokens)
         if round_number:  # the first call is untimed (allocations, lazy initialisation)
             prompt_times.append(stamps[0] - start)
             gaps += np.diff(stamps).tolist()
@@ -576,7 +576,7 @@ def transformers_peer(bench, streamjax_per_token_s: float) -> dict[str, Any]:
     }
 
 
-def _transformers_model(source: loading.ModelSource, dtype):
+def transformers_model(source: loading.ModelSource, dtype):
     """transformers' own load of the model file (a GGUF dequantized as transformers does it), eval mode."""
     import transformers
 
@@ -589,7 +589,7 @@ def _transformers_model(source: loading.ModelSource, dtype):
     return model.eval()
 
 
-def _generate_stamped(model, prompt, new_tokens: int) -> tuple[list[float], Any]:
+def generate_stamped(model, prompt, new_tokens: int) -> tuple[list[float], Any]:
     """(when each of `new_tokens` greedy tokens was chosen, the cache at the end) of one `model.generate`."""
     import torch
     import transformers

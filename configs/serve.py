@@ -36,7 +36,7 @@ def get_config(arg=None):
     config.default_max_tokens = 256
     config.max_tokens_limit = 4096
     config.seed = 0  # the sampling seed of a request that gives none
-    config.chunk_size = 256  # prompt tokens per forward pass
+    config.chunk_size = 64  # prompt tokens per forward pass: a turn's prompt is short, and a chunk is computed whole
     config.block_size = 16  # decode steps per dispatch: a streamed reply comes in blocks of this many tokens
     config.max_stop_strings = 4  # as OpenAI's API
     return config

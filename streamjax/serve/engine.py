@@ -110,7 +110,7 @@ class EngineSettings:
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     seed: int = 0
-    chunk_size: int = 256
+    chunk_size: int = 64  # as configs/serve.py: a turn's prompt is short and a chunk is computed whole
     block_size: int = 8
     max_stop_strings: int = 4
     max_stop_bytes: int = 64

@@ -56,6 +56,9 @@ def get_config(arg=None):
     # MLP and vocabulary over 8 devices (`streamjax.model.sharding`); data * model must be the device count.
     # A run resumes only on the mesh it started on: a split changes float rounding in the last bits.
     config.mesh = ""
+    # Several processes (hosts) over one mesh: "" (one process), "auto" (TPU pod slice, SLURM, Open MPI) or
+    # "coordinator=HOST:PORT,num_processes=N,process_id=I" (see streamjax/runs/distributed.py, docs/sharding.md).
+    config.distributed = ""
     # Save a checkpoint every this many predictions (a multiple of chunk_size); 0: never.
     config.checkpoint_every = 2048
     # Text fed before the data, after the BOS if the tokenizer adds one (its tokens without special tokens,

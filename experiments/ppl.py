@@ -85,18 +85,19 @@ from experiments.program import main
 from streamjax.files import corpora, loading
 from streamjax.model import sharding
 from streamjax.model.config import ModelConfig
-from streamjax.runs import checkpoints, finite, log, machine, plots, provenance, signals, writes
+from streamjax.runs import distributed, checkpoints, finite, log, machine, plots, provenance, signals, writes
 from streamjax.runs import workdir as workdir_lib
 from streamjax.stream import perplexity
 
 CONFIG_FIELDS = (
     "model", "data", "method", "num_sinks", "window", "num_tokens", "route", "chunk_size", "dtype",
     "checkpoint_every", "sink_prefix", "sink_prefix_repeat", "variants", "plot_window", "segment_tokens", "mesh",
-    "skip_tokens", "sliding_sinks",
+    "skip_tokens", "sliding_sinks", "distributed",
 )  # fmt: skip
 # Fields that do not change any number a run computes; a restart may change them. Not `mesh`: a sharded
-# matmul adds its partial sums in another order, which can change the last bit of the NLL.
-UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window", "segment_tokens")
+# matmul adds its partial sums in another order, which can change the last bit of the NLL. `distributed`
+# differs between the processes of one run (their ids); its process count is fingerprinted instead.
+UNFINGERPRINTED_FIELDS = ("checkpoint_every", "plot_window", "segment_tokens", "distributed")
 VARIANT_FIELDS = (
     "name", "method", "num_sinks", "window", "num_tokens", "skip_tokens", "sink_prefix", "sink_prefix_repeat",
     "sliding_sinks",
@@ -169,6 +170,7 @@ def check_config(config) -> list[Run]:
     loading.parse_dtype(config.dtype)
     if config.mesh:
         sharding.parse_mesh(config.mesh)
+    distributed.parse(config.distributed)
     return plan_runs(config)
 
 
@@ -183,6 +185,7 @@ def fingerprint(config, weights: str | None = None) -> dict[str, Any]:
     mesh = fields.pop("mesh")
     if mesh:  # one spelling per mesh ("model=8" is "data=1,model=8"); absent on one device, as before meshes
         fields["mesh"] = ",".join(f"{axis}={size}" for axis, size in sharding.parse_mesh(mesh).items())
+    fields.update(distributed.fingerprint())
     if weights is not None:
         fields["weights"] = weights
     return fields
@@ -211,6 +214,7 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
     the mesh is checked against the devices before anything is loaded.
     """
     runs = check_config(config)
+    distributed.initialize(config.distributed)
     workdir = pathlib.Path(workdir).expanduser().resolve()
     started = check_workdir(workdir, config)
     if started and all((workdir / item.name / "summary.json").is_file() for item in runs):
@@ -235,11 +239,12 @@ def run(config, workdir: str | os.PathLike, progress: bool = True) -> dict[str, 
         perplexity.check_text_tokens(tokens, model_config)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lib.workdir_lock(workdir), signals.StopRequests() as stop:
-        if not check_workdir(workdir, config, weights):  # again: another process may have started it meanwhile
-            writes.write_json(
+        if not check_workdir(workdir, config, weights) and distributed.is_writer():  # again: another run may
+            writes.write_json(  # have started meanwhile
                 workdir / "config.json",
                 {"fingerprint": fingerprint(config, weights), "config": provenance.plain_config(config)},
             )
+        distributed.barrier("ppl: config.json")
         for item in runs:
             run_one(item, *fed[item.name], workdir / item.name, config, model_config, params, progress, mesh, stop)
         return report(config, workdir, runs)
@@ -332,11 +337,14 @@ def run_one(
     nll_bytes = _npy_bytes(text_nll)
     summary["nll_sha256"] = hashlib.sha256(nll_bytes).hexdigest()
     saved = sorted(int(path.name) for path in (run_dir / "checkpoints").glob("*") if path.name.isdigit())
-    with writes.on_full_disk(f"run {item.name}'s checkpoint(s) ({', '.join(map(str, saved)) or 'none'}) are intact"):
-        writes.write_bytes(run_dir / "nll.npy", nll_bytes)
-        writes.write_json(run_dir / "timeline.json", timeline)
-        writes.write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.barrier(f"ppl: {item.name} computed")  # every process has read the checkpoints it restored
+    if distributed.is_writer():
+        with writes.on_full_disk(f"run {item.name}'s checkpoint(s) ({', '.join(map(str, saved)) or 'none'}) are intact"):
+            writes.write_bytes(run_dir / "nll.npy", nll_bytes)
+            writes.write_json(run_dir / "timeline.json", timeline)
+            writes.write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    distributed.barrier(f"ppl: {item.name} written")
     return summary
 
 
@@ -468,6 +476,8 @@ def report(config, workdir: pathlib.Path, runs: list[Run]) -> dict[str, Any]:
         "table": table,
         "made_by": made_by,
     }
+    if not distributed.is_writer():
+        return summary
     with writes.on_full_disk(f"the results of every run (<run>/summary.json, nll.npy) in {workdir} are intact"):
         plots.plot_log_ppl(workdir / "log_ppl.png", nll, window=config.plot_window, title=title, footer=made_by)
         segment_title = f"{title}, every {config.segment_tokens} predictions"

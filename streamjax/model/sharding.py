@@ -85,14 +85,22 @@ def make_mesh(spec: str | Mapping[str, int], devices: list | None = None) -> Mes
 
 
 def config_mesh(spec: str) -> Mesh | None:
-    """The mesh of a config's `mesh` field over all devices, or None for "" (the default device); a
-    ValueError names the field when the mesh does not fit this machine."""
+    """The mesh of a config's `mesh` field over all devices (every process's, in a distributed run), or None
+    for "" (the default device); a ValueError names the field when the mesh does not fit the devices, or
+    when a distributed run has no mesh."""
+    processes = jax.process_count()
     if not spec:
+        if processes > 1:
+            raise ValueError(
+                f"a distributed run of {processes} processes needs config.mesh over their {jax.device_count()} "
+                f"devices, e.g. 'data={processes},model={jax.device_count() // processes}'"
+            )
         return None
     try:
         return make_mesh(spec)
     except ValueError as error:
-        raise ValueError(f"config.mesh={spec!r} does not fit this machine: {error}") from None
+        where = "this machine" if processes == 1 else f"the {processes} processes' devices ({jax.local_device_count()} each)"
+        raise ValueError(f"config.mesh={spec!r} does not fit {where}: {error}") from None
 
 
 def logical_partition(axes: tuple[str, ...], shape: tuple[int, ...], axis_sizes: Mapping[str, int]) -> PartitionSpec:

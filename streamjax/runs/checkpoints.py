@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from streamjax.runs import log
+from streamjax.runs import distributed, log
 
 
 class CorruptCheckpoint(Exception):
@@ -55,9 +55,12 @@ def manager(directory: pathlib.Path, max_to_keep: int = 2) -> ocp.CheckpointMana
 
 
 def remove_partial_steps(directory: pathlib.Path) -> None:
-    """Delete the temporary directories of saves that never completed (a kill or a full disk mid-save)."""
-    for partial in directory.glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
+    """Delete the temporary directories of saves that never completed (a kill or a full disk mid-save); in a
+    distributed run, process 0 deletes them while the others wait."""
+    if distributed.is_writer():
+        for partial in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier(f"checkpoints: partial steps of {directory} removed")
 
 
 def state_digest(tree, meta: dict | None = None) -> str:
@@ -67,7 +70,7 @@ def state_digest(tree, meta: dict | None = None) -> str:
     Without `meta`, the digest of the arrays alone (what steps saved before held)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
-        array = np.ascontiguousarray(jax.device_get(leaf))
+        array = np.ascontiguousarray(distributed.host_array(leaf))
         digest.update(f"{array.shape}{array.dtype}".encode())
         digest.update(array.tobytes())
     if meta is not None:
@@ -161,7 +164,9 @@ def _restore_step(checkpoints: ocp.CheckpointManager, step: int, abstract) -> Re
 def quarantine(directory: pathlib.Path, step: int, problem: str) -> None:
     """Move a bad checkpoint step aside (never delete it), and say so."""
     target = directory.parent / "corrupt_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(directory / str(step)), target)
+    if distributed.is_writer():  # every process found the same step corrupt (the same digest check)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(directory / str(step)), target)
+    distributed.barrier(f"checkpoints: step {step} of {directory} set aside")
     message = f"checkpoint {directory / str(step)} is corrupt ({problem}); moved to {target}, trying the one before"
     log.log("checkpoints", message)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 from streamjax.runs import writes
 
 REMEDY = (
@@ -58,6 +60,14 @@ class WorkdirInUse(OSError):
     """Another process holds the workdir's lock."""
 
 
+def lock_name() -> str:
+    """The lock file of this process: `lock` for process 0 (the only one of most runs), `lock.process<i>` for
+    process i of a distributed run (`streamjax.runs.distributed`), so that each process of a run holds
+    its own and a second run on the workdir meets process 0's."""
+    index = jax.process_index() if jax.distributed.is_initialized() else 0
+    return "lock" if index == 0 else f"lock.process{index}"
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: pathlib.Path):
     """Hold an exclusive lock on `workdir` (an flock on `workdir/lock`) or raise `WorkdirInUse` at once.
@@ -65,7 +75,7 @@ def workdir_lock(workdir: pathlib.Path):
     The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a dead run
     never leaves the workdir locked. The file says which process holds it; it is never deleted.
     """
-    handle = open(workdir / "lock", "a+")
+    handle = open(workdir / lock_name(), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

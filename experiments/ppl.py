@@ -85,7 +85,7 @@ from experiments.program import main
 from streamjax.files import corpora, loading
 from streamjax.model import sharding
 from streamjax.model.config import ModelConfig
-from streamjax.runs import distributed, checkpoints, finite, log, machine, plots, provenance, signals, writes
+from streamjax.runs import checkpoints, distributed, finite, log, machine, plots, provenance, signals, writes
 from streamjax.runs import workdir as workdir_lib
 from streamjax.stream import perplexity
 
@@ -339,7 +339,9 @@ def run_one(
     saved = sorted(int(path.name) for path in (run_dir / "checkpoints").glob("*") if path.name.isdigit())
     distributed.barrier(f"ppl: {item.name} computed")  # every process has read the checkpoints it restored
     if distributed.is_writer():
-        with writes.on_full_disk(f"run {item.name}'s checkpoint(s) ({', '.join(map(str, saved)) or 'none'}) are intact"):
+        with writes.on_full_disk(
+            f"run {item.name}'s checkpoint(s) ({', '.join(map(str, saved)) or 'none'}) are intact"
+        ):
             writes.write_bytes(run_dir / "nll.npy", nll_bytes)
             writes.write_json(run_dir / "timeline.json", timeline)
             writes.write_json(run_dir / "summary.json", summary)  # last: its presence means the run is done

@@ -99,7 +99,11 @@ def config_mesh(spec: str) -> Mesh | None:
     try:
         return make_mesh(spec)
     except ValueError as error:
-        where = "this machine" if processes == 1 else f"the {processes} processes' devices ({jax.local_device_count()} each)"
+        where = (
+            "this machine"
+            if processes == 1
+            else f"the {processes} processes' devices ({jax.local_device_count()} each)"
+        )
         raise ValueError(f"config.mesh={spec!r} does not fit {where}: {error}") from None
 
 

@@ -120,7 +120,7 @@ def restore_latest(
     sound step that belongs to another job (another config or text): that is the user's error, not a
     corruption, so it propagates.
     """
-    if not directory.is_dir():
+    if not distributed.writer_sees(directory.is_dir()):
         return None
     remove_partial_steps(directory)
     checkpoints = manager(directory)

@@ -200,6 +200,14 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def writer_sees(fact: bool) -> bool:
+    """Process 0's `fact` in every process: what a process sees on disk may change under it while process 0
+    writes (a checkpoint directory created), so the processes take the path that process 0's view gives."""
+    if jax.process_count() == 1:
+        return fact
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(fact)))
+
+
 def host_array(array: jax.Array) -> np.ndarray:
     """The whole of a (global) array on this host: gathered from every process when it spans several."""
     if not isinstance(array, jax.Array) or array.is_fully_addressable:

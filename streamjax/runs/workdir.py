@@ -1,4 +1,4 @@
-"""A long job's working directory: one process at a time (a lock), and only the config it was started with.
+"""A long job's working directory: one run at a time (a lock), and only the config it was started with.
 
 Every job writes `workdir/config.json` holding `{"fingerprint": {field: value}}`, the config fields that
 decide its numbers; a restart compares its own fingerprint with the saved one and refuses a different
@@ -28,6 +28,10 @@ REMEDY = (
 )
 
 
+# Fingerprint fields left out at their usual value (so that workdirs made before them still match): that value.
+ABSENT_MEANS = {"processes": 1}  # `streamjax.runs.distributed.fingerprint`
+
+
 def saved_fingerprint(workdir: pathlib.Path) -> dict[str, Any] | None:
     """The fingerprint in `workdir/config.json`, None if no run started there; raises if `workdir` is a
     file, or `writes.CorruptFile` if config.json cannot be read."""
@@ -44,10 +48,14 @@ def check_fingerprint(
 ) -> None:
     """Raise ValueError naming every field (but those in `ignore`) whose value in the workdir's saved
     fingerprint differs from the current config's."""
+
+    def value(fingerprint: Mapping[str, Any], key: str) -> Any:
+        return fingerprint.get(key, ABSENT_MEANS.get(key))
+
     differences = [
-        f"{key}: {saved.get(key)!r} in the workdir, {current.get(key)!r} now"
+        f"{key}: {value(saved, key)!r} in the workdir, {value(current, key)!r} now"
         for key in sorted((set(saved) | set(current)) - set(ignore))
-        if saved.get(key) != current.get(key)
+        if value(saved, key) != value(current, key)
     ]
     if differences:
         raise ValueError(
@@ -70,7 +78,8 @@ def lock_name() -> str:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: pathlib.Path):
-    """Hold an exclusive lock on `workdir` (an flock on `workdir/lock`) or raise `WorkdirInUse` at once.
+    """Hold an exclusive lock on `workdir` (an flock on `workdir/lock`, or `lock.process<i>`: `lock_name`) or
+    raise `WorkdirInUse` at once.
 
     The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a dead run
     never leaves the workdir locked. The file says which process holds it; it is never deleted.

@@ -8,6 +8,7 @@ Workdir layout:
     config.json          the config and the weights the workdir belongs to (checked on every restart,
                          the weights whenever a run is left to compute)
     lock                 flock'ed by the process using the workdir (`workdir_lock`); says which one
+                         (lock.process<i>: process i of a distributed run)
     <run>/               one per run: the method name, or "<method>-<variant name>" with variants
         checkpoints/     orbax steps named by predictions done, while the run is in progress; each
                          step's metadata holds a SHA-256 of its arrays and the rest of its metadata
@@ -58,6 +59,12 @@ Devices: `config.mesh` "" runs on the default device; a mesh such as "data=1,mod
 param straight onto its shards and shards each run's cache (`streamjax.model.sharding`), and checkpoints
 restore onto the same shards. The mesh is part of the fingerprint: splitting a sum over devices
 changes its float rounding, so a run resumes only on the mesh it started on, to stay bitwise equal.
+
+Several processes: with `config.distributed` set (`streamjax.runs.distributed`), the same command runs on
+every host, the mesh covers every process's devices, each process reads the text and the weight files and
+puts its own devices' shards of the weights on them, every process saves and restores the checkpoints
+together, and process 0 alone writes the files above. The process count is part of the fingerprint (a
+restart with another count is refused).
 """
 
 from __future__ import annotations

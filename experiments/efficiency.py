@@ -39,8 +39,8 @@ documented in `configs/efficiency.py`. It measures, on the default JAX backend:
                  the order of the collectives' device ids), decode {batch, cache_size, ...}, train {batch,
                  sample_length, ...}: each {timing (the step alone), traced_step_s, collective_s,
                  collective_share (of the traced step), collective_bytes, cross_process_collective_s,
-                 cross_process_share, cross_process_bytes, untimed_collectives, collectives [{name, op,
-                 shapes, bytes, groups, crosses_processes, seconds_per_step, executions_per_step}],
+                 cross_process_share, cross_process_bytes, untimed_collectives, unread_groups, collectives
+                 [{name, op, shapes, bytes, groups, crosses_processes, seconds_per_step, executions_per_step}],
                  per_process [{process, step_s, traced_step_s, collective_s, cross_process_collective_s}]}}
   Seconds are per device per step (the mean over this process's devices); bytes are the collectives'
   results on one device, per step. A collective's seconds include its wait for the slowest device.
@@ -752,7 +752,8 @@ def _collective_row(collective, measured: dict | None, crosses: bool | None) -> 
 
 def _collective_totals(rows: list[dict], traced_step_s: float) -> dict[str, Any]:
     """Seconds and bytes (per device, per step) of all collectives and of those that cross processes, and their
-    share of the traced step; a collective not seen in the trace counts one execution and no seconds."""
+    share of the traced step; a collective not seen in the trace counts one execution and no seconds, one whose
+    groups were not read (`unread_groups`) is not counted as crossing."""
     crossing = [row for row in rows if row["crosses_processes"]]
 
     def seconds(selected):
@@ -769,6 +770,7 @@ def _collective_totals(rows: list[dict], traced_step_s: float) -> dict[str, Any]
         "cross_process_share": seconds(crossing) / traced_step_s,
         "cross_process_bytes": moved(crossing),
         "untimed_collectives": [row["name"] for row in rows if row["seconds_per_step"] is None],
+        "unread_groups": [row["name"] for row in rows if row["groups"] is None],
     }
 
 

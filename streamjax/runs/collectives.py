@@ -38,7 +38,10 @@ _INSTRUCTION = re.compile(
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _LISTED_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[(?P<axes>[^\]]*)\]"
+    r"(?:,\s*device_ids=\((?P<ids>\[[\d,]+\](?:T\([\d,]+\))?|[\d,]+)\))?\s*\{(?P<grouped>[^}]*)\}"
+)
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 
@@ -89,13 +92,9 @@ def device_groups(instruction: str, num_devices: int) -> tuple[tuple[int, ...], 
         groups = tuple(tuple(int(i) for i in group.split(",") if i) for group in re.findall(r"\{([\d,]*)\}", match[1]))
         return groups or (tuple(range(num_devices)),)
     if match := _IOTA_GROUPS.search(instruction):
-        shape, dims = _integers(match[1]), _integers(match[2])
-        ids = np.arange(math.prod(dims)).reshape(dims)
-        if match[3]:
-            ids = ids.transpose(_integers(match[3]))
-        return tuple(tuple(int(i) for i in row) for row in ids.reshape(shape))
+        return tuple(tuple(int(i) for i in row) for row in _iota(match[2], match[3]).reshape(_integers(match[1])))
     if match := _MESH_GROUPS.search(instruction):
-        return _mesh_axis_groups(match[1], match[2])
+        return _mesh_axis_groups(match["axes"], match["ids"], match["grouped"])
     return None
 
 
@@ -103,20 +102,37 @@ def _integers(text: str) -> list[int]:
     return [int(item) for item in text.split(",")]
 
 
-def _mesh_axis_groups(axes_text: str, grouped_text: str) -> tuple[tuple[int, ...], ...] | None:
-    """Groups of the mesh spelling: devices numbered row-major over the axes; a group varies the listed axes."""
+def _iota(dims: str, permutation: str | None) -> np.ndarray:
+    """XLA's iota device list "[dims]T(permutation)": 0..n-1 laid out as `dims`, transposed."""
+    ids = np.arange(math.prod(_integers(dims))).reshape(_integers(dims))
+    return ids.transpose(_integers(permutation)) if permutation else ids
+
+
+def _mesh_axis_groups(axes_text: str, ids_text: str | None, grouped_text: str) -> tuple[tuple[int, ...], ...] | None:
+    """Groups of the mesh spelling: mesh positions numbered row-major over the axes, position p holding device
+    `device_ids[p]` (p itself without device_ids); a group varies the listed axes, the others fixed."""
     if ":" in grouped_text or "(" in grouped_text:  # a sub-axis: not read
         return None
     axes = [(name, int(size)) for name, size in re.findall(r"'(\w+)'=(\d+)", axes_text)]
     names = [name for name, _ in axes]
     grouped = re.findall(r"'(\w+)'", grouped_text)
+    count = math.prod(size for _, size in axes)
     if not set(grouped) <= set(names):
         return None
-    ids = np.arange(math.prod(size for _, size in axes)).reshape([size for _, size in axes])
+    if ids_text is None:
+        devices = np.arange(count)
+    elif ids_text.startswith("["):
+        dims, _, permutation = ids_text[1:].partition("]")
+        devices = _iota(dims, permutation[2:-1] or None).reshape(-1)
+    else:
+        devices = np.asarray(_integers(ids_text))
+    if devices.size != count:
+        return None
+    positions = devices.reshape([size for _, size in axes])
     kept = [i for i, name in enumerate(names) if name not in grouped]
-    ids = ids.transpose(kept + [names.index(name) for name in grouped])
+    positions = positions.transpose(kept + [names.index(name) for name in grouped])
     group_size = math.prod(size for name, size in axes if name in grouped)
-    return tuple(tuple(int(i) for i in row) for row in ids.reshape(-1, group_size))
+    return tuple(tuple(int(i) for i in row) for row in positions.reshape(-1, group_size))
 
 
 def crosses_processes(collective: Collective, device_processes: Sequence[int]) -> bool | None:

@@ -24,6 +24,13 @@ TUPLE = (
     "  %all-reduce.20 = (f32[], s32[], f32[8,32,1]{2,1,0}) all-reduce(%a, %b, %c), channel_id=9, "
     "replica_groups={}, use_global_device_ids=true, to_apply=%add.1"
 )
+MESH_WITH_DEVICES = (  # as jax 0.10.2 prints the "model" axis of a data=2,model=4 mesh, devices reordered
+    "  %all-reduce = f32[1,1,64]{2,1,0} all-reduce(%s), channel_id=4, replica_groups=mesh['axis_0'=4,'axis_1'=1,"
+    "'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, use_global_device_ids=true, to_apply=%add.1.clone"
+)
+LISTED_DEVICES = (
+    "  %all-reduce.1 = f32[2]{0} all-reduce(%s), replica_groups=mesh['x'=2,'y'=2], device_ids=(3,1,2,0) {'x'}"
+)
 PERMUTE = "  %collective-permute.1 = f32[4]{0} collective-permute(%y), channel_id=5, source_target_pairs={{0,4},{1,2}}"
 UNREAD = "  %all-to-all = f32[4]{0} all-to-all(%z), replica_groups=mesh['x'=2,'y'=4] {'y':(1)2}, dimensions={0}"
 
@@ -34,6 +41,10 @@ def test_groups_in_each_spelling():
     assert collectives.device_groups(IOTA, 8) == ((0, 2, 4, 6), (1, 3, 5, 7))
     # groups vary axis_0 (size 2): devices that differ only in their row of the 2 x 1 x 4 mesh
     assert collectives.device_groups(MESH, 8) == ((0, 4), (1, 5), (2, 6), (3, 7))
+    # positions 0..7 of the 4 x 1 x 2 mesh hold devices 0,4,1,5,2,6,3,7; a group varies axis_0
+    assert collectives.device_groups(MESH_WITH_DEVICES, 8) == ((0, 1, 2, 3), (4, 5, 6, 7))
+    # positions of the 2 x 2 mesh hold devices 3,1 / 2,0; a group varies x
+    assert collectives.device_groups(LISTED_DEVICES, 4) == ((3, 2), (1, 0))
     assert collectives.device_groups(TUPLE, 8) == (tuple(range(8)),)
     assert collectives.device_groups(PERMUTE, 8) == ((0, 4), (1, 2))
     assert collectives.device_groups(UNREAD, 8) is None

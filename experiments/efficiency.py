@@ -33,7 +33,7 @@ documented in `configs/efficiency.py`. It measures, on the default JAX backend:
   are listed from its HLO (`streamjax.runs.collectives`: op, shapes and bytes per device, device groups,
   whether a group spans processes); the step is timed alone, then run `mesh_traced_steps` times under
   `jax.profiler`, whose trace gives each collective's seconds per step on this process's devices. Process
-  0 writes `workdir/efficiency_mesh.json`:
+  0 writes `workdir/efficiency_mesh.json` and its summary table `workdir/results.md`:
     meta         as below, and processes, local_devices
     mesh         {spec, axes, processes, devices, device_processes (the process of each mesh device, in
                  the order of the collectives' device ids), decode {batch, cache_size, ...}, train {batch,
@@ -775,7 +775,8 @@ def _collective_totals(rows: list[dict], traced_step_s: float) -> dict[str, Any]
 
 
 def run_on_mesh(config, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
-    """The mesh section alone (`mesh_costs`); process 0 writes `efficiency_mesh.json`."""
+    """The mesh section alone (`mesh_costs`); process 0 writes `efficiency_mesh.json` and `results.md`
+    (`mesh_table`)."""
     started = time.perf_counter()
     model_config, params = build_model(config)
     meta = {**describe(config, model_config, params), "made_by": provenance.made_by()}
@@ -789,7 +790,33 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
     if distributed.is_writer():
         workdir.mkdir(parents=True, exist_ok=True)
         writes.write_text(workdir / "efficiency_mesh.json", json.dumps(results, indent=2, default=_json_default) + "\n")
+        writes.write_text(workdir / "results.md", mesh_table(results) + "\n")
     return results
+
+
+def mesh_table(results: dict[str, Any]) -> str:
+    """The mesh section as a markdown table (milliseconds per step, shares of the traced step, bytes per device)
+    under a line naming the mesh, the processes and the run."""
+    mesh, meta = results["mesh"], results["meta"]
+    lines = [
+        f"mesh {mesh['spec']} over {mesh['processes']} process(es), {mesh['devices']} {meta['device']} devices "
+        f"({meta['backend']}, jax {meta['jax_version']}); {meta['made_by']}",
+        "",
+        "| step | alone (ms) | traced (ms) | collectives (ms) | share | crossing processes (ms) | share | "
+        "collectives | crossing | bytes | crossing bytes |",
+        "|---|" + "---:|" * 10,
+    ]
+    for step in ("decode", "train"):
+        row = mesh[step]
+        crossing = sum(1 for collective in row["collectives"] if collective["crosses_processes"])
+        lines.append(
+            f"| {step} | {row['timing']['median_s'] * 1e3:.2f} | {row['traced_step_s'] * 1e3:.2f} | "
+            f"{row['collective_s'] * 1e3:.2f} | {row['collective_share']:.2f} | "
+            f"{row['cross_process_collective_s'] * 1e3:.2f} | {row['cross_process_share']:.2f} | "
+            f"{len(row['collectives'])} | {crossing} | {row['collective_bytes']:,.0f} | "
+            f"{row['cross_process_bytes']:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from experiments import efficiency
 from streamjax.runs import collectives
 from support import processes
 
@@ -25,8 +26,10 @@ def report(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("efficiency_mesh")
     results = processes.run(processes.experiment("efficiency", [CONFIG, *QUICK], workdir), timeout=240)
     processes.assert_succeeded(results)
-    assert sorted(path.name for path in workdir.iterdir()) == ["efficiency_mesh.json"]  # written once, by process 0
-    return json.loads((workdir / "efficiency_mesh.json").read_text())
+    assert sorted(path.name for path in workdir.iterdir()) == ["efficiency_mesh.json", "results.md"]  # process 0's
+    report = json.loads((workdir / "efficiency_mesh.json").read_text())
+    assert (workdir / "results.md").read_text() == efficiency.mesh_table(report) + "\n"
+    return report
 
 
 def test_the_mesh_spans_both_processes(report):

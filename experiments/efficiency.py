@@ -129,14 +129,18 @@ METHODS = ("streaming", "recompute", "dense")
 # Model and cache states
 
 
-def build_model(config) -> tuple[ModelConfig, dict]:
-    """(model config, params): `config.model` loaded, or random weights of `config.random_model`."""
+def build_model(config, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
+    """(model config, params): `config.model` loaded, or random weights of `config.random_model`; with a `mesh`,
+    made on their shards of it (never whole on one device)."""
     dtype = loading.parse_dtype(config.dtype)
     if config.model != "random":
-        model_config, params, _ = loading.load_model(config.model, dtype)
+        model_config, params, _ = loading.load_model(config.model, dtype, mesh)
         return model_config, params
     model_config = ModelConfig(**config.random_model.to_dict())
-    return model_config, init_params(families.param_specs(model_config), jax.random.key(config.seed), dtype)
+    specs = families.param_specs(model_config)
+    shardings = None if mesh is None else sharding.param_shardings(specs, mesh)
+    initialize = jax.jit(lambda key: init_params(specs, key, dtype), out_shardings=shardings)
+    return model_config, initialize(jax.random.key(config.seed))
 
 
 def filled_cache(
@@ -674,11 +678,11 @@ def mesh_costs(params: dict, config: ModelConfig, bench, mesh: Mesh) -> dict[str
 
 def decode_on_mesh(params: dict, config: ModelConfig, bench, mesh: Mesh) -> dict[str, Any]:
     """`step_costs` of the jitted decode step (T = 1, cache donated) of `mesh_decode_batch` streams on a full
-    StreamingLLM cache of `mesh_cache_size` slots, params and cache on their shards of `mesh`."""
+    StreamingLLM cache of `mesh_cache_size` slots; `params` are on their shards of `mesh`, the cache is put on
+    its shards."""
     batch, size = bench.mesh_decode_batch, bench.mesh_cache_size
     dtype = jax.tree.leaves(params)[0].dtype
     log.log("efficiency", f"mesh {bench.mesh}: decode step, batch {batch}, cache {size}")
-    params = sharding.shard_params(params, families.param_specs(config), mesh)
     cache = filled_cache(config, bench.num_sinks, size - bench.num_sinks, size, dtype, batch_size=batch)
     state = {"cache": sharding.shard_cache(cache, mesh)}
     tokens = jax.device_put(np.ones((batch, 1), np.int32), sharding.batch_sharding(mesh, batch))
@@ -778,7 +782,7 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
     """The mesh section alone (`mesh_costs`); process 0 writes `efficiency_mesh.json` and `results.md`
     (`mesh_table`)."""
     started = time.perf_counter()
-    model_config, params = build_model(config)
+    model_config, params = build_model(config, mesh)
     meta = {**describe(config, model_config, params), "made_by": provenance.made_by()}
     meta.update(
         processes=jax.process_count(),

@@ -74,6 +74,20 @@ def get_config(arg=None):
     config.bandwidth_bytes = 1 << 30  # well above the last-level cache
     config.bandwidth_repeats = 3  # of the read-bandwidth sum timed just before each decode row
     config.matmul_size = 2048
+    # Devices: "" measures everything above on the default device. A mesh such as "data=2,model=4" (data * model
+    # must be the device count of all processes; `streamjax.model.sharding`) measures instead one decode step and one
+    # training step of the model laid over it: step time, and the collectives XLA put in each (time, bytes, whether
+    # they cross processes), written to efficiency_mesh.json.
+    config.mesh = ""
+    # Several processes (hosts) over one mesh: "" (one process), "auto" (TPU pod slice, SLURM, Open MPI) or
+    # "coordinator=HOST:PORT,num_processes=N,process_id=I" (see streamjax/runs/distributed.py, docs/sharding.md).
+    config.distributed = ""
+    config.mesh_cache_size = 1024  # S + W of the decode step's full StreamingLLM cache (num_sinks of them sinks)
+    config.mesh_decode_batch = 1  # streams decoded together (split over "data" where the axis divides them)
+    config.mesh_train_batch = 8  # samples per training step (a multiple of the data axis), from random text
+    config.mesh_train_length = 256  # tokens per sample
+    config.mesh_train_tokens = 65_536  # random text the samples are drawn from
+    config.mesh_traced_steps = 5  # steps run under jax.profiler, whose trace times each collective
     if options.small:
         _make_small(config)
     return config
@@ -98,3 +112,5 @@ def _make_small(config: ml_collections.ConfigDict) -> None:
     config.stream_chunk_size = 256
     config.generation_block, config.generation_rounds = 8, 2
     config.bandwidth_bytes, config.matmul_size = 1 << 24, 256
+    config.mesh_cache_size, config.mesh_train_batch, config.mesh_train_length = 64, 8, 32
+    config.mesh_train_tokens, config.mesh_traced_steps = 4096, 3

@@ -27,6 +27,24 @@ documented in `configs/efficiency.py`. It measures, on the default JAX backend:
   (`adjacent_bandwidth_fraction`: the same machine state, which matters on a shared machine); each
   route and recompute row against the matmul throughput of the model's dtype (`matmul_fraction`).
 
+- mesh (only with `config.mesh`, and then alone: the sections above measure one device): one decode step
+  and one training step (`streamjax.training`) of the model laid over the mesh, which may span several
+  processes (`config.distributed`, `streamjax.runs.distributed`). XLA's collectives in each compiled step
+  are listed from its HLO (`streamjax.runs.collectives`: op, shapes and bytes per device, device groups,
+  whether a group spans processes); the step is timed alone, then run `mesh_traced_steps` times under
+  `jax.profiler`, whose trace gives each collective's seconds per step on this process's devices. Process
+  0 writes `workdir/efficiency_mesh.json` and its summary table `workdir/results.md`:
+    meta         as below, and processes, local_devices
+    mesh         {spec, axes, processes, devices, device_processes (the process of each mesh device, in
+                 the order of the collectives' device ids), decode {batch, cache_size, ...}, train {batch,
+                 sample_length, ...}: each {timing (the step alone), traced_step_s, collective_s,
+                 collective_share (of the traced step), collective_bytes, cross_process_collective_s,
+                 cross_process_share, cross_process_bytes, untimed_collectives, unread_groups, collectives
+                 [{name, op, shapes, bytes, groups, crosses_processes, seconds_per_step, executions_per_step}],
+                 per_process [{process, step_s, traced_step_s, collective_s, cross_process_collective_s}]}}
+  Seconds are per device per step (the mean over this process's devices); bytes are the collectives'
+  results on one device, per step. A collective's seconds include its wait for the slowest device.
+
 Timings: `warmup` untimed calls, then `repeats` calls each ended by `block_until_ready`; the median
 is the figure, min and all times are kept. Figures that are compared (the two routes, the early and
 late positions) are timed alternately, so that drift of a shared machine affects both alike.
@@ -89,16 +107,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import streamjax
 from experiments.program import main
+from streamjax import training
 from streamjax.files import loading
-from streamjax.model import costs, families
+from streamjax.model import costs, families, sharding
 from streamjax.model.cache import SinkCache, check_cache_shape, check_sliding_cache, init_cache
 from streamjax.model.config import ModelConfig
 from streamjax.model.params import init_params
 from streamjax.model.transformer import jitted_forward
-from streamjax.runs import log, machine, plots, provenance, writes
+from streamjax.runs import collectives, distributed, log, machine, plots, provenance, writes
 from streamjax.stream import generation, perplexity, sampling, stopping
 
 METHODS = ("streaming", "recompute", "dense")
@@ -108,14 +129,18 @@ METHODS = ("streaming", "recompute", "dense")
 # Model and cache states
 
 
-def build_model(config) -> tuple[ModelConfig, dict]:
-    """(model config, params): `config.model` loaded, or random weights of `config.random_model`."""
+def build_model(config, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
+    """(model config, params): `config.model` loaded, or random weights of `config.random_model`; with a `mesh`,
+    made on their shards of it (never whole on one device)."""
     dtype = loading.parse_dtype(config.dtype)
     if config.model != "random":
-        model_config, params, _ = loading.load_model(config.model, dtype)
+        model_config, params, _ = loading.load_model(config.model, dtype, mesh)
         return model_config, params
     model_config = ModelConfig(**config.random_model.to_dict())
-    return model_config, init_params(families.param_specs(model_config), jax.random.key(config.seed), dtype)
+    specs = families.param_specs(model_config)
+    shardings = None if mesh is None else sharding.param_shardings(specs, mesh)
+    initialize = jax.jit(lambda key: init_params(specs, key, dtype), out_shardings=shardings)
+    return model_config, initialize(jax.random.key(config.seed))
 
 
 def filled_cache(
@@ -622,6 +647,183 @@ def _cache_layout(cache) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# On a mesh: a decode step and a training step over several devices (and processes), and their collectives
+
+
+def check_mesh_config(bench) -> None:
+    """Raise ValueError for mesh fields that cannot describe a run, before JAX starts."""
+    if bench.mesh:
+        sharding.parse_mesh(bench.mesh)
+    distributed.parse(bench.distributed)
+    if not bench.num_sinks < bench.mesh_cache_size:
+        raise ValueError(f"mesh_cache_size ({bench.mesh_cache_size}) must exceed num_sinks ({bench.num_sinks})")
+    for field in ("mesh_decode_batch", "mesh_train_batch", "mesh_traced_steps"):
+        if bench[field] < 1:
+            raise ValueError(f"{field} must be >= 1, got {bench[field]}")
+
+
+def mesh_costs(params: dict, config: ModelConfig, bench, mesh: Mesh) -> dict[str, Any]:
+    """The mesh, and a decode step and a training step of the model laid over it (`step_costs` of each)."""
+    devices = list(mesh.devices.flat)
+    return {
+        "spec": bench.mesh,
+        "axes": dict(mesh.shape),
+        "processes": jax.process_count(),
+        "devices": len(devices),
+        "device_processes": [device.process_index for device in devices],
+        "decode": decode_on_mesh(params, config, bench, mesh),
+        "train": train_on_mesh(params, config, bench, mesh),
+    }
+
+
+def decode_on_mesh(params: dict, config: ModelConfig, bench, mesh: Mesh) -> dict[str, Any]:
+    """`step_costs` of the jitted decode step (T = 1, cache donated) of `mesh_decode_batch` streams on a full
+    StreamingLLM cache of `mesh_cache_size` slots; `params` are on their shards of `mesh`, the cache is put on
+    its shards."""
+    batch, size = bench.mesh_decode_batch, bench.mesh_cache_size
+    dtype = jax.tree.leaves(params)[0].dtype
+    log.log("efficiency", f"mesh {bench.mesh}: decode step, batch {batch}, cache {size}")
+    cache = filled_cache(config, bench.num_sinks, size - bench.num_sinks, size, dtype, batch_size=batch)
+    state = {"cache": sharding.shard_cache(cache, mesh)}
+    tokens = jax.device_put(np.ones((batch, 1), np.int32), sharding.batch_sharding(mesh, batch))
+    compiled = jitted_forward.lower(params, state["cache"], tokens, config).compile()
+
+    def one_token():
+        out = compiled(params, state["cache"], tokens)
+        state["cache"] = out.cache
+        return out.logits
+
+    return {"batch": batch, "cache_size": size, **step_costs(compiled, one_token, bench, mesh)}
+
+
+def train_on_mesh(params: dict, config: ModelConfig, bench, mesh: Mesh) -> dict[str, Any]:
+    """`step_costs` of one training step (`streamjax.training`: forward, backward, AdamW; state donated) of
+    `mesh_train_batch` samples of `mesh_train_length` tokens, state and batch on their shards of `mesh`."""
+    train_config = training.TrainConfig(
+        batch_size=bench.mesh_train_batch, sample_length=bench.mesh_train_length, warmup_steps=0, seed=bench.seed
+    )
+    text = np.random.RandomState(bench.seed).randint(0, config.vocab_size, bench.mesh_train_tokens).astype(np.int32)
+    training.check_train_config(train_config, config, text.shape[0], mesh)
+    log.log("efficiency", f"mesh {bench.mesh}: training step, {bench.mesh_train_batch} x {bench.mesh_train_length}")
+    state = {"train": training.init_state(config, train_config, params, mesh)}
+    tokens = jax.device_put(text, NamedSharding(mesh, PartitionSpec()))
+    compiled = training.make_train_step(config, train_config, state["train"], mesh).lower(state["train"], tokens)
+    compiled = compiled.compile()
+
+    def one_step():
+        state["train"], metrics = compiled(state["train"], tokens)
+        return metrics["loss"]
+
+    shape = {"batch": bench.mesh_train_batch, "sample_length": bench.mesh_train_length}
+    return {**shape, **step_costs(compiled, one_step, bench, mesh)}
+
+
+def step_costs(compiled, call, bench, mesh: Mesh) -> dict[str, Any]:
+    """A compiled step's collectives (`streamjax.runs.collectives`) and its time: the step timed alone
+    (`repeats` calls after `warmup`), then `mesh_traced_steps` steps under the profiler, whose trace gives each
+    collective's seconds per step (mean over this process's devices). The figures are this process's (the
+    writer's); `per_process` has every process's step, traced step and collective seconds (gathered as float32)."""
+    device_processes = [device.process_index for device in mesh.devices.flat]
+    found = collectives.find_collectives(compiled.as_text(), mesh.size)
+    timing = machine.time_calls(call, bench.repeats, bench.warmup)
+    events, traced_step_s = collectives.profile_events(call, bench.mesh_traced_steps)
+    local = device_processes.count(jax.process_index())
+    seconds = collectives.collective_seconds(events, [c.name for c in found], bench.mesh_traced_steps, local)
+    rows = [_collective_row(c, seconds.get(c.name), collectives.crosses_processes(c, device_processes)) for c in found]
+    totals = _collective_totals(rows, traced_step_s)
+    mine = [timing["median_s"], traced_step_s, totals["collective_s"], totals["cross_process_collective_s"]]
+    everyone = np.asarray(multihost_utils.process_allgather(np.asarray(mine))).reshape(-1, len(mine))
+    per_process = [
+        dict(zip(("process", "step_s", "traced_step_s", "collective_s", "cross_process_collective_s"), (i, *row)))
+        for i, row in enumerate(everyone.tolist())
+    ]
+    return {"timing": timing, "traced_step_s": traced_step_s, **totals, "collectives": rows, "per_process": per_process}
+
+
+def _collective_row(collective, measured: dict | None, crosses: bool | None) -> dict[str, Any]:
+    """One collective as the report lists it; `measured` is its `collective_seconds` entry (None: no event)."""
+    return {
+        "name": collective.name,
+        "op": collective.op,
+        "shapes": [[dtype, list(dims)] for dtype, dims in collective.shapes],
+        "bytes": collective.bytes,
+        "groups": None if collective.groups is None else [list(group) for group in collective.groups],
+        "crosses_processes": crosses,
+        "seconds_per_step": None if measured is None else measured["seconds"],
+        "executions_per_step": None if measured is None else measured["executions"],
+    }
+
+
+def _collective_totals(rows: list[dict], traced_step_s: float) -> dict[str, Any]:
+    """Seconds and bytes (per device, per step) of all collectives and of those that cross processes, and their
+    share of the traced step; a collective not seen in the trace counts one execution and no seconds, one whose
+    groups were not read (`unread_groups`) is not counted as crossing."""
+    crossing = [row for row in rows if row["crosses_processes"]]
+
+    def seconds(selected):
+        return sum(row["seconds_per_step"] or 0.0 for row in selected)
+
+    def moved(selected):
+        return sum(row["bytes"] * (row["executions_per_step"] or 1) for row in selected)
+
+    return {
+        "collective_s": seconds(rows),
+        "collective_share": seconds(rows) / traced_step_s,
+        "collective_bytes": moved(rows),
+        "cross_process_collective_s": seconds(crossing),
+        "cross_process_share": seconds(crossing) / traced_step_s,
+        "cross_process_bytes": moved(crossing),
+        "untimed_collectives": [row["name"] for row in rows if row["seconds_per_step"] is None],
+        "unread_groups": [row["name"] for row in rows if row["groups"] is None],
+    }
+
+
+def run_on_mesh(config, workdir: pathlib.Path, mesh: Mesh) -> dict[str, Any]:
+    """The mesh section alone (`mesh_costs`); process 0 writes `efficiency_mesh.json` and `results.md`
+    (`mesh_table`)."""
+    started = time.perf_counter()
+    model_config, params = build_model(config, mesh)
+    meta = {**describe(config, model_config, params), "made_by": provenance.made_by()}
+    meta.update(
+        processes=jax.process_count(),
+        local_devices=jax.local_device_count(),
+        load_average_before=machine.load_average(),
+    )
+    results = {"meta": meta, "mesh": mesh_costs(params, model_config, config, mesh)}
+    meta.update(load_average_after=machine.load_average(), wall_s=time.perf_counter() - started)
+    if distributed.is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
+        writes.write_text(workdir / "efficiency_mesh.json", json.dumps(results, indent=2, default=_json_default) + "\n")
+        writes.write_text(workdir / "results.md", mesh_table(results) + "\n")
+    return results
+
+
+def mesh_table(results: dict[str, Any]) -> str:
+    """The mesh section as a markdown table (milliseconds per step, shares of the traced step, bytes per device)
+    under a line naming the mesh, the processes and the run."""
+    mesh, meta = results["mesh"], results["meta"]
+    lines = [
+        f"mesh {mesh['spec']} over {mesh['processes']} process(es), {mesh['devices']} {meta['device']} devices "
+        f"({meta['backend']}, jax {meta['jax_version']}); {meta['made_by']}",
+        "",
+        "| step | alone (ms) | traced (ms) | collectives (ms) | share | crossing processes (ms) | share | "
+        "collectives | crossing | bytes | crossing bytes |",
+        "|---|" + "---:|" * 10,
+    ]
+    for step in ("decode", "train"):
+        row = mesh[step]
+        crossing = sum(1 for collective in row["collectives"] if collective["crosses_processes"])
+        lines.append(
+            f"| {step} | {row['timing']['median_s'] * 1e3:.2f} | {row['traced_step_s'] * 1e3:.2f} | "
+            f"{row['collective_s'] * 1e3:.2f} | {row['collective_share']:.2f} | "
+            f"{row['cross_process_collective_s'] * 1e3:.2f} | {row['cross_process_share']:.2f} | "
+            f"{len(row['collectives'])} | {crossing} | {row['collective_bytes']:,.0f} | "
+            f"{row['cross_process_bytes']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Targets, report, plots
 
 
@@ -683,10 +885,16 @@ def describe(config, model_config: ModelConfig, params: dict) -> dict[str, Any]:
 
 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Run every measurement of `config`, write `efficiency.json` and the plots to `workdir`."""
+    """Run every measurement of `config`, write `efficiency.json` and the plots to `workdir`; with a
+    `config.mesh`, the mesh section alone (`run_on_mesh`)."""
     check_route_config(config)
     check_peer_config(config)
+    check_mesh_config(config)
+    distributed.initialize(config.distributed)
+    mesh = sharding.config_mesh(config.mesh)
     workdir = pathlib.Path(workdir)
+    if mesh is not None:
+        return run_on_mesh(config, workdir, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     started, load_before = time.perf_counter(), machine.load_average()
     model_config, params = build_model(config)

@@ -47,6 +47,10 @@ def get_config(arg=None):
     config.script = ""  # a .txt or .jsonl file of user turns; "" reads them from the terminal
     config.dtype = "float32"  # params and cache: float32, bfloat16 or float16
     config.mesh = ""  # e.g. "data=1,model=8" (see configs/ppl.py)
+    # Several processes (hosts) over one mesh: "" (one process), "auto" (TPU pod slice, SLURM, Open MPI) or
+    # "coordinator=HOST:PORT,num_processes=N,process_id=I" (see streamjax/runs/distributed.py, docs/sharding.md);
+    # process 0 reads the user's turns and prints the replies.
+    config.distributed = ""
     config.chunk_size = 256  # prompt tokens per forward pass
     config.block_size = 16  # decode steps per dispatch: the text appears in blocks of this many tokens
     # A saved conversation (workdir/sessions/NAME.session.safetensors) to resume if it exists; "" for none.

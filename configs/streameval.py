@@ -31,4 +31,10 @@ def get_config(arg=None):
     config.seed = 0
     config.dense_max_tokens = 8192
     config.dtype = "float32"
+    # Devices: "" is the default device. "data=1,model=8" (or "model=8") splits heads, MLP and vocabulary over
+    # 8 devices (`streamjax.model.sharding`); data * model must be the device count (of every process).
+    config.mesh = ""
+    # Several processes (hosts) over one mesh: "" (one process), "auto" (TPU pod slice, SLURM, Open MPI) or
+    # "coordinator=HOST:PORT,num_processes=N,process_id=I" (see streamjax/runs/distributed.py, docs/sharding.md).
+    config.distributed = ""
     return config

@@ -7,6 +7,11 @@ one; every turn is appended to `workdir/transcript.jsonl`, `workdir/summary.json
 are saved to and loaded from `workdir/sessions/NAME.session.safetensors` (`streamjax.files.sessions`): by the
 commands /save NAME and /load NAME, and with `config.session`, which resumes the named conversation if it is
 saved and saves it after every turn.
+
+Devices: `config.mesh` lays the model and the conversation's cache over a ("data", "model") mesh
+(`streamjax.model.sharding`). With `config.distributed` the mesh spans several processes
+(`streamjax.runs.distributed`): process 0 reads the user's turns (typed, or the script's) and sends each to
+the others, every process computes every turn, and only process 0 prints and writes the workdir's files.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from experiments.program import main
 from streamjax.files import chat_models, loading, sessions
 from streamjax.model import sharding
 from streamjax.model.cache import check_cache_shape
-from streamjax.runs import machine, provenance, writes
+from streamjax.runs import distributed, machine, provenance, writes
 from streamjax.stream import chat, sampling, stopping, templates
 
 CONFIG_FIELDS = (
     "model", "num_sinks", "window", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
     "max_new_tokens", "system_prompt", "stop", "dtype", "mesh", "script", "chat_template", "chunk_size", "block_size",
-    "session",
+    "session", "distributed",
 )  # fmt: skip
 NO_LIMIT = -1  # config.max_new_tokens of a reply that only an end id or a stop string ends
 SESSIONS = "sessions"  # the workdir's folder of saved conversations
@@ -42,9 +47,9 @@ COMMANDS = {
 COMMAND_WORDS = frozenset(command.split()[0] for command in COMMANDS)  # "/save NAME" is typed "/save mine"
 
 
-def check_config(config) -> tuple[sampling.SamplingSettings, list[str]]:
-    """Raise ValueError for a chat config that cannot run (before anything is loaded); returns the first
-    turn's sampling settings and the stop strings."""
+def check_config(config) -> list[str]:
+    """Raise ValueError for a chat config that cannot run (before anything is loaded or computed, so
+    before `jax.distributed` starts); returns the stop strings."""
     missing = [field for field in CONFIG_FIELDS if field not in config]
     unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
     if missing or unknown:
@@ -63,12 +68,14 @@ def check_config(config) -> tuple[sampling.SamplingSettings, list[str]]:
     loading.parse_dtype(config.dtype)
     if config.mesh:
         sharding.parse_mesh(config.mesh)
+    distributed.parse(config.distributed)
     if config.session:
         try:
             sessions.session_path(".", config.session)
         except ValueError as error:
             raise ValueError(f"config.session: {error}") from None
-    return chat.turn_settings(config, 0), stop
+    sampling.check_sampling_settings(1, **chat.turn_sampling(config, 0))
+    return stop
 
 
 def run(
@@ -79,8 +86,10 @@ def run(
     Every turn is appended to `workdir/transcript.jsonl`; `workdir/summary.json` at the end. With
     `config.session`, the conversation saved under that name is resumed (if there is one) and saved after
     every turn. Returns the conversation as it ends and every turn's record (of this run)."""
+    stop = check_config(config)
+    distributed.initialize(config.distributed)
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    _, stop = check_config(config)
+    write = write if distributed.is_writer() else (lambda text: None)
     system, script = read_script(config.script) if config.script else (config.system_prompt, None)
     workdir = pathlib.Path(workdir).expanduser()
     transcript = workdir / "transcript.jsonl"
@@ -98,11 +107,12 @@ def run(
         1, end_ids=model.end_ids, max_new_tokens=limit, stop=stop, tokenizer=model.tokenizer,
         vocab_size=model.config.vocab_size,
     )  # fmt: skip
-    workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
     conversation, records = _opening(model, config, system, session if resuming else None, transcript)
     turns: list[chat.Turn] = []
     messages = iter(script) if script is not None else _typed_lines(lines, write)
-    for message in messages:
+    for message in _from_process_zero(messages):
         command, _, name = message.partition(" ")
         if command in COMMAND_WORDS:
             if command == "/quit":
@@ -124,13 +134,23 @@ def run(
         )  # fmt: skip
         write("\n")
         turns.append(turn)
-        with transcript.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(turn.record()) + "\n")
+        if distributed.is_writer():
+            with transcript.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(turn.record()) + "\n")
         records += 1
         if session is not None:
             sessions.save_conversation(session, model, conversation, {TRANSCRIPT_RECORDS: records})
-    _write_summary(workdir, config, turns)
+    if distributed.is_writer():
+        _write_summary(workdir, config, turns)
     return conversation, turns
+
+
+def _from_process_zero(messages):
+    """The user's turns as process 0 reads them from `messages`, in every process (the others never read
+    theirs: only process 0 has the terminal)."""
+    source = iter(messages) if distributed.is_writer() else iter(())
+    while (message := distributed.broadcast_text(next(source, None))) is not None:
+        yield message
 
 
 def _opening(model, config, system: str, session: pathlib.Path | None, transcript: pathlib.Path):
@@ -159,7 +179,8 @@ def _trim_transcript(transcript: pathlib.Path, records: int | None) -> int:
     record was appended before a kill stopped its save: the session does not hold it); returns the count."""
     lines = transcript.read_text(encoding="utf-8").splitlines(keepends=True) if transcript.exists() else []
     if records is not None and len(lines) > records:
-        writes.write_text(transcript, "".join(lines[:records]))
+        if distributed.is_writer():
+            writes.write_text(transcript, "".join(lines[:records]))
         return records
     return len(lines)
 
@@ -175,7 +196,7 @@ def _session_command(command: str, name: str, model, conversation: chat.Conversa
         loaded, _ = load_session(path, model, config)
     except (ValueError, OSError) as error:
         return conversation, f"(not {'saved' if command == '/save' else 'loaded'}: {error})\n"
-    position = int(loaded.cache.next_position[0])
+    position = int(sharding.to_host(loaded.cache.next_position)[0])
     return loaded, f"(loaded {path}: {loaded.turns} turns, stream position {position})\n"
 
 
@@ -200,9 +221,10 @@ def _stats(conversation: chat.Conversation, turns: list[chat.Turn]) -> str:
     if last:
         rates = last.prefill_tokens_per_second, last.decode_tokens_per_second
         speed = ", last turn: prefill {:.1f}, decode {:.1f} tok/s".format(*rates)
+    length, position = (int(sharding.to_host(counter)[0]) for counter in (cache.length, cache.next_position))
     return (
-        f"cache {int(cache.length[0])}/{cache.capacity} slots ({cache.num_sinks} sinks + {cache.window} window), "
-        f"stream position {int(cache.next_position[0])}, {conversation.turns} turns{speed}, "
+        f"cache {length}/{cache.capacity} slots ({cache.num_sinks} sinks + {cache.window} window), "
+        f"stream position {position}, {conversation.turns} turns{speed}, "
         f"process memory {machine.resident_bytes() / 2**20:.0f} MiB\n"
     )
 

@@ -12,6 +12,11 @@ StreamingLLM (`evaluation` methods, chunk route):
 (c) at those turns, the per-token decode latency and the process's memory.
 
 `run(config, workdir)` is what `python -m experiments.dialogue` calls (fields: configs/dialogue.py).
+
+Devices: `config.mesh` lays the model and every method's cache over a ("data", "model") mesh
+(`streamjax.model.sharding`); with `config.distributed` the mesh spans several processes
+(`streamjax.runs.distributed`), each computing everything, and process 0 writes the workdir's files
+(the memory it reports is its own).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import jax
 import numpy as np
 
 from experiments.program import main
-from streamjax.files import chat_models, corpora
-from streamjax.runs import log, machine, plots, provenance, writes
+from streamjax.files import chat_models, corpora, loading
+from streamjax.model import sharding
+from streamjax.runs import distributed, log, machine, plots, provenance, writes
 from streamjax.stream import chat, generation, perplexity, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
@@ -100,19 +106,24 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Build the conversation, evaluate every method over it, generate at the sample turns; write
     dialogue.json, results.md, replies.md and the plots to `workdir`."""
     methods = _check_config(config)
+    distributed.initialize(config.distributed)
     workdir = pathlib.Path(workdir).expanduser()
     turns = script_turns(corpora.load_text(config.data), config.num_turns, config.max_message_chars)
-    model = chat_models.load_chat_model(config.model, config.dtype, template_file=config.chat_template or None)
+    mesh = sharding.config_mesh(config.mesh)
+    model = chat_models.load_chat_model(config.model, config.dtype, mesh, config.chat_template or None)
     stream = dialogue_stream(model, turns)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
     log.log("dialogue", f"{len(turns)} turns, {len(stream.tokens)} tokens; methods {', '.join(methods)}")
     results = {method: _run_method(model, stream, method, config) for method in methods}
     summary = _summary(config, turns, stream, results)
-    writes.write_json(workdir / "dialogue.json", summary)
-    writes.write_text(workdir / "results.md", results_table(summary) + "\n")
-    writes.write_text(workdir / "replies.md", replies_table(summary) + "\n")
-    plot(summary, workdir)
-    print(results_table(summary), flush=True)
+    if distributed.is_writer():
+        writes.write_json(workdir / "dialogue.json", summary)
+        writes.write_text(workdir / "results.md", results_table(summary) + "\n")
+        writes.write_text(workdir / "replies.md", replies_table(summary) + "\n")
+        plot(summary, workdir)
+        print(results_table(summary), flush=True)
+    distributed.barrier("dialogue: results written")
     return summary
 
 
@@ -123,6 +134,10 @@ def _check_config(config) -> list[str]:
     perplexity.EvalSpec("streaming", config.num_sinks, config.window, "chunk", config.chunk_size)
     if any(turn < 0 or turn >= config.num_turns for turn in config.sample_turns):
         raise ValueError(f"sample_turns {tuple(config.sample_turns)} must lie in [0, num_turns = {config.num_turns})")
+    loading.parse_dtype(config.dtype)
+    if config.mesh:
+        sharding.parse_mesh(config.mesh)
+    distributed.parse(config.distributed)
     return methods
 
 
@@ -134,6 +149,8 @@ def _run_method(model: chat.ChatModel, stream: DialogueStream, method: str, conf
     tokens = stream.tokens[:length]
     spec = perplexity.EvalSpec(method, config.num_sinks, config.window, "chunk", config.chunk_size)
     state = perplexity.init_state(model.config, spec, length, perplexity.params_dtype(model.params))
+    if model.mesh is not None and state.cache is not None:
+        state.cache = sharding.shard_cache(state.cache, model.mesh)
     nll, samples = [], []
     for turn in sorted(config.sample_turns):
         at = stream.inputs[turn][1] - 1  # the generation prompt's last token: fed when the sample is drawn
@@ -162,7 +179,7 @@ def _sample(model: chat.ChatModel, cache, last_token: int, config) -> dict[str, 
     stats, ids = result.stats, result.tokens[0].tolist()
     steady = stats["decode_seconds"] - stats["decode_compile_seconds"]
     return {
-        "position": int(cache.next_position[0]) + 1,
+        "position": int(sharding.to_host(cache.next_position)[0]) + 1,
         "reply": model.tokenizer.decode(ids[:-1] if result.reasons[0] == "end_id" else ids, skip_special_tokens=True),
         "decode_ms_per_token": 1e3 * steady / max(stats["decode_steps"], 1),
         "resident_bytes": machine.resident_bytes(),

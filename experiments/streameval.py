@@ -12,6 +12,11 @@ the cache (more than W tokens back), the answer cannot be recalled, which the ac
 distance shows.
 
 `run(config, workdir)` is what `python -m experiments.streameval` calls (fields: configs/streameval.py).
+
+Devices: `config.mesh` lays the model and each stream's cache over a ("data", "model") mesh
+(`streamjax.model.sharding`); with `config.distributed` the mesh spans several processes
+(`streamjax.runs.distributed`), each computing every answer, and process 0 writes the workdir's files.
+A workdir's report is kept only by a run with the same mesh and number of processes.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from experiments.program import main
-from streamjax.files import chat_models
-from streamjax.runs import log, plots, provenance, writes
+from streamjax.files import chat_models, loading
+from streamjax.model import sharding
+from streamjax.runs import distributed, log, plots, provenance, writes
 from streamjax.stream import chat, feed, perplexity, sampling, stopping
 
 METHODS = ("dense", "window", "streaming")
@@ -126,7 +132,7 @@ def run_stream(model: chat.ChatModel, stream: Stream, query_every: int, num_sink
     line_positions: dict[int, int] = {}
     records = []
     for message, lines, query in turns(stream, query_every):
-        position = int(conversation.cache.next_position[0])
+        position = int(sharding.to_host(conversation.cache.next_position)[0])
         inputs = chat.turn_input(model, conversation, message)
         if max_tokens is not None and position + len(inputs) + ANSWER_TOKENS > max_tokens:
             break
@@ -189,6 +195,10 @@ def _runs(config) -> list[dict[str, Any]]:
                              "cache": cache})  # fmt: skip
     if config.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
+    loading.parse_dtype(config.dtype)
+    if config.mesh:
+        sharding.parse_mesh(config.mesh)
+    distributed.parse(config.distributed)
     return runs
 
 
@@ -204,9 +214,11 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     `summary.json`, then `results.md` and the plots in `workdir`. Runs the workdir already finished
     for this config are kept (`finished_runs`), so rerunning rebuilds the report around a redone run."""
     runs = _runs(config)
+    distributed.initialize(config.distributed)
     workdir = pathlib.Path(workdir).expanduser()
     finished = finished_runs(workdir, config)
-    model = chat_models.load_chat_model(config.model, config.dtype, template_file=config.chat_template or None)
+    mesh = sharding.config_mesh(config.mesh)
+    model = chat_models.load_chat_model(config.model, config.dtype, mesh, config.chat_template or None)
     _check_windows(model, config, runs)
     dense_tokens = min(config.dense_max_tokens, model.config.max_position_embeddings)
     summaries = []
@@ -216,7 +228,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             log.log("streameval", f"{spec['name']}: finished in {workdir}, kept")
             continue
         run_dir = workdir / spec["name"]
-        run_dir.mkdir(parents=True, exist_ok=True)
         records = []
         for sample in range(config.num_samples):
             stream = make_stream(config.num_lines, config.query_every, spec["answer_distance"], config.seed + sample)
@@ -226,38 +237,54 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 "streameval",
                 f"{spec['name']} sample {sample}: {sum(r['correct'] for r in records)}/{len(records)} correct so far",
             )
-        writes.write_text(run_dir / "queries.jsonl", "".join(json.dumps(record) + "\n" for record in records))
         summary = {
             **spec, "queries": len(records),
             "accuracy": float(np.mean([r["correct"] for r in records])) if records else None,
             "cache": spec["cache"] or f"all (up to {dense_tokens})",
             "max_stream_position": max((r["stream_position"] for r in records), default=0),
         }  # fmt: skip
-        writes.write_json(run_dir / "summary.json", summary)
+        if distributed.is_writer():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            writes.write_text(run_dir / "queries.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+            writes.write_json(run_dir / "summary.json", summary)
         summaries.append(summary)
-    report = {"config": config.to_dict(), "made_by": provenance.made_by(), "runs": summaries}
-    writes.write_text(workdir / "results.md", results_table(summaries) + "\n")
-    writes.write_json(workdir / "summary.json", report)  # last: the runs it lists are written
-    plot(workdir, summaries, report["made_by"])
-    print(results_table(summaries), flush=True)
+    report = {
+        "config": config.to_dict(),
+        **distributed.fingerprint(),
+        "made_by": provenance.made_by(),
+        "runs": summaries,
+    }
+    if distributed.is_writer():
+        writes.write_text(workdir / "results.md", results_table(summaries) + "\n")
+        writes.write_json(workdir / "summary.json", report)  # last: the runs it lists are written
+        plot(workdir, summaries, report["made_by"])
+        print(results_table(summaries), flush=True)
+    distributed.barrier("streameval: report written")
     return report
 
 
 # The config fields that only choose which runs a config makes (not what one run computes).
 RUN_SELECTORS = ("method", "window", "answer_distance")
+# Differs between the processes of one run (their ids, the coordinator's port); their count is compared instead.
+UNCOMPARED_FIELDS = (*RUN_SELECTORS, "distributed")
 
 
 def finished_runs(workdir: pathlib.Path, config) -> dict[str, dict]:
     """{name: summary} of the runs a workdir's report (its summary.json) lists and whose own files are
     still there, unchanged: `run` keeps them (to add a method or redo one run, delete its directory).
-    ValueError if the report was made by a config that differs in more than `RUN_SELECTORS`."""
+    ValueError if the report was made by a config that differs in more than `UNCOMPARED_FIELDS`, or by
+    another number of processes. Reports made before `mesh` existed ran on the default device (mesh "")."""
     report = _read_json(workdir / "summary.json")
     if report is None:
         return {}
+    saved = {"mesh": "", **report["config"]}
     differs = sorted(
-        field for field in set(report["config"]) | set(config.to_dict())
-        if field not in RUN_SELECTORS and report["config"].get(field) != config.to_dict().get(field)
+        field for field in set(saved) | set(config.to_dict())
+        if field not in UNCOMPARED_FIELDS and saved.get(field) != config.to_dict().get(field)
     )  # fmt: skip
+    processes = (report.get("processes", 1), distributed.fingerprint().get("processes", 1))
+    if processes[0] != processes[1]:
+        differs.append(f"processes ({processes[0]} there, {processes[1]} now)")
     if differs:
         raise ValueError(
             f"{workdir} holds StreamEval runs of another config (it differs in {', '.join(differs)}); "

@@ -39,7 +39,7 @@ import safetensors.numpy
 
 from streamjax.model import sharding
 from streamjax.model.cache import SinkCache, init_cache
-from streamjax.runs import writes
+from streamjax.runs import distributed, writes
 from streamjax.stream import chat
 
 FORMAT = "streamjax-session/1"
@@ -64,7 +64,9 @@ def save_conversation(
     conversation: chat.Conversation,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write `conversation` (a cache of one stream) and `extra` (JSON-able) to `path`, atomically."""
+    """Write `conversation` (a cache of one stream) and `extra` (JSON-able) to `path`, atomically. In a
+    distributed run every process calls it (the cache is gathered from all), process 0 writes the file,
+    and all return once it is written (or its write failed, raising in process 0)."""
     if conversation.cache.batch_size != 1:
         raise ValueError(f"a session holds one stream; this cache has {conversation.cache.batch_size}")
     tensors = _cache_tensors(conversation.cache)
@@ -80,7 +82,11 @@ def save_conversation(
     }
     stored = {name: _stored(array) for name, array in tensors.items()}
     metadata["digest"] = _digest(metadata, tensors)
-    writes.write_bytes(path, safetensors.numpy.save(stored, metadata=metadata))
+    try:
+        if distributed.is_writer():
+            writes.write_bytes(path, safetensors.numpy.save(stored, metadata=metadata))
+    finally:  # also after a failed write, so the other processes do not wait for it
+        distributed.barrier(f"sessions: {path} saved")
 
 
 def load_conversation(path: str | os.PathLike, model: chat.ChatModel) -> tuple[chat.Conversation, dict]:
@@ -125,7 +131,7 @@ def _cache_layout(cache: SinkCache) -> dict[str, Any]:
 def _cache_tensors(cache: SinkCache) -> dict[str, np.ndarray]:
     """{key path: host array} of every array of the cache."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(cache)
-    return {jax.tree_util.keystr(key_path): np.asarray(jax.device_get(leaf)) for key_path, leaf in leaves}
+    return {jax.tree_util.keystr(key_path): sharding.to_host(leaf) for key_path, leaf in leaves}
 
 
 def _stored(array: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from streamjax.model.cache import SinkCache
@@ -166,6 +167,14 @@ def shard_params(params: dict, specs: dict, mesh: Mesh) -> dict:
 def shard_cache(cache: SinkCache, mesh: Mesh) -> SinkCache:
     """`cache` moved onto its shards of `mesh` (see `cache_shardings`)."""
     return jax.device_put(cache, cache_shardings(cache, mesh))
+
+
+def to_host(array) -> np.ndarray:
+    """The whole of `array` as a NumPy array on this host, also when it spans the devices of several processes
+    (a mesh of a `jax.distributed` run): then gathered from every process, which must all call this together."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def placer(specs: dict, mesh: Mesh) -> Callable[[np.ndarray, tuple[str, ...]], jax.Array]:

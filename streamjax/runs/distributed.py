@@ -215,6 +215,19 @@ def host_array(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def broadcast_text(text: str | None) -> str | None:
+    """Process 0's `text` in every process (what the others pass is ignored); None stands for "no more",
+    e.g. the end of the user's input, which only process 0 reads. With one process, `text` itself."""
+    if jax.process_count() == 1:
+        return text
+    data = b"" if text is None else text.encode("utf-8")
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if text is None else len(data))))
+    if size < 0:
+        return None
+    buffer = np.frombuffer(data, np.uint8) if is_writer() else np.zeros(size, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode("utf-8")
+
+
 def same_everywhere(value: np.ndarray, what: str) -> None:
     """Raise ValueError naming `what` when a host value differs between processes (e.g. the tokens a
     run reads: each process reads its own copy of the text and the weights)."""

@@ -173,8 +173,8 @@ def _turn_record(conversation, user, reply, inputs, reply_ids, result: generatio
     decode_steady = stats["decode_seconds"] - stats["decode_compile_seconds"]
     return Turn(
         turn=conversation.turns, user=user, reply=reply, input_token_ids=inputs, reply_token_ids=reply_ids,
-        finish_reason=result.reasons[0], stream_position=int(cache.next_position[0]),
-        cache_fill=int(cache.length[0]), cache_capacity=cache.capacity,
+        finish_reason=result.reasons[0], stream_position=int(sharding.to_host(cache.next_position)[0]),
+        cache_fill=int(sharding.to_host(cache.length)[0]), cache_capacity=cache.capacity,
         prefill_tokens_per_second=len(inputs) / prefill_steady if prefill_steady > 0 else float("nan"),
         decode_tokens_per_second=max(len(reply_ids) - 1, 0) / decode_steady if decode_steady > 0 else float("nan"),
         prefill_seconds=stats["prefill_seconds"], decode_seconds=stats["decode_seconds"],
@@ -221,7 +221,12 @@ class _TextPrinter:
 
 def turn_settings(config, turn: int) -> sampling.SamplingSettings:
     """Sampling settings of a chat config for one turn; turn n draws with seed `config.seed + n`."""
-    return sampling.sampling_settings(
-        1, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+    return sampling.sampling_settings(1, **turn_sampling(config, turn))
+
+
+def turn_sampling(config, turn: int) -> dict[str, Any]:
+    """The `sampling.sampling_settings` arguments of a chat config for one turn (see `turn_settings`)."""
+    return dict(
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
         repetition_penalty=config.repetition_penalty, seed=(config.seed + turn) % 2**32,
     )  # fmt: skip

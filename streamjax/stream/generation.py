@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from streamjax.model import sharding
 from streamjax.model.cache import SinkCache
 from streamjax.model.config import ModelConfig
 from streamjax.model.jit import CompileClock, model_jit
@@ -113,7 +114,7 @@ def start(
     check_cache_dtype(params, cache)
     logits, cache = prefill(params, cache, tokens, config, chunk_size, logits="last", lengths=lengths)
     state = DecodeState(cache, *_first_tokens(logits, cache.slot_tokens, cache.length, settings, stops))
-    return state, np.asarray(state.pending), np.asarray(state.generated > 0)
+    return state, sharding.to_host(state.pending), sharding.to_host(state.generated) > 0
 
 
 def _check_batch(cache: SinkCache, settings: sampling.SamplingSettings, stops: stopping.StopConditions) -> None:
@@ -196,13 +197,13 @@ def decode_block(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     state, tokens, emitted = _decode_block(params, state, settings, stops, config, num_steps)
-    return state, np.asarray(tokens), np.asarray(emitted)
+    return state, sharding.to_host(tokens), sharding.to_host(emitted)
 
 
 def finish(params: dict, state: DecodeState, config: ModelConfig) -> SinkCache:
     """The cache once every stream's last sampled token is fed (streams a caller stopped early still
     hold a pending one), so it holds every prompt and generated token. The state is donated."""
-    unfed = ~np.asarray(state.finished)
+    unfed = ~sharding.to_host(state.finished)
     if not unfed.any():
         return state.cache
     pending = state.pending[:, None]
@@ -239,14 +240,14 @@ def generate(
     going = on_tokens is None or on_tokens([np.asarray(t, np.int32) for t in tokens]) is not False
     decode_started, steps = time.perf_counter(), 0
     with clock:
-        while going and not np.asarray(state.finished).all():
+        while going and not sharding.to_host(state.finished).all():
             state, block, mask = decode_block(params, state, config, settings, stops, block_size)
             new = [row[row_mask] for row, row_mask in zip(block, mask)]
             for stream, row in enumerate(new):
                 tokens[stream].extend(row.tolist())
             steps += int(mask.any(axis=0).sum())
             going = on_tokens is None or on_tokens(new) is not False
-        reasons = [stopping.REASONS[code] for code in np.asarray(state.reason)]
+        reasons = [stopping.REASONS[code] for code in sharding.to_host(state.reason)]
         cache = finish(params, state, config)
         jax.block_until_ready(cache.length)
     stats = {

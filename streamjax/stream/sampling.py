@@ -86,14 +86,24 @@ def sampling_settings(
     """Settings of `batch_size` streams; each argument is one value for all or a sequence of one per stream.
 
     Raises ValueError naming the field, the stream and the value for anything out of range, on the
-    host, before any tracing or compilation.
+    host, before any tracing or compilation (`check_sampling_settings`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     given |= dict(repetition_penalty=repetition_penalty, seed=seed)
-    fields = {name: _per_stream(name, value, int(batch_size)) for name, value in given.items()}
+    fields = check_sampling_settings(batch_size, **given)
     return SamplingSettings(**{name: jnp.asarray(values) for name, values in fields.items()})
+
+
+def check_sampling_settings(batch_size: int, **given) -> dict[str, np.ndarray]:
+    """{field: [batch_size] host array} of the `sampling_settings` fields `given`, each checked against its
+    rule (ValueError as `sampling_settings` raises); touches no device, so a program can check its config
+    before `jax.distributed` starts (which must come before any JAX computation)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    unknown = sorted(set(given) - set(_RULES))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown}; the fields are {', '.join(_RULES)}")
+    return {name: _per_stream(name, value, int(batch_size)) for name, value in given.items()}
 
 
 def _per_stream(name: str, value, batch_size: int) -> np.ndarray:

@@ -107,3 +107,17 @@ def test_the_plots_of_a_dialogue_shorter_than_the_smoothing_window(tmp_path):
     }
     dialogue.plot(summary, tmp_path)
     assert (tmp_path / "reply_ppl.png").stat().st_size > 0 and (tmp_path / "decode.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("distributed", "num_processes=2", "distributed='num_processes=2' lacks coordinator, process_id"),
+     ("mesh", "data=2,pipeline=2", "unknown mesh axis 'pipeline'")],
+)  # fmt: skip
+def test_a_bad_mesh_or_distributed_setting_is_refused_before_the_model_is_read(tmp_path, field, value, message):
+    config = dialogue_config.get_config()
+    config.model = str(tmp_path / "no model here")  # reading it would fail otherwise
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        dialogue.run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

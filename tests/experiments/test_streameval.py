@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from support import recall_family, tiny_chat
+from support import processes, recall_family, tiny_chat
 from support.tiny_chat import cache_stream, rendered_ids
 
 two_end_ids = tiny_chat.two_end_ids  # the shared fixture, under its name
@@ -141,6 +141,31 @@ def test_a_rerun_keeps_the_runs_its_workdir_finished_and_refuses_another_config(
         streameval.run(config, tmp_path)
 
 
+def test_two_processes_over_one_mesh_answer_as_one_process_on_one_device(tiny, tmp_path):
+    """2 `jax.distributed` processes, 4 CPU devices each, the model and cache on data=2,model=4: every answer
+    equals the single-device run's, and only process 0 wrote the report."""
+    _, root = tiny
+    fields = {"model": str(root / "model"), "chat_template": str(root / "template.jinja"), "method": "streaming",
+              "window": "120", "num_lines": 12, "query_every": 4, "answer_distance": "2", "num_samples": 1,
+              "num_sinks": 4}  # fmt: skip
+    flags = ["--config=configs/streameval.py", *(f"--config.{key}={value}" for key, value in fields.items())]
+    children = processes.start(
+        processes.experiment("streameval", [*flags, "--config.mesh=data=2,model=4"], tmp_path / "two")
+    )
+    config = streameval_config.get_config()
+    config.update(fields)
+    alone = streameval.run(config, tmp_path / "one")
+    results = processes.wait(children, timeout=180)
+    processes.assert_succeeded(results)
+    run_name = "streaming-4+120-d2"
+    queries = [(tmp_path / where / run_name / "queries.jsonl").read_text() for where in ("one", "two")]
+    assert queries[0] == queries[1] and queries[0].count("\n") == alone["runs"][0]["queries"] == 3
+    assert all(json.loads(line)["generated"] for line in queries[0].splitlines())  # answers of some tokens
+    report = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert report["processes"] == 2 and report["runs"] == alone["runs"]
+    assert "| run |" in results[0].stdout and "| run |" not in results[1].stdout  # process 0 alone reports
+
+
 def test_the_worked_example_and_every_answer_close_with_the_template_s_end_of_turn(two_end_ids, monkeypatch):
     """A model that ends every reply with <|endoftext|> (0) where its template closes turns with <|im_end|> (2)."""
     model, real_turn, seen = two_end_ids, chat.chat_turn, []  # (stream in the cache, messages) around each turn
@@ -247,3 +272,17 @@ def test_smollm2_answers_a_few_questions_inside_the_stream(smollm2_gguf, tmp_pat
     assert run["queries"] == len(records) == 4 and run["accuracy"] == np.mean([r["correct"] for r in records])
     assert records[-1]["stream_position"] > 256  # the stream has outgrown the 4 + 252 cache
     assert all(r["correct"] == (streameval.answered_value(r["generated"]) == r["expected"]) for r in records)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("distributed", "num_processes=2", "distributed='num_processes=2' lacks coordinator, process_id"),
+     ("mesh", "data=2,pipeline=2", "unknown mesh axis 'pipeline'")],
+)  # fmt: skip
+def test_a_bad_mesh_or_distributed_setting_is_refused_before_the_model_is_read(tmp_path, field, value, message):
+    config = streameval_config.get_config()
+    config.model = str(tmp_path / "no model here")  # reading it would fail otherwise
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        streameval.run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

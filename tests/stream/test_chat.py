@@ -25,7 +25,7 @@ from experiments import chat as chat_program
 from streamjax.files import chat_models, sessions
 from streamjax.model.transformer import jitted_forward
 from streamjax.stream import chat, generation, sampling, stopping
-from support import tiny_chat
+from support import processes, tiny_chat
 from support.tiny_chat import REPO, cache_stream, rendered_ids
 
 tiny, two_end_ids = tiny_chat.tiny, tiny_chat.two_end_ids  # the shared fixtures, under their names
@@ -146,6 +146,7 @@ def test_a_reply_that_stops_on_another_end_id_is_closed_with_the_template_s(two_
         ("transcript already there", "holds an earlier chat"),
         ("window < 1", "window must be >= 1"),
         ("bad session name", "config.session: bad session name '../chat'"),
+        ("bad distributed", "distributed='num_processes=2' lacks coordinator, process_id"),
     ],
 )
 def test_bad_input_is_refused_before_compiling_and_writes_nothing(tiny, tmp_path, case, message):
@@ -165,6 +166,8 @@ def test_bad_input_is_refused_before_compiling_and_writes_nothing(tiny, tmp_path
         overrides["window"] = 0
     elif case == "bad session name":
         overrides["session"] = "../chat"
+    elif case == "bad distributed":
+        overrides["distributed"] = "num_processes=2"
     out = tmp_path / "out"
     if case == "transcript already there":
         out.mkdir()
@@ -225,6 +228,29 @@ def test_the_session_field_resumes_a_chat_across_runs_as_if_it_never_stopped(tin
     assert_transcript_is_the_cache(records, resumed.cache)
     with pytest.raises(ValueError, match="holds a cache of 2 sinks \\+ 14 window, not the config's 2 \\+ 16"):
         chat_program.run(tiny_config(tiny, session="mine", window=16), tmp_path / "resumed", write=print)
+
+
+def test_two_processes_chat_as_one_with_process_zero_reading_and_writing(tiny, tmp_path):
+    """2 `jax.distributed` processes (4 CPU devices each) on data=2,model=4: process 0 reads the script's turns and
+    commands and sends them to process 1; seeded sampling, a /save and a /load (every process gathers the
+    cache, process 0 writes the file) and a cache passed: the transcript equals one process's, and process 1
+    prints and writes nothing."""
+    turns = ["w5 w6 w7", "/save first", "w8 w9", "/load first", "w8 w9", "w10 w11 w12 w13"]
+    fields = {"temperature": 0.9, "seed": 3, "script": script(tmp_path / "turns.txt", turns)}
+    flags = ["--config=configs/chat.py", *(f"--config.{key}={value}" for key, value in tiny_config(tiny, **fields).items()
+             if key not in ("stop", "mesh", "distributed"))]  # fmt: skip
+    children = processes.start(processes.experiment("chat", [*flags, "--config.mesh=data=2,model=4"], tmp_path / "two"))
+    _, alone = chat_program.run(tiny_config(tiny, **fields), tmp_path / "one", write=lambda text: None)
+    results = processes.wait(children, timeout=180)
+    processes.assert_succeeded(results)
+    records = [json.loads(line) for line in (tmp_path / "two" / "transcript.jsonl").read_text().splitlines()]
+    ids = lambda record: (record["turn"], record["input_token_ids"], record["reply_token_ids"])  # noqa: E731
+    assert [ids(record) for record in records] == [ids(turn.record()) for turn in alone]
+    assert records[1]["reply_token_ids"] == records[2]["reply_token_ids"] and records[-1]["stream_position"] > 16
+    assert results[0].stdout.count("model> ") == 4 and "(loaded " in results[0].stdout
+    assert (
+        "model> " not in results[1].stdout and (tmp_path / "two" / "sessions" / "first.session.safetensors").is_file()
+    )
 
 
 def test_a_chat_killed_mid_conversation_resumes_from_its_last_saved_turn(tiny, tmp_path):

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from streamjax.model import sharding
 from streamjax.runs import distributed, log
 
 
@@ -70,7 +71,7 @@ def state_digest(tree, meta: dict | None = None) -> str:
     Without `meta`, the digest of the arrays alone (what steps saved before held)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
-        array = np.ascontiguousarray(distributed.host_array(leaf))
+        array = np.ascontiguousarray(sharding.to_host(leaf))
         digest.update(f"{array.shape}{array.dtype}".encode())
         digest.update(array.tobytes())
     if meta is not None:

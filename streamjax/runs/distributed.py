@@ -208,13 +208,6 @@ def writer_sees(fact: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(fact)))
 
 
-def host_array(array: jax.Array) -> np.ndarray:
-    """The whole of a (global) array on this host: gathered from every process when it spans several."""
-    if not isinstance(array, jax.Array) or array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def broadcast_text(text: str | None) -> str | None:
     """Process 0's `text` in every process (what the others pass is ignored); None stands for "no more",
     e.g. the end of the user's input, which only process 0 reads. With one process, `text` itself."""

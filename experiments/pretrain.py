@@ -28,8 +28,14 @@ over the first `eval_tokens` held-out tokens at the cache layouts S+(W-S) of `ev
 own prediction of the first text token is dropped). The same evaluation runs every `evaluate_every`
 steps during training, which measures at what budget window attention starts to fail.
 
+Several processes (`config.distributed`, `streamjax.runs.distributed`) run one job over a mesh that spans
+their devices: each reads the corpus and runs every step alike (`streamjax.training`), process 0 trains and
+saves the tokenizer and writes every file below, and each evaluates on the params gathered onto it. The
+process count is part of the workdir's fingerprint: a run resumes only with as many processes.
+
 Workdir layout:
     config.json, lock        the config and its fingerprint (checked on restart); the process lock
+                             (in a distributed run also lock.process<i>, one per other process)
     tokenizer/               the trained tokenizer (transformers files)
     seed<s>/<variant>/checkpoints/   orbax steps of the training state while training (`streamjax.training`)
     seed<s>/<variant>/model/         the trained model: config.json, model.safetensors and tokenizer files,
@@ -258,6 +264,9 @@ def prepare_corpus(config, workdir: pathlib.Path) -> Corpus:
     distributed.barrier("pretrain: tokenizer saved")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(saved)
     corpus = Corpus(tokenize(tokenizer, train_text), tokenize(tokenizer, heldout_text), tokenizer)
+    for name, tokens in (("training", corpus.train), ("held-out", corpus.heldout)):  # each process read its own
+        digest = np.frombuffer(bytes.fromhex(provenance.tokens_sha256(tokens)), np.uint8)
+        distributed.same_everywhere(digest, f"the {name} tokens (their SHA-256; is the corpus the same on every host?)")
     needed = max(config.eval_tokens, config.sample_length + 1)
     if corpus.heldout.shape[0] < needed:
         raise ValueError(
@@ -370,7 +379,7 @@ def run_variant(
         progress=progress, stop=stop, description=f"seed {seed} {variant}",
     )  # fmt: skip
     tokenizer = with_sink_token(corpus.tokenizer) if sink_first else corpus.tokenizer
-    trained = jax.tree.map(distributed.host_array, state.params)  # every process: a gather across them
+    trained = jax.tree.map(sharding.to_host, state.params)  # every process: a gather across them
     summary = {
         "variant": variant,
         "seed": seed,
@@ -395,7 +404,7 @@ def evaluation_params(params: dict) -> dict:
     every process computes the same numbers (process 0's are written)."""
     if jax.process_count() == 1:
         return params
-    return jax.tree.map(lambda leaf: jnp.asarray(distributed.host_array(leaf)), params)
+    return jax.tree.map(lambda leaf: jnp.asarray(sharding.to_host(leaf)), params)
 
 
 def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, history: dict, matmul_flops: float) -> dict:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.real_assets
 FIELDS = {
     "vocab_size": 512, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
     "model.num_kv_heads": 2, "model.intermediate_size": 96, "sample_length": 32, "batch_size": 8, "steps": 12,
-    "learning_rate": 1e-2, "warmup_steps": 4, "eval_cache": 16, "eval_sinks": "0,4", "eval_tokens": 64,
+    "learning_rate": 1e-2, "warmup_steps": 4, "eval_cache": 16, "eval_sinks": "4", "eval_tokens": 64,
     "evaluate_every": 0, "heldout_samples": 8, "chunk_size": 16, "checkpoint_every": 5, "matmul_repeats": 1,
     "seeds": "0", "variants": "vanilla", "mesh": "data=8",
 }  # fmt: skip
@@ -154,9 +154,9 @@ def test_a_killed_process_stops_the_other_and_the_rerun_resumes_to_the_same_para
 def test_a_workdir_resumes_only_with_the_process_count_that_started_it(two_processes, one_process, text_file):
     alone = run_one_process(text_file, two_processes)
     assert alone.returncode == 1, alone.stderr[-3000:]
-    assert "different config (processes: 2 in the workdir, None now)" in alone.stderr, alone.stderr[-3000:]
+    assert "different config (processes: 2 in the workdir, 1 now)" in alone.stderr, alone.stderr[-3000:]
     together = processes.run(processes.experiment("pretrain", flags(text_file), one_process), timeout=TIMEOUT)
     for result in together:
         assert result.returncode == 1, result.stderr[-3000:]
-        assert "different config (processes: None in the workdir, 2 now)" in result.stderr, result.stderr[-3000:]
+        assert "different config (processes: 1 in the workdir, 2 now)" in result.stderr, result.stderr[-3000:]
         assert "seed 0 vanilla" not in result.stderr  # refused before training

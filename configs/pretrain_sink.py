@@ -68,6 +68,10 @@ def get_config(arg=None):
     config.checkpoint_every = 50
     # "" runs on the default device; e.g. "data=8" or "data=4,model=2" (see streamjax/model/sharding.py).
     config.mesh = ""
+    # Several processes (hosts) over one mesh: "" (one process), "auto" (TPU pod slice, SLURM, Open MPI) or
+    # "coordinator=HOST:PORT,num_processes=N,process_id=I" (see streamjax/runs/distributed.py, docs/sharding.md);
+    # a distributed run needs a mesh over every process's devices, and resumes only with as many processes.
+    config.distributed = ""
     # The dtype of the forward and backward pass: "float32" or "bfloat16" (float32 master weights and optimizer
     # state either way; models are saved in float32).
     config.dtype = "float32"

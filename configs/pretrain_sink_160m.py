@@ -6,6 +6,10 @@ state; not run here.
     python -m experiments.pretrain --config=configs/pretrain_sink_160m.py --workdir=/tmp/streamjax/pretrain_160m \
         --config.data=/path/to/pg19_or_other_text_dir --config.mesh=data=8
 
+On several hosts, the same command runs once on each with `--config.distributed=auto` (or
+`coordinator=HOST:PORT,num_processes=N,process_id=I`: `config.distributed`, inherited from
+`configs/pretrain_sink.py`) and a mesh over every host's devices, e.g. `--config.mesh=data=32` for 4 hosts of 8.
+
 The shape is Pythia-160M's (hidden 768, 12 layers, 12 heads, a 50,304-entry vocabulary, an untied
 head, 2048-token samples: 162M parameters) in streamjax's Llama architecture (RMSNorm, RoPE on every
 head dimension, a SwiGLU MLP whose 2048 hidden units give the parameter count of Pythia's 3072-unit

@@ -28,8 +28,14 @@ over the first `eval_tokens` held-out tokens at the cache layouts S+(W-S) of `ev
 own prediction of the first text token is dropped). The same evaluation runs every `evaluate_every`
 steps during training, which measures at what budget window attention starts to fail.
 
+Several processes (`config.distributed`, `streamjax.runs.distributed`) run one job over a mesh that spans
+their devices: each reads the corpus and runs every step alike (`streamjax.training`), process 0 trains and
+saves the tokenizer and writes every file below, and each evaluates on the params gathered onto it. The
+process count is part of the workdir's fingerprint: a run resumes only with as many processes.
+
 Workdir layout:
     config.json, lock        the config and its fingerprint (checked on restart); the process lock
+                             (in a distributed run also lock.process<i>, one per other process)
     tokenizer/               the trained tokenizer (transformers files)
     seed<s>/<variant>/checkpoints/   orbax steps of the training state while training (`streamjax.training`)
     seed<s>/<variant>/model/         the trained model: config.json, model.safetensors and tokenizer files,
@@ -51,6 +57,7 @@ import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.program import main
@@ -58,7 +65,7 @@ from streamjax import training
 from streamjax.files import corpora, export, loading
 from streamjax.model import costs, sharding
 from streamjax.model.config import ModelConfig
-from streamjax.runs import machine, plots, provenance, signals, writes
+from streamjax.runs import distributed, machine, plots, provenance, signals, writes
 from streamjax.runs import workdir as workdir_lib
 from streamjax.stream import perplexity
 
@@ -70,8 +77,9 @@ VARIANTS = {  # name: (sink token first in every sample and stream, softmax)
 }
 SINK_TOKEN = "<sink>"
 SPECIAL_TOKENS = ("<|endoftext|>", SINK_TOKEN)
-# Fields that change no number a run computes: a restart may change them.
-UNFINGERPRINTED_FIELDS = ("variants", "seeds", "checkpoint_every", "matmul_repeats")
+# Fields that change no number a run computes: a restart may change them. `distributed` says how to join the
+# processes (a coordinator's address changes between restarts); their count is fingerprinted on its own.
+UNFINGERPRINTED_FIELDS = ("variants", "seeds", "checkpoint_every", "matmul_repeats", "distributed")
 LATER_FIELD_DEFAULTS = {"dtype": "float32"}
 
 
@@ -145,7 +153,8 @@ def train_config(config, sink_token: int | None, seed: int) -> training.TrainCon
 
 
 def check_config(config) -> list[str]:
-    """The variants to run, after checking every field that can be checked without data; ValueError else."""
+    """The variants to run, after checking every field that can be checked without data or devices (JAX is
+    not touched: `distributed.initialize` comes after); ValueError else."""
     variants = parse_variants(config.variants)
     parse_seeds(config.seeds)
     parse_sinks(config.eval_sinks, config.eval_cache)
@@ -161,11 +170,19 @@ def check_config(config) -> list[str]:
     if config.model.hidden_size % config.model.num_heads:
         raise ValueError(f"hidden_size {config.model.hidden_size} is not a multiple of num_heads")
     loading.parse_dtype(config.dtype)
-    mesh = sharding.config_mesh(config.mesh)
-    for variant in variants:  # the ModelConfig's and the TrainConfig's own checks, before any data is read
+    if config.mesh:
+        sharding.parse_mesh(config.mesh)
+    distributed.parse(config.distributed)
+    check_training(config, variants, None)
+    return variants
+
+
+def check_training(config, variants: list[str], mesh) -> None:
+    """The ModelConfig's and the TrainConfig's own checks of every variant, before any data is read; with
+    `mesh`, also that the batch splits over its data axis."""
+    for variant in variants:
         sink_token = 1 if VARIANTS[variant][0] else None
         training.check_train_config(train_config(config, sink_token, 0), model_config(config, variant), 1 << 62, mesh)
-    return variants
 
 
 def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
@@ -230,23 +247,26 @@ class Corpus:
 
 
 def prepare_corpus(config, workdir: pathlib.Path) -> Corpus:
-    """Split the corpus, train the tokenizer on the training text (or read the one saved in the workdir)
-    and tokenize both parts; ValueError when the held-out text is shorter than what is evaluated."""
+    """Split the corpus, train the tokenizer on the training text unless the workdir holds it (process 0
+    trains and saves it; every process then reads the saved one) and tokenize both parts; ValueError when
+    the held-out text is shorter than what is evaluated."""
     from transformers import PreTrainedTokenizerFast
 
     train_text, heldout_text = split_text(corpora.load_text(config.data), config.heldout_fraction)
     saved = workdir / "tokenizer"
-    if (saved / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(saved)
-    else:
-        tokenizer = train_tokenizer(train_text, config.vocab_size)
+    if distributed.is_writer() and not (saved / "tokenizer.json").is_file():
         partial = workdir / "tokenizer.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        tokenizer.save_pretrained(partial)
+        train_tokenizer(train_text, config.vocab_size).save_pretrained(partial)
         writes.fsync_tree(partial)
         partial.rename(saved)
         writes.fsync(workdir)
+    distributed.barrier("pretrain: tokenizer saved")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(saved)
     corpus = Corpus(tokenize(tokenizer, train_text), tokenize(tokenizer, heldout_text), tokenizer)
+    for name, tokens in (("training", corpus.train), ("held-out", corpus.heldout)):  # each process read its own
+        digest = np.frombuffer(bytes.fromhex(provenance.tokens_sha256(tokens)), np.uint8)
+        distributed.same_everywhere(digest, f"the {name} tokens (their SHA-256; is the corpus the same on every host?)")
     needed = max(config.eval_tokens, config.sample_length + 1)
     if corpus.heldout.shape[0] < needed:
         raise ValueError(
@@ -276,9 +296,14 @@ def stream_ppl(params: dict, config: ModelConfig, corpus: Corpus, run_config, si
 
 
 def fingerprint(config) -> dict[str, Any]:
-    """The fields that make a run's numbers (a config, or a fingerprint saved before); a field added later
-    is left out at its default (`LATER_FIELD_DEFAULTS`), so that workdirs made before it still match."""
-    fields = provenance.plain_config(config)
+    """What makes a run's numbers: the config's fields (`comparable`) and, in a distributed run, its process
+    count (`distributed.fingerprint`), so that a restart with another count is refused."""
+    return {**comparable(provenance.plain_config(config)), **distributed.fingerprint()}
+
+
+def comparable(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprinted fields of a config's (or of a fingerprint saved before); a field added later is left
+    out at its default (`LATER_FIELD_DEFAULTS`), so that workdirs made before it still match."""
     return {
         key: value
         for key, value in fields.items()
@@ -288,16 +313,20 @@ def fingerprint(config) -> dict[str, Any]:
 
 def run(config, workdir, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every variant of `config` for every seed, resuming what `workdir` holds; the
-    summary dict."""
+    summary dict. In a distributed run (`config.distributed`) every process calls it alike; process 0
+    writes the workdir's files."""
     variants = check_config(config)
+    distributed.initialize(config.distributed)
     workdir = pathlib.Path(workdir).expanduser().resolve()
     check_workdir(workdir, config)
     corpora.corpus_files(config.data)
     mesh = sharding.config_mesh(config.mesh)
+    check_training(config, variants, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lib.workdir_lock(workdir), signals.StopRequests() as stop:
-        if not (workdir / "config.json").is_file():
+        if distributed.is_writer() and not (workdir / "config.json").is_file():
             writes.write_json(workdir / "config.json", {"fingerprint": fingerprint(config)})
+        distributed.barrier("pretrain: config.json")
         corpus = prepare_corpus(config, workdir)
         matmul = machine.measure_matmul(2048, np.float32, config.matmul_repeats)["flops_per_s"]
         summaries = {
@@ -316,7 +345,7 @@ def check_workdir(workdir: pathlib.Path, config) -> None:
     """Raise if `workdir` is a file or holds a run of another config (naming the fields that differ)."""
     saved = workdir_lib.saved_fingerprint(workdir)
     if saved is not None:
-        workdir_lib.check_fingerprint(workdir, fingerprint(saved), json.loads(json.dumps(fingerprint(config))))
+        workdir_lib.check_fingerprint(workdir, comparable(saved), json.loads(json.dumps(fingerprint(config))))
 
 
 def run_variant(
@@ -331,6 +360,7 @@ def run_variant(
     windows = training.heldout_windows(corpus.heldout, tc, config.heldout_samples)
 
     def evaluate(params: dict) -> dict:
+        params = evaluation_params(params)
         return {
             "heldout_loss": training.heldout_loss(params, model, windows, tc),
             "ppl": stream_ppl(params, model, corpus, config, sink_first),
@@ -349,19 +379,32 @@ def run_variant(
         progress=progress, stop=stop, description=f"seed {seed} {variant}",
     )  # fmt: skip
     tokenizer = with_sink_token(corpus.tokenizer) if sink_first else corpus.tokenizer
-    export.save_model(directory / "model", jax.device_get(state.params), model, tokenizer=tokenizer)
+    trained = jax.tree.map(sharding.to_host, state.params)  # every process: a gather across them
     summary = {
         "variant": variant,
         "seed": seed,
         "softmax": model.softmax,
         "sink_token": tc.sink_token,
         "final": history["evaluations"][-1],
-        "throughput": throughput(state.params, model, tc, history, matmul_flops),
+        "throughput": throughput(trained, model, tc, history, matmul_flops),
         "history": history,
     }
-    writes.write_json(directory / "summary.json", summary)
-    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    distributed.barrier(f"pretrain: seed {seed} {variant} trained")  # every process is done with the checkpoints
+    if distributed.is_writer():
+        export.save_model(directory / "model", trained, model, tokenizer=tokenizer)
+        writes.write_json(directory / "summary.json", summary)  # last: its presence means the variant is done
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    distributed.barrier(f"pretrain: seed {seed} {variant} written")
     return summary
+
+
+def evaluation_params(params: dict) -> dict:
+    """The params an evaluation reads: `params` themselves in one process (on their mesh, if any); gathered
+    whole onto every process when they span several, so that each evaluates on its own default device and
+    every process computes the same numbers (process 0's are written)."""
+    if jax.process_count() == 1:
+        return params
+    return jax.tree.map(lambda leaf: jnp.asarray(sharding.to_host(leaf)), params)
 
 
 def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, history: dict, matmul_flops: float) -> dict:
@@ -384,10 +427,19 @@ def throughput(params: dict, config: ModelConfig, tc: training.TrainConfig, hist
 
 def report(config, workdir: pathlib.Path, summaries: dict[int, dict[str, dict]]) -> dict[str, Any]:
     """Write results.md (the final table and the budget table as means over seeds, then the final table of
-    each seed), summary.json and loss.png from the summaries of every seed's variants; the summary dict."""
+    each seed), summary.json and loss.png from the summaries of every seed's variants (process 0 only); the
+    summary dict."""
     layouts = [layout_name(s, config.eval_cache) for s in parse_sinks(config.eval_sinks, config.eval_cache)]
     made_by = provenance.made_by()
     finals = final_stats(summaries, layouts)
+    result = {
+        "config": config.to_dict(),
+        "made_by": made_by,
+        "mean": finals,
+        "seeds": {str(seed): {n: _compact(s) for n, s in variants.items()} for seed, variants in summaries.items()},
+    }
+    if not distributed.is_writer():
+        return result
     seeds = ", ".join(str(seed) for seed in summaries)
     per_seed = "".join(f"Seed {seed}:\n\n{final_table(variants, layouts)}\n" for seed, variants in summaries.items())
     writes.write_text(
@@ -402,12 +454,6 @@ def report(config, workdir: pathlib.Path, summaries: dict[int, dict[str, dict]])
     histories = {name: mean_history([variants[name]["history"] for variants in summaries.values()]) for name in finals}
     title = f"{config.steps} steps of {config.batch_size} x {config.sample_length} tokens, mean over seeds {seeds}"
     plots.plot_training(workdir / "loss.png", histories, layouts, title=title, footer=made_by)
-    result = {
-        "config": config.to_dict(),
-        "made_by": made_by,
-        "mean": finals,
-        "seeds": {str(seed): {n: _compact(s) for n, s in variants.items()} for seed, variants in summaries.items()},
-    }
     writes.write_json(workdir / "summary.json", result)
     return result
 

@@ -14,7 +14,10 @@ One jitted step (`make_train_step`) does all of a step on the devices:
    spacing still accumulate.
 
 With a mesh, params (and their optimizer state) lie on the shards `streamjax.model.sharding` gives them and
-each batch is split over the "data" axis; XLA's GSPMD adds the gradient all-reduce.
+each batch is split over the "data" axis; XLA's GSPMD adds the gradient all-reduce. A mesh may span several
+processes (`streamjax.runs.distributed`): every process holds the whole training text and the sampler's key
+and runs the same step, in which its devices compute their shards of the global batch, so the samples and
+the numbers do not depend on the process count (but for the order in which the all-reduce adds).
 
 Every sample is a window of L + 1 text tokens at a sampled start; its targets are the window's last L.
 A learnable sink token (the paper's Table 3) is data, not attention: with `sink_token` set, the inputs
@@ -250,6 +253,15 @@ def make_train_step(
     )
 
 
+def place_tokens(tokens: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """The training text int32 [N] on the default device, or replicated over `mesh`: in a run of several
+    processes, each gives its own copy (they must be equal: the experiment checks their digests), so that
+    no process gathers the others' (`jax.device_put` would, to compare them)."""
+    if mesh is None:
+        return jnp.asarray(tokens, jnp.int32)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), np.asarray(tokens, np.int32))
+
+
 def heldout_windows(tokens: np.ndarray, train_config: TrainConfig, max_samples: int) -> np.ndarray:
     """Consecutive, non-overlapping text windows [M, text_length] of held-out `tokens`, at most `max_samples`
     (the same windows, so the same targets, with and without a sink token)."""
@@ -313,9 +325,7 @@ def train(
     state, history = _restore(directory, state, history, meta)
     history["starts"].append(int(state.step))
     step_fn = make_train_step(config, train_config, state, mesh, jnp.float32 if dtype is None else dtype)
-    device_tokens = jnp.asarray(tokens, jnp.int32)
-    if mesh is not None:
-        device_tokens = jax.device_put(device_tokens, NamedSharding(mesh, PartitionSpec()))
+    device_tokens = place_tokens(tokens, mesh)
     manager = checkpoints.manager(directory)
     bar = tqdm(total=train_config.steps, initial=int(state.step), unit="step", desc=description, disable=not progress)
     sample_tokens = train_config.batch_size * train_config.sample_length

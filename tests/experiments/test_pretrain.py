@@ -263,6 +263,7 @@ def test_sigterm_while_training_saves_exits_143_and_the_same_command_resumes_bit
         ({"model.num_heads": 5}, "not a multiple of num_heads"),
         ({"seeds": "0,0"}, "must name one or more distinct integers"),
         ({"seeds": "0,x"}, "seeds must be comma-separated integers"),
+        ({"distributed": "num_processes=2"}, "distributed='num_processes=2' lacks coordinator, process_id"),
     ],
 )
 def test_bad_input_is_refused_before_compiling(text_file, tmp_path, monkeypatch, changes, message):

@@ -4,7 +4,9 @@ The child process of the SIGKILL tests in tests/test_pretrain.py:
 
     python tests/killed_pretrain.py CONFIG_JSON WORKDIR MOMENT READY_FILE
 
-CONFIG_JSON holds fields of configs/pretrain_sink.py to override (nested as `{"model": {...}}`). MOMENT is
+CONFIG_JSON holds fields of configs/pretrain_sink.py to override (nested as `{"model": {...}}`; with a
+"distributed" spec the child is one process of a distributed run, tests/experiments/test_pretrain_distributed.py).
+MOMENT is
     step:<n>     the n-th training step (from 1) of this process is about to run
     running:<n>  as step:<n>, but the process only touches READY_FILE and goes on training (the test
                  sends it a signal while it trains)

@@ -334,7 +334,7 @@ def run_one(
         bar.set_postfix(ppl=f"{math.exp(float(np.mean(nll[: state.position], dtype=np.float64))):.3f}")
         bar.update(state.position - start)
         due = config.checkpoint_every and state.position % config.checkpoint_every == 0
-        if (due or stop.signal_number is not None) and state.position < total:
+        if (due or stop.requested()) and state.position < total:
             _save(manager, state, nll, dict(meta, position=state.position, seconds=seconds, timeline=timeline))
             stop.check(f"run {item.name} saved after {state.position} of {total} predictions in {run_dir}")
     bar.close()

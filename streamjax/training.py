@@ -344,7 +344,7 @@ def train(
         bar.update(1)
         if evaluate is not None and (step == train_config.steps or (evaluate_every and step % evaluate_every == 0)):
             history["evaluations"].append({"step": step, **evaluate(state.params)})
-        stopping = stop is not None and stop.signal_number is not None
+        stopping = stop is not None and stop.requested()
         if (step % checkpoint_every == 0 or stopping) and step < train_config.steps:
             checkpoints.save(
                 manager, step, state_tree(state), dict(meta, history=history), f"the state after step {step}"

@@ -21,8 +21,11 @@ What a run does across processes (the experiments follow these rules):
 - a process that cannot join within `join_timeout` (its coordinator unreachable, a process missing)
   exits with code 1 and a message saying which, never hangs;
 - a process that dies mid-run is found by JAX's heartbeats: every other process is stopped by the
-  runtime within about `heartbeat_timeout` seconds, its log saying "Task N heartbeat timeout" (N the dead
-  process) or, when process 0 (the coordinator) died, that the leader task died;
+  runtime (SIGABRT) within about `heartbeat_timeout` seconds, its log naming the dead process ("The
+  following tasks are unhealthy (stopped sending heartbeats):" and its number, or "Task N heartbeat
+  timeout") or, when process 0 (the coordinator) died, saying that the leader task died;
+- SIGTERM or SIGINT to any process makes every process save the same step and stop
+  (`signals.StopRequests.requested` asks them all);
 - process 0 writes results, plots, logs and the workdir's files (`is_writer`); every process saves and
   restores the orbax checkpoints together; `barrier` orders them where one writes what the others read.
 """
@@ -219,6 +222,14 @@ def broadcast_text(text: str | None) -> str | None:
         return None
     buffer = np.frombuffer(data, np.uint8) if is_writer() else np.zeros(size, np.uint8)
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode("utf-8")
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (each process calls this at the same point); `value` itself
+    with one process, at no cost."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
 def same_everywhere(value: np.ndarray, what: str) -> None:

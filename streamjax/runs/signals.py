@@ -6,7 +6,7 @@ import signal
 import threading
 from typing import Any
 
-from streamjax.runs import log
+from streamjax.runs import distributed, log
 
 
 class Interrupted(Exception):
@@ -44,8 +44,17 @@ class StopRequests:
         self.signal_number = number
         log.log("signal", f"{signal.Signals(number).name} received: saving at the end of this segment, then stopping")
 
+    def requested(self) -> bool:
+        """Whether a signal asked to stop, in this process or any other of a distributed run: every process
+        asks at the same point of its loop and gets the same answer (an all-gather of each one's signal, on
+        several processes only), so that all save the same step and stop together."""
+        number = distributed.max_over_processes(self.signal_number or 0)
+        if number and self.signal_number is None:
+            self.signal_number = number  # another process's signal: stop with it
+        return bool(number)
+
     def check(self, what: str) -> None:
-        """Raise `Interrupted` (saying `what` was saved) if a signal asked to stop."""
-        if self.signal_number is not None:
+        """Raise `Interrupted` (saying `what` was saved) if a signal asked to stop (`requested`)."""
+        if self.requested():
             name = signal.Signals(self.signal_number).name
             raise Interrupted(f"stopped by {name}: {what}; run the same command to resume", self.signal_number)

@@ -7,6 +7,7 @@ The multi-process runs start 2 processes on localhost, each with 4 CPU devices (
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -159,3 +160,33 @@ def test_initialize_after_jax_has_computed_is_refused(tmp_path):
     assert (
         finished.returncode == 1 and "ValueError: distributed=" in finished.stderr and "cannot start" in finished.stderr
     )
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tiny, two_processes, tmp_path):
+    """SIGTERM to process 1 in its third segment of 16 (checkpoints every 32): both processes save after 48
+    predictions and exit 143, and the two run again end with the uninterrupted run's NLL, bitwise."""
+    fields = json.loads(json.dumps(ppl_runs.tiny_config(tiny, method="streaming").to_dict()))
+    workdir, ready = tmp_path / "workdir", tmp_path / "ready"
+
+    def command(spec: str) -> list[str]:
+        moment = "signal:streaming:3" if ",process_id=1," in spec else "signal:streaming:99"  # 99: never
+        overrides = json.dumps({**fields, "mesh": "data=2,model=4", "distributed": spec})
+        killed_run = str(processes.REPO / "tests" / "support" / "killed_run.py")
+        return [sys.executable, killed_run, overrides, str(workdir), moment, str(ready)]
+
+    started = processes.start(command)
+    deadline = time.monotonic() + 240
+    while not ready.is_file():
+        assert time.monotonic() < deadline and all(process.poll() is None for process in started), "never got there"
+        time.sleep(0.1)
+    started[1].send_signal(signal.SIGTERM)
+    ready.with_name("ready.sent").touch()
+    for result in processes.wait(started, timeout=180):
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+        assert "stopped by SIGTERM: run streaming saved after 48 of 96 predictions" in result.stderr
+    flags = [*tiny_flags(tiny, method="streaming"), "--config.mesh=data=2,model=4"]
+    resumed = processes.run(processes.experiment("ppl", flags, workdir), timeout=300)
+    processes.assert_succeeded(resumed)
+    assert "resuming streaming from its checkpoint after 48 of 96 predictions" in resumed[1].stderr
+    uninterrupted, _ = two_processes
+    assert (workdir / "streaming" / "nll.npy").read_bytes() == (uninterrupted / "streaming" / "nll.npy").read_bytes()

@@ -156,10 +156,15 @@ def init_state(
     float32 optimizer state, step 0 and the sampler's key; on the shards of `mesh` if given."""
     key, sampler_key = jax.random.split(jax.random.PRNGKey(train_config.seed))
     specs = families.param_specs(config)
-    params = init_params(specs, key) if params is None else _float32(params)
     step, replicated = jnp.zeros((), jnp.int32), None
+    if mesh is None:
+        params = init_params(specs, key) if params is None else _float32(params)
+    elif params is None:  # each device draws its own shards: no param is ever whole on a host or a device
+        draw = jax.jit(functools.partial(init_params, specs), out_shardings=sharding.param_shardings(specs, mesh))
+        params = draw(key)
+    else:
+        params = sharding.shard_params(_float32(params), specs, mesh)
     if mesh is not None:
-        params = sharding.shard_params(params, specs, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         step, sampler_key = jax.device_put((step, sampler_key), replicated)
     opt_state = jax.jit(make_optimizer(train_config).init)(params)

@@ -180,13 +180,16 @@ def to_host(array) -> np.ndarray:
 def placer(specs: dict, mesh: Mesh) -> Callable[[np.ndarray, tuple[str, ...]], jax.Array]:
     """The `place(array, path)` of `checkpoint.convert_tensors` that loads each param straight onto its shards.
 
-    Each device receives only its slice of the host array, so a model never sits whole on one device.
+    Each device receives only its slice of the host array, so a model never sits whole on one device. On a
+    mesh over several processes each process places its own devices' slices of its own copy (`jax.device_put`
+    of a host array would first gather every process's copy, to check that they are equal).
     """
 
     def place(array: np.ndarray, path: tuple[str, ...]) -> jax.Array:
         spec = specs
         for key in path:
             spec = spec[key]
-        return jax.device_put(array, logical_sharding(spec.axes, spec.shape, mesh))
+        layout = logical_sharding(spec.axes, spec.shape, mesh)
+        return jax.make_array_from_callback(array.shape, layout, lambda index: array[index])
 
     return place

@@ -108,7 +108,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 import streamjax
 from experiments.program import main
@@ -706,7 +706,7 @@ def train_on_mesh(params: dict, config: ModelConfig, bench, mesh: Mesh) -> dict[
     training.check_train_config(train_config, config, text.shape[0], mesh)
     log.log("efficiency", f"mesh {bench.mesh}: training step, {bench.mesh_train_batch} x {bench.mesh_train_length}")
     state = {"train": training.init_state(config, train_config, params, mesh)}
-    tokens = jax.device_put(text, NamedSharding(mesh, PartitionSpec()))
+    tokens = training.place_tokens(text, mesh)
     compiled = training.make_train_step(config, train_config, state["train"], mesh).lower(state["train"], tokens)
     compiled = compiled.compile()
 
